@@ -1,0 +1,366 @@
+# Bradley-Terry reward model for RLHF (TL;DR comparisons or HH), saved as a standard
+# AutoModelForSequenceClassification. Docs: README.md#reward_modelpy
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from datasets import load_dataset
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_cosine_schedule_with_warmup
+
+
+@dataclass
+class Args:
+    exp_name: str = "reward"
+    """name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    cuda: bool = True
+    """use CUDA when available (bf16 autocast there); CPU otherwise"""
+    task: Literal["tldr", "hh"] = "tldr"
+    """tldr: OpenAI's TL;DR comparisons; hh: Anthropic HH chosen/rejected transcripts"""
+    sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
+    """the SFT model the reward model starts from (a Hub id or a local folder)"""
+    dataset_name: Optional[str] = None
+    """Hub id, local folder or json/jsonl file of preference pairs (default: openai/summarize_from_feedback for tldr, Anthropic/hh-rlhf for hh)"""
+    dataset_config: Optional[str] = None
+    """Hub config of the dataset (default: `comparisons` for openai/summarize_from_feedback)"""
+    train_split: str = "train"
+    """split to train on (datasets slicing works: `train[:80%]`; a single file has only `train`)"""
+    eval_split: Optional[str] = None
+    """held-out split for eval accuracy (default: `validation` for tldr, `test` for hh)"""
+    norm_dataset_name: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+    """tldr only: the SFT dataset whose reference summaries get mean reward 0 after training (N+ normalisation)"""
+    max_norm_samples: int = 4096
+    """how many reference (tldr) or chosen (hh) responses the normalisation averages over"""
+    query_length: int = 512
+    """max prompt tokens: TL;DR posts are cut back at their last newline, HH prompts keep their end"""
+    response_length: Optional[int] = None
+    """max response tokens, EOS included; longer pairs are skipped and counted (default: 53 tldr, 128 hh)"""
+    max_train_samples: Optional[int] = None
+    """use only the first N training pairs (debugging)"""
+    max_eval_samples: Optional[int] = 2000
+    """use only the first N eval pairs"""
+    lr: float = 3e-6
+    """learning rate (cosine schedule to 0)"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+    num_train_epochs: int = 1
+    """passes over the training pairs"""
+    batch_size: int = 64
+    """pairs per optimizer step"""
+    local_micro_batch_size: int = 8
+    """pairs per forward pass (chosen and rejected share it); batch_size / this is the gradient accumulation"""
+    eval_every: int = 100
+    """eval accuracy every N optimizer steps (and at the end)"""
+    output_dir: str = "models/reward"
+    """where the reward model and tokenizer are saved"""
+
+    # computed at run time
+    gradient_accumulation_steps: int = 0
+    num_updates: int = 0
+    run_name: str = ""
+
+
+DEFAULT_DATASETS = {"tldr": ("openai/summarize_from_feedback", "comparisons"), "hh": ("Anthropic/hh-rlhf", None)}
+DEFAULT_RESPONSE_LENGTH = {"tldr": 53, "hh": 128}
+SCHEMAS = {"tldr": {"info": dict, "summaries": list, "choice": int}, "hh": {"chosen": str, "rejected": str}}
+TLDR_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+HH_TAG = "\n\nAssistant:"
+
+
+def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None):
+    """A Hub id, a local folder or a json/jsonl file, always through `datasets.load_dataset`; checks the columns."""
+    try:
+        if name.endswith((".json", ".jsonl")):  # one file is one split, named `train`
+            if not os.path.exists(name):
+                raise FileNotFoundError(f"dataset file {name} does not exist")
+            ds = load_dataset("json", data_files={"train": name}, split=split)
+        else:
+            ds = load_dataset(name, config, split=split)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"could not read split '{split}' of {name}: {e}")
+    except Exception as e:  # connection errors come in many types, from requests, httpx and huggingface_hub
+        if os.path.exists(name):
+            raise
+        raise SystemExit(
+            f"Could not load the dataset '{name}' from the Hugging Face Hub ({type(e).__name__}: {e}). If this machine is "
+            "offline, point --dataset-name at a local folder (holding train.jsonl, validation.jsonl, ...) or at a "
+            f"json/jsonl file with the same columns ({', '.join(schema)}); `python tiny_world.py` writes such files."
+        ) from None
+    missing = [c for c in schema if c not in ds.column_names]
+    if missing:
+        raise SystemExit(f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}")
+    extra = [c for c in ds.column_names if c not in schema]
+    if extra:
+        print(f"note: {name} has extra column(s) {extra}, which are not used")
+    return ds.select_columns(list(schema))
+
+
+def check_row(row: dict, i: int, schema: dict, source: str):
+    for column, kind in schema.items():
+        if not isinstance(row[column], kind):
+            raise SystemExit(f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}")
+
+
+def tldr_query(tokenizer, row: dict, query_length: int):
+    """OpenAI's TL;DR query. A post that does not fit is cut back at its last newline, then hard-truncated.
+    Returns (token ids, whether the post was truncated); None when even an empty post does not fit."""
+    post, truncated = row["post"], False
+    while True:
+        ids = tokenizer.encode(TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))
+        if len(ids) <= query_length:
+            return ids, truncated
+        if not post:
+            return None
+        truncated = True
+        if "\n" in post:  # OpenAI's "smart truncation": drop the last paragraph or line
+            post = post[: post.rfind("\n")].rstrip()
+        else:
+            post_ids = tokenizer.encode(post)
+            post = tokenizer.decode(post_ids[: max(0, len(post_ids) - (len(ids) - query_length))])
+
+
+def hh_split(chosen: str, rejected: str):
+    """The prompt is the transcript up to and including the last '\\n\\nAssistant:' that chosen and rejected share."""
+    end = os.path.commonprefix([chosen, rejected]).rfind(HH_TAG)
+    if end < 0:
+        return None
+    end += len(HH_TAG)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def response_ids(tokenizer, text: str):
+    """A response gets one leading space and the EOS token (the EOS is appended as an id, never as text)."""
+    return tokenizer.encode(" " + text.strip()) + [tokenizer.eos_token_id]
+
+
+def load_tokenizer(path: str):
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f"the tokenizer of {path} has no EOS token; set `eos_token` in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # a dedicated pad token: with pad = EOS, masking the padding would also mask the real EOS
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return tokenizer
+
+
+def comparison_texts(row: dict, i: int, source: str):
+    """TL;DR comparison row -> (query fields, chosen text, rejected text), with a clear error on a malformed row."""
+    for key in ("post", "title", "subreddit"):
+        if not isinstance(row["info"].get(key), str):
+            raise SystemExit(f"{source} row {i}, column 'info.{key}': expected str, got {type(row['info'].get(key)).__name__}")
+    texts = [s.get("text") if isinstance(s, dict) else None for s in row["summaries"]]
+    if len(texts) != 2 or not all(isinstance(t, str) for t in texts) or row["choice"] not in (0, 1):
+        raise SystemExit(f"{source} row {i}, column 'summaries'/'choice': expected two {{'text': str}} and choice 0 or 1")
+    return row["info"], texts[row["choice"]], texts[1 - row["choice"]]
+
+
+def build_pairs(args: Args, tokenizer, split: str, limit: Optional[int]):
+    """(query ids, chosen ids, rejected ids) triples; unusable rows are skipped and counted."""
+    name, schema = args.dataset_name, SCHEMAS[args.task]
+    ds = load_rows(name, split, schema, args.dataset_config)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    pairs, counts = [], {"rows": len(ds), "query_truncated": 0, "dropped_query_too_long": 0, "dropped_empty_response": 0,
+                         "dropped_identical_pair": 0, "dropped_response_too_long": 0, "dropped_no_shared_prompt": 0}
+    for i, row in enumerate(ds):
+        check_row(row, i, schema, f"{name} ({split})")
+        if args.task == "tldr":
+            info, chosen, rejected = comparison_texts(row, i, f"{name} ({split})")
+            query = tldr_query(tokenizer, info, args.query_length)
+            if query is None:
+                counts["dropped_query_too_long"] += 1
+                continue
+            query_ids, truncated = query
+        else:
+            split_ = hh_split(row["chosen"], row["rejected"])
+            if split_ is None:
+                counts["dropped_no_shared_prompt"] += 1
+                continue
+            query_ids, chosen, rejected = tokenizer.encode(split_[0]), split_[1], split_[2]
+            truncated = len(query_ids) > args.query_length
+            query_ids = query_ids[-args.query_length :]  # HH keeps the end of a long conversation
+        counts["query_truncated"] += truncated
+        if not chosen.strip() or not rejected.strip():
+            counts["dropped_empty_response"] += 1
+            continue
+        if chosen.strip() == rejected.strip():  # carries no preference
+            counts["dropped_identical_pair"] += 1
+            continue
+        chosen_ids, rejected_ids = response_ids(tokenizer, chosen), response_ids(tokenizer, rejected)
+        if max(len(chosen_ids), len(rejected_ids)) > args.response_length:  # a cut response would lose its EOS
+            counts["dropped_response_too_long"] += 1
+            continue
+        pairs.append((query_ids, chosen_ids, rejected_ids))
+    print(f"{name} ({split}): {len(pairs)} pairs kept; {counts}")
+    if not pairs:
+        raise SystemExit(f"no usable pair in {name} ({split}); see the counts above")
+    return pairs
+
+
+def pad_right(sequences, pad_id: int, device):
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences], device=device)
+
+
+def last_token_index(input_ids, pad_id: int):
+    """Index of the last non-pad token of each row, the same rule as transformers' sequence classification."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * (input_ids != pad_id)).argmax(-1)
+
+
+def get_reward(model, input_ids, pad_id: int):
+    """The scalar reward of each sequence, read at its last non-pad token (the EOS)."""
+    attention_mask = (input_ids != pad_id).long()
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # correct with left padding too
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    scores = model.score(hidden).squeeze(-1)  # (batch, seq_len): one value per token
+    return scores[torch.arange(len(input_ids), device=input_ids.device), last_token_index(input_ids, pad_id)]
+
+
+def bt_loss(chosen_rewards, rejected_rewards):
+    """Bradley-Terry: -log sigmoid(r_chosen - r_rejected), averaged over pairs."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+
+
+def pair_rewards(model, pairs, pad_id: int, device):
+    """Chosen and rejected of a micro-batch in one forward pass -> (chosen rewards, rejected rewards)."""
+    sequences = [q + c for q, c, _ in pairs] + [q + r for q, _, r in pairs]
+    rewards = get_reward(model, pad_right(sequences, pad_id, device), pad_id)
+    return rewards[: len(pairs)], rewards[len(pairs) :]
+
+
+@torch.no_grad()
+def evaluate(model, pairs, args: Args, pad_id: int, device, autocast):
+    model.eval()
+    correct, losses = 0, []
+    for start in range(0, len(pairs), args.local_micro_batch_size):
+        with autocast:
+            chosen, rejected = pair_rewards(model, pairs[start : start + args.local_micro_batch_size], pad_id, device)
+        correct += (chosen > rejected).sum().item()
+        losses.append(bt_loss(chosen.float(), rejected.float()).item())
+    model.train()
+    return correct / len(pairs), float(np.mean(losses))
+
+
+def normalisation_sequences(args: Args, tokenizer, train_pairs):
+    """The responses whose mean reward becomes 0: SFT reference summaries (tldr) or chosen responses (hh)."""
+    if args.task == "hh":
+        return [q + c for q, c, _ in train_pairs[: args.max_norm_samples]]
+    schema = {"subreddit": str, "title": str, "post": str, "summary": str}
+    ds = load_rows(args.norm_dataset_name, "train", schema)
+    sequences = []
+    for i, row in enumerate(ds.select(range(min(args.max_norm_samples, len(ds))))):
+        check_row(row, i, schema, f"{args.norm_dataset_name} (train)")
+        query = tldr_query(tokenizer, row, args.query_length)
+        if query is not None and row["summary"].strip():
+            sequences.append(query[0] + response_ids(tokenizer, row["summary"]))
+    return sequences
+
+
+def fold_bias(model, bias: float):
+    """Adds `bias` to every reward inside the weights, so that loading needs no extra code.
+    GPT-NeoX's score head has no bias, so shift the final LayerNorm's bias along the head's direction:
+    score(h + d) = score(h) + w.d, and d = bias * w / |w|^2 gives exactly `bias`."""
+    if model.score.bias is not None:
+        model.score.bias.data += bias
+        return
+    w = model.score.weight.data[0]
+    model.base_model.final_layer_norm.bias.data += bias * w / w.dot(w)
+
+
+def load_model(path: str, pad_id: int):
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=pad_id)
+    except OSError as e:
+        if os.path.exists(path):
+            raise
+        raise SystemExit(f"Could not load the model '{path}' ({e}). If this machine is offline, point --sft-model-path "
+                         "at a local folder saved with save_pretrained (sft.py writes one).") from None
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.dataset_name is None:
+        args.dataset_name, args.dataset_config = DEFAULT_DATASETS[args.task]
+    args.response_length = args.response_length or DEFAULT_RESPONSE_LENGTH[args.task]
+    args.eval_split = args.eval_split or {"tldr": "validation", "hh": "test"}[args.task]
+    if args.batch_size % args.local_micro_batch_size:
+        raise SystemExit("--batch-size must be a multiple of --local-micro-batch-size")
+    args.gradient_accumulation_steps = args.batch_size // args.local_micro_batch_size
+    args.run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    tokenizer = load_tokenizer(args.sft_model_path)
+    pad_id = tokenizer.pad_token_id
+    train_pairs = build_pairs(args, tokenizer, args.train_split, args.max_train_samples)
+    eval_pairs = build_pairs(args, tokenizer, args.eval_split, args.max_eval_samples)
+    args.num_updates = args.num_train_epochs * len(train_pairs) // args.batch_size
+    if args.num_updates == 0:
+        raise SystemExit(f"{len(train_pairs)} pairs are fewer than one batch of {args.batch_size}")
+    print(json.dumps(vars(args), indent=1))
+
+    model = load_model(args.sft_model_path, pad_id).to(device)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    hidden_size = model.score.weight.shape[1]
+    torch.nn.init.normal_(model.score.weight, std=1 / np.sqrt(hidden_size + 1))  # N+ head init
+    for module in model.modules():  # dropout off (N+ detail)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, args.num_updates)
+    os.makedirs(f"runs/{args.run_name}", exist_ok=True)
+    log = open(f"runs/{args.run_name}/metrics.jsonl", "a")
+
+    generator = torch.Generator().manual_seed(args.seed)
+    order = torch.cat([torch.randperm(len(train_pairs), generator=generator) for _ in range(args.num_train_epochs)])
+    start_time = time.time()
+    for update in range(1, args.num_updates + 1):
+        batch = [train_pairs[i] for i in order[(update - 1) * args.batch_size : update * args.batch_size]]
+        loss_sum, accuracy = 0.0, 0.0
+        for start in range(0, args.batch_size, args.local_micro_batch_size):
+            with autocast:
+                chosen, rejected = pair_rewards(model, batch[start : start + args.local_micro_batch_size], pad_id, device)
+            loss = bt_loss(chosen.float(), rejected.float())
+            if not torch.isfinite(loss):
+                raise SystemExit(f"non-finite loss {loss.item()} at update {update}; lower --lr or check the data")
+            (loss / args.gradient_accumulation_steps).backward()
+            loss_sum += loss.item() / args.gradient_accumulation_steps
+            accuracy += (chosen > rejected).float().mean().item() / args.gradient_accumulation_steps
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        metrics = {"update": update, "loss": loss_sum, "accuracy": accuracy, "lr": scheduler.get_last_lr()[0],
+                   "pairs_per_s": update * args.batch_size / (time.time() - start_time)}
+        if update % args.eval_every == 0 or update == args.num_updates:
+            metrics["eval_accuracy"], metrics["eval_loss"] = evaluate(model, eval_pairs, args, pad_id, device, autocast)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        log.write(json.dumps(metrics) + "\n")
+        log.flush()
+
+    # N+ normalisation: shift the reward so that the reference responses score 0 on average
+    model.eval()
+    sequences = normalisation_sequences(args, tokenizer, train_pairs)
+    with torch.no_grad(), autocast:
+        rewards = torch.cat([get_reward(model, pad_right(sequences[i : i + args.local_micro_batch_size], pad_id, device), pad_id).float()
+                             for i in range(0, len(sequences), args.local_micro_batch_size)])
+    fold_bias(model, -rewards.mean().item())
+    model.config.reward_bias = -rewards.mean().item()  # recorded for information; the shift already lives in the weights
+    print(f"normalisation: mean reward of {len(sequences)} reference responses was {rewards.mean().item():.4f} "
+          f"(std {rewards.std().item():.4f}); folded a bias of {-rewards.mean().item():.4f} into the model")
+    model.save_pretrained(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    print(f"saved the reward model and tokenizer to {args.output_dir}")

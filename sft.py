@@ -1,0 +1,295 @@
+# Supervised fine-tuning for RLHF (TL;DR summaries or HH chosen responses). Docs: README.md#sftpy
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+
+@dataclass
+class Args:
+    exp_name: str = "sft"
+    """name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    cuda: bool = True
+    """use CUDA when available (bf16 autocast there); CPU otherwise"""
+    task: Literal["tldr", "hh"] = "tldr"
+    """tldr: Reddit TL;DR summaries; hh: Anthropic HH chosen responses"""
+    base_model: str = "EleutherAI/pythia-1b-deduped"
+    """the model to fine-tune: a Hub id or a local folder"""
+    dataset_name: Optional[str] = None
+    """Hub id, local folder or json/jsonl file (default: vwxyzjn/summarize_from_feedback_tldr_3_filtered for tldr, Anthropic/hh-rlhf for hh)"""
+    train_split: str = "train"
+    """split to train on (datasets slicing works: `train[:90%]`; a single file has only `train`)"""
+    eval_split: Optional[str] = None
+    """split for the eval loss (default: `validation` for tldr, `test` for hh)"""
+    query_length: int = 512
+    """max prompt tokens: TL;DR posts are cut back at their last newline, HH prompts keep their end"""
+    response_length: Optional[int] = None
+    """max response tokens, EOS included; longer references are skipped and counted (default: 53 tldr, 128 hh)"""
+    max_train_samples: Optional[int] = None
+    """use only the first N training rows (debugging)"""
+    max_eval_samples: Optional[int] = 1000
+    """use only the first N eval rows"""
+    lr: float = 3e-6
+    """learning rate (cosine schedule to 0)"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+    num_train_epochs: int = 1
+    """passes over the training data"""
+    batch_size: int = 128
+    """examples per optimizer step"""
+    local_micro_batch_size: int = 16
+    """examples per forward pass; batch_size / local_micro_batch_size is the gradient accumulation"""
+    eval_every: int = 100
+    """eval loss every N optimizer steps (and at the end)"""
+    output_dir: str = "models/sft"
+    """where the fine-tuned model and tokenizer are saved"""
+
+    # computed at run time
+    gradient_accumulation_steps: int = 0
+    num_updates: int = 0
+    run_name: str = ""
+
+
+DEFAULT_DATASETS = {"tldr": "vwxyzjn/summarize_from_feedback_tldr_3_filtered", "hh": "Anthropic/hh-rlhf"}
+DEFAULT_RESPONSE_LENGTH = {"tldr": 53, "hh": 128}
+SCHEMAS = {"tldr": {"subreddit": str, "title": str, "post": str, "summary": str}, "hh": {"chosen": str, "rejected": str}}
+TLDR_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+HH_TAG = "\n\nAssistant:"
+
+
+def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None):
+    """A Hub id, a local folder or a json/jsonl file, always through `datasets.load_dataset`; checks the columns."""
+    try:
+        if name.endswith((".json", ".jsonl")):  # one file is one split, named `train`
+            if not os.path.exists(name):
+                raise FileNotFoundError(f"dataset file {name} does not exist")
+            ds = load_dataset("json", data_files={"train": name}, split=split)
+        else:
+            ds = load_dataset(name, config, split=split)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"could not read split '{split}' of {name}: {e}")
+    except Exception as e:  # connection errors come in many types, from requests, httpx and huggingface_hub
+        if os.path.exists(name):
+            raise
+        raise SystemExit(
+            f"Could not load the dataset '{name}' from the Hugging Face Hub ({type(e).__name__}: {e}). If this machine is "
+            "offline, point --dataset-name at a local folder (holding train.jsonl, validation.jsonl, ...) or at a "
+            f"json/jsonl file with the same columns ({', '.join(schema)}); `python tiny_world.py` writes such files."
+        ) from None
+    missing = [c for c in schema if c not in ds.column_names]
+    if missing:
+        raise SystemExit(f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}")
+    extra = [c for c in ds.column_names if c not in schema]
+    if extra:
+        print(f"note: {name} has extra column(s) {extra}, which are not used")
+    return ds.select_columns(list(schema))
+
+
+def check_row(row: dict, i: int, schema: dict, source: str):
+    for column, kind in schema.items():
+        if not isinstance(row[column], kind):
+            raise SystemExit(f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}")
+
+
+def tldr_query(tokenizer, row: dict, query_length: int):
+    """OpenAI's TL;DR query. A post that does not fit is cut back at its last newline, then hard-truncated.
+    Returns (token ids, whether the post was truncated); None when even an empty post does not fit."""
+    post, truncated = row["post"], False
+    while True:
+        ids = tokenizer.encode(TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))
+        if len(ids) <= query_length:
+            return ids, truncated
+        if not post:
+            return None
+        truncated = True
+        if "\n" in post:  # OpenAI's "smart truncation": drop the last paragraph or line
+            post = post[: post.rfind("\n")].rstrip()
+        else:
+            post_ids = tokenizer.encode(post)
+            post = tokenizer.decode(post_ids[: max(0, len(post_ids) - (len(ids) - query_length))])
+
+
+def hh_split(chosen: str, rejected: str):
+    """The prompt is the transcript up to and including the last '\\n\\nAssistant:' that chosen and rejected share."""
+    end = os.path.commonprefix([chosen, rejected]).rfind(HH_TAG)
+    if end < 0:
+        return None
+    end += len(HH_TAG)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def response_ids(tokenizer, text: str):
+    """A response gets one leading space and the EOS token (the EOS is appended as an id, never as text)."""
+    return tokenizer.encode(" " + text.strip()) + [tokenizer.eos_token_id]
+
+
+def load_tokenizer(path: str):
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f"the tokenizer of {path} has no EOS token; set `eos_token` in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # a dedicated pad token: with pad = EOS, masking the padding would also mask the real EOS
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return tokenizer
+
+
+def build_examples(args: Args, tokenizer, split: str, limit: Optional[int]):
+    """(query ids, response ids) pairs; rows that cannot be used are skipped and counted."""
+    name = args.dataset_name
+    schema = SCHEMAS[args.task]
+    ds = load_rows(name, split, schema)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    examples, counts = [], {"rows": len(ds), "query_truncated": 0, "dropped_query_too_long": 0,
+                            "dropped_empty_response": 0, "dropped_response_too_long": 0, "dropped_no_shared_prompt": 0}
+    for i, row in enumerate(ds):
+        check_row(row, i, schema, f"{name} ({split})")
+        if args.task == "tldr":
+            query = tldr_query(tokenizer, row, args.query_length)
+            if query is None:
+                counts["dropped_query_too_long"] += 1
+                continue
+            query_ids, truncated = query
+            response = row["summary"]
+        else:
+            split_ = hh_split(row["chosen"], row["rejected"])
+            if split_ is None:
+                counts["dropped_no_shared_prompt"] += 1
+                continue
+            query_ids, response = tokenizer.encode(split_[0]), split_[1]
+            truncated = len(query_ids) > args.query_length
+            query_ids = query_ids[-args.query_length :]  # HH keeps the end of a long conversation
+        counts["query_truncated"] += truncated
+        if not response.strip():
+            counts["dropped_empty_response"] += 1
+            continue
+        ids = response_ids(tokenizer, response)
+        if len(ids) > args.response_length:  # a cut reference would teach the model to never stop
+            counts["dropped_response_too_long"] += 1
+            continue
+        examples.append((query_ids, ids))
+    print(f"{name} ({split}): {len(examples)} examples kept; {counts}")
+    if not examples:
+        raise SystemExit(f"no usable example in {name} ({split}); see the counts above")
+    return examples
+
+
+def collate(examples, pad_id: int, device):
+    """Right-padded query+response; labels are -100 on the query and the padding (loss on the response only)."""
+    width = max(len(q) + len(r) for q, r in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for i, (q, r) in enumerate(examples):
+        input_ids[i, : len(q) + len(r)] = torch.tensor(q + r)
+        labels[i, len(q) : len(q) + len(r)] = torch.tensor(r)
+    return input_ids.to(device), (input_ids != pad_id).long().to(device), labels.to(device)
+
+
+def disable_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+@torch.no_grad()
+def evaluate(model, examples, args: Args, pad_id: int, device, autocast):
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(examples), args.local_micro_batch_size):
+        input_ids, attention_mask, labels = collate(examples[start : start + args.local_micro_batch_size], pad_id, device)
+        with autocast:
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        n = (labels[:, 1:] != -100).sum().item()
+        total_loss, total_tokens = total_loss + loss.item() * n, total_tokens + n
+    model.train()
+    return total_loss / total_tokens
+
+
+def load_model(path: str):
+    try:
+        return AutoModelForCausalLM.from_pretrained(path)
+    except OSError as e:
+        if os.path.exists(path):
+            raise
+        raise SystemExit(f"Could not load the model '{path}' ({e}). If this machine is offline, point --base-model at a "
+                         "local folder saved with save_pretrained; `python tiny_world.py` writes one to tiny/base.") from None
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args.dataset_name = args.dataset_name or DEFAULT_DATASETS[args.task]
+    args.response_length = args.response_length or DEFAULT_RESPONSE_LENGTH[args.task]
+    args.eval_split = args.eval_split or {"tldr": "validation", "hh": "test"}[args.task]
+    if args.batch_size % args.local_micro_batch_size:
+        raise SystemExit("--batch-size must be a multiple of --local-micro-batch-size")
+    args.gradient_accumulation_steps = args.batch_size // args.local_micro_batch_size
+    args.run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    tokenizer = load_tokenizer(args.base_model)
+    train_examples = build_examples(args, tokenizer, args.train_split, args.max_train_samples)
+    eval_examples = build_examples(args, tokenizer, args.eval_split, args.max_eval_samples)
+    args.num_updates = args.num_train_epochs * len(train_examples) // args.batch_size
+    if args.num_updates == 0:
+        raise SystemExit(f"{len(train_examples)} examples are fewer than one batch of {args.batch_size}")
+    print(json.dumps(vars(args), indent=1))
+
+    model = load_model(args.base_model).to(device)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    disable_dropout(model)  # RLHF fine-tuning runs with dropout off (N+ detail)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, args.num_updates)
+    os.makedirs(f"runs/{args.run_name}", exist_ok=True)
+    log = open(f"runs/{args.run_name}/metrics.jsonl", "a")
+
+    generator = torch.Generator().manual_seed(args.seed)
+    order = torch.cat([torch.randperm(len(train_examples), generator=generator) for _ in range(args.num_train_epochs)])
+    start_time, tokens_seen = time.time(), 0
+    for update in range(1, args.num_updates + 1):
+        batch = [train_examples[i] for i in order[(update - 1) * args.batch_size : update * args.batch_size]]
+        loss_sum = 0.0
+        for start in range(0, args.batch_size, args.local_micro_batch_size):
+            input_ids, attention_mask, labels = collate(batch[start : start + args.local_micro_batch_size], tokenizer.pad_token_id, device)
+            with autocast:
+                loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            if not torch.isfinite(loss):
+                raise SystemExit(f"non-finite loss {loss.item()} at update {update}; lower --lr or check the data")
+            (loss / args.gradient_accumulation_steps).backward()
+            loss_sum += loss.item() / args.gradient_accumulation_steps
+            tokens_seen += attention_mask.sum().item()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        metrics = {"update": update, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_seen / (time.time() - start_time)}
+        if update % args.eval_every == 0 or update == args.num_updates:
+            metrics["eval_loss"] = evaluate(model, eval_examples, args, tokenizer.pad_token_id, device, autocast)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        log.write(json.dumps(metrics) + "\n")
+        log.flush()
+
+    model.eval()
+    for query_ids, reference in eval_examples[:3]:  # a glance at what the model learnt
+        out = model.generate(torch.tensor([query_ids], device=device), max_new_tokens=args.response_length, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        print(f"--- query: ...{tokenizer.decode(query_ids[-60:])!r}\n    sample: {tokenizer.decode(out[0, len(query_ids):], skip_special_tokens=True)!r}"
+              f"\n    reference: {tokenizer.decode(reference, skip_special_tokens=True)!r}")
+    model.save_pretrained(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    print(f"saved the SFT model and tokenizer to {args.output_dir}")
