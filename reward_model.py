@@ -142,7 +142,7 @@ def response_ids(tokenizer, text: str):
 
 
 def load_tokenizer(path: str):
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+    tokenizer = from_pretrained(AutoTokenizer, path, padding_side="right")
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"the tokenizer of {path} has no EOS token; set `eos_token` in its tokenizer_config.json")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -276,14 +276,15 @@ def fold_bias(model, bias: float):
     model.base_model.final_layer_norm.bias.data += bias * w / w.dot(w)
 
 
-def load_model(path: str, pad_id: int):
+def from_pretrained(cls, path: str, **kwargs):
+    """cls.from_pretrained, with a clear message when the Hub cannot be reached."""
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=pad_id)
+        return cls.from_pretrained(path, **kwargs)
     except OSError as e:
         if os.path.exists(path):
             raise
-        raise SystemExit(f"Could not load the model '{path}' ({e}). If this machine is offline, point --sft-model-path "
-                         "at a local folder saved with save_pretrained (sft.py writes one).") from None
+        raise SystemExit(f"Could not load '{path}' ({e}). If this machine is offline, point --sft-model-path at a local folder "
+                         "saved with save_pretrained (sft.py writes one).") from None
 
 
 if __name__ == "__main__":
@@ -311,7 +312,7 @@ if __name__ == "__main__":
         raise SystemExit(f"{len(train_pairs)} pairs are fewer than one batch of {args.batch_size}")
     print(json.dumps(vars(args), indent=1))
 
-    model = load_model(args.sft_model_path, pad_id).to(device)
+    model = from_pretrained(AutoModelForSequenceClassification, args.sft_model_path, num_labels=1, pad_token_id=pad_id).to(device)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     hidden_size = model.score.weight.shape[1]

@@ -8,6 +8,7 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
@@ -134,7 +135,7 @@ def response_ids(tokenizer, text: str):
 
 
 def load_tokenizer(path: str):
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+    tokenizer = from_pretrained(AutoTokenizer, path, padding_side="right")
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"the tokenizer of {path} has no EOS token; set `eos_token` in its tokenizer_config.json")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -195,6 +196,16 @@ def collate(examples, pad_id: int, device):
     return input_ids.to(device), (input_ids != pad_id).long().to(device), labels.to(device)
 
 
+def response_loss(model, input_ids, attention_mask, labels):
+    """Mean next-token cross-entropy over response tokens. The LM head runs only on the positions that predict a
+    response token: full-vocabulary logits over the query would cost most of the time and memory and never be used."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (batch, seq, hidden)
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][mask])  # (response tokens, vocab)
+    return F.cross_entropy(logits.float(), targets[mask])
+
+
 def disable_dropout(model):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -208,21 +219,22 @@ def evaluate(model, examples, args: Args, pad_id: int, device, autocast):
     for start in range(0, len(examples), args.local_micro_batch_size):
         input_ids, attention_mask, labels = collate(examples[start : start + args.local_micro_batch_size], pad_id, device)
         with autocast:
-            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            loss = response_loss(model, input_ids, attention_mask, labels)
         n = (labels[:, 1:] != -100).sum().item()
         total_loss, total_tokens = total_loss + loss.item() * n, total_tokens + n
     model.train()
     return total_loss / total_tokens
 
 
-def load_model(path: str):
+def from_pretrained(cls, path: str, **kwargs):
+    """cls.from_pretrained, with a clear message when the Hub cannot be reached."""
     try:
-        return AutoModelForCausalLM.from_pretrained(path)
+        return cls.from_pretrained(path, **kwargs)
     except OSError as e:
         if os.path.exists(path):
             raise
-        raise SystemExit(f"Could not load the model '{path}' ({e}). If this machine is offline, point --base-model at a "
-                         "local folder saved with save_pretrained; `python tiny_world.py` writes one to tiny/base.") from None
+        raise SystemExit(f"Could not load '{path}' ({e}). If this machine is offline, point --base-model at a local folder "
+                         "saved with save_pretrained (`python tiny_world.py` writes one to tiny/base).") from None
 
 
 if __name__ == "__main__":
@@ -248,7 +260,7 @@ if __name__ == "__main__":
         raise SystemExit(f"{len(train_examples)} examples are fewer than one batch of {args.batch_size}")
     print(json.dumps(vars(args), indent=1))
 
-    model = load_model(args.base_model).to(device)
+    model = from_pretrained(AutoModelForCausalLM, args.base_model).to(device)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -268,7 +280,7 @@ if __name__ == "__main__":
         for start in range(0, args.batch_size, args.local_micro_batch_size):
             input_ids, attention_mask, labels = collate(batch[start : start + args.local_micro_batch_size], tokenizer.pad_token_id, device)
             with autocast:
-                loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+                loss = response_loss(model, input_ids, attention_mask, labels)
             if not torch.isfinite(loss):
                 raise SystemExit(f"non-finite loss {loss.item()} at update {update}; lower --lr or check the data")
             (loss / args.gradient_accumulation_steps).backward()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The offline demo: build the tiny world, then run the RLHF pipeline on it, on CPU, with no network.
+# Every step is an ordinary script run with its flags pointed at local files; see README.md.
+set -euo pipefail
+cd "$(dirname "$0")"
+W=${W:-tiny}            # where the tiny world and its models go
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+python tiny_world.py --out $W
+python sft.py --base-model $W/base --dataset-name $W/tldr_sft --output-dir $W/sft \
+  --lr 1e-3 --num-train-epochs 6 --batch-size 32 --local-micro-batch-size 32 --eval-every 100
+python reward_model.py --sft-model-path $W/sft --dataset-name $W/tldr_comparisons --norm-dataset-name $W/tldr_sft \
+  --output-dir $W/rm --lr 1e-3 --num-train-epochs 2 --batch-size 32 --local-micro-batch-size 32 --eval-every 50

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny world (BPE tokenizer, tiny GPT-NeoX, jsonl data) and the SFT / reward models trained on it."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared")
+sys.path.insert(0, ROOT)  # tests import the scripts' pure functions directly
+
+# small, fast settings for the tiny world; the demo (demo.sh) uses the same ones
+SFT_FLAGS = ["--lr", "1e-3", "--num-train-epochs", "6", "--batch-size", "32", "--local-micro-batch-size", "32", "--eval-every", "100"]
+RM_FLAGS = ["--lr", "1e-3", "--num-train-epochs", "2", "--batch-size", "32", "--local-micro-batch-size", "32", "--eval-every", "50"]
+
+
+def run_script(script, *flags, cwd=None, env=None, check=True):
+    """Runs a top-level script as a user would, returns the completed process (stdout+stderr in .stdout)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, flags)], cwd=cwd or ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    run_script("tiny_world.py", "--out", out, "--tokenizer", "bpe", "--n-train", 2000, "--n-eval", 200)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_model(world):
+    run_script("sft.py", "--base-model", world / "base", "--dataset-name", world / "tldr_sft", "--output-dir", world / "sft", *SFT_FLAGS, cwd=world)
+    return world / "sft"
+
+
+@pytest.fixture(scope="session")
+def reward_run(world, sft_model):
+    proc = run_script("reward_model.py", "--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons",
+                      "--norm-dataset-name", world / "tldr_sft", "--output-dir", world / "rm", *RM_FLAGS, cwd=world)
+    return world / "rm", proc.stdout
+
+
+@pytest.fixture
+def tokenizer(world):
+    import sft
+
+    return sft.load_tokenizer(str(world / "base"))
+
+
+requires_shared = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "data")), reason="../shared/data is absent")

@@ -1,0 +1,149 @@
+"""Data loading shared by sft.py and reward_model.py (each script carries its own copy; both copies are checked)."""
+import json
+
+import pytest
+import torch
+
+import reward_model
+import sft
+from conftest import SHARED, requires_shared, run_script
+
+SCRIPTS = [sft, reward_model]
+ROW = {"subreddit": "pets", "title": "help with my cat", "post": "line one .\nline two .\nline three ."}
+
+
+def fmt(post):
+    return f"SUBREDDIT: r/pets\n\nTITLE: help with my cat\n\nPOST: {post}\n\nTL;DR:"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_tldr_query_format_and_smart_truncation(script, tokenizer):
+    full = tokenizer.encode(fmt(ROW["post"]))
+    ids, truncated = script.tldr_query(tokenizer, ROW, query_length=512)
+    assert ids == full and not truncated
+    # one token too few: the last line goes, the rest stays whole (OpenAI's smart truncation)
+    ids, truncated = script.tldr_query(tokenizer, ROW, query_length=len(full) - 1)
+    assert tokenizer.decode(ids) == fmt("line one .\nline two .") and truncated
+    # a post with no newline left is hard-truncated, keeping the "TL;DR:" tail and filling the budget
+    row = dict(ROW, post="word " * 40)
+    budget = len(tokenizer.encode(fmt(""))) + 10
+    ids, truncated = script.tldr_query(tokenizer, row, query_length=budget)
+    text = tokenizer.decode(ids)
+    assert truncated and len(ids) <= budget and text.endswith("\n\nTL;DR:") and text.startswith(fmt("word word")[:40])
+    assert len(ids) >= budget - 2
+    # even an empty post does not fit: None (the caller drops and counts the row)
+    assert script.tldr_query(tokenizer, ROW, query_length=5) is None
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_hh_split(script):
+    chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: cat?\n\nAssistant: a cat is a pet."
+    rejected = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: cat?\n\nAssistant: no idea"
+    prompt, c, r = script.hh_split(chosen, rejected)
+    assert prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: cat?\n\nAssistant:"
+    assert (c, r) == (" a cat is a pet.", " no idea")
+    # responses that share a first word must not eat into the prompt: the split is at a shared "Assistant:"
+    p2, c2, r2 = script.hh_split(chosen + " yes", chosen + " no")
+    assert p2 == prompt and c2 == " a cat is a pet. yes"
+    assert script.hh_split("\n\nHuman: a", "\n\nHuman: b") is None
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_response_gets_space_and_eos_and_pad_is_not_eos(script, world):
+    tokenizer = script.load_tokenizer(str(world / "base"))
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    ids = script.response_ids(tokenizer, "cat dog .")
+    assert ids == tokenizer.encode(" cat dog .") + [tokenizer.eos_token_id]
+    assert script.response_ids(tokenizer, " cat dog .") == ids  # one leading space, never two
+
+
+def test_tokenizer_without_pad_gets_a_dedicated_one(world, tmp_path):
+    tokenizer = sft.load_tokenizer(str(world / "base"))
+    tokenizer.pad_token = tokenizer.eos_token  # the common pad = EOS setting
+    tokenizer.save_pretrained(tmp_path)
+    fixed = sft.load_tokenizer(str(tmp_path))
+    assert fixed.pad_token == "[PAD]" and fixed.pad_token_id == len(fixed) - 1 and fixed.pad_token_id != fixed.eos_token_id
+
+
+def test_sft_collate_masks_query_and_padding(tokenizer):
+    pad = tokenizer.pad_token_id
+    input_ids, attention_mask, labels = sft.collate([([5, 6, 7], [8, 0]), ([5], [9, 10, 0])], pad, "cpu")
+    assert input_ids.tolist() == [[5, 6, 7, 8, 0], [5, 9, 10, 0, pad]]
+    assert attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert labels.tolist() == [[-100, -100, -100, 8, 0], [-100, 9, 10, 0, -100]]  # EOS (0) is learnt, pad is not
+
+
+def write(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def test_missing_column_names_column_file_and_schema(tmp_path, world):
+    path = write(tmp_path / "bad.jsonl", [{"subreddit": "a", "title": "b", "post": "c"}])
+    proc = run_script("sft.py", "--base-model", world / "base", "--dataset-name", path, check=False)
+    assert proc.returncode != 0
+    assert f"{path} (split train) lacks column(s) ['summary']" in proc.stdout and "expected the schema" in proc.stdout
+
+
+def test_non_string_field_names_row_and_column(tmp_path, tokenizer):
+    path = write(tmp_path / "bad.jsonl", [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
+                                         {"chosen": 3, "rejected": "x"}])
+    args = reward_model.Args(task="hh", dataset_name=path, response_length=16)
+    with pytest.raises(SystemExit, match=r"row 1, column 'chosen': expected str, got int"):
+        reward_model.build_pairs(args, tokenizer, "train", None)
+
+
+def test_empty_and_identical_pairs_are_skipped_and_counted(tmp_path, tokenizer, capsys):
+    prompt = "\n\nHuman: my cat ?\n\nAssistant:"
+    rows = [{"chosen": prompt + " cat vet .", "rejected": prompt + " pizza ."},
+            {"chosen": prompt + " ", "rejected": prompt + " pizza ."},       # empty chosen
+            {"chosen": prompt + " cat .", "rejected": prompt + " cat ."},     # identical
+            {"chosen": "no turns at all", "rejected": "nothing shared"}]      # no prompt
+    args = reward_model.Args(task="hh", dataset_name=write(tmp_path / "hh.jsonl", rows), response_length=16, query_length=4)
+    pairs = reward_model.build_pairs(args, tokenizer, "train", None)
+    out = capsys.readouterr().out
+    assert len(pairs) == 1
+    for key in ("'dropped_empty_response': 1", "'dropped_identical_pair': 1", "'dropped_no_shared_prompt': 1", "'query_truncated': 3"):
+        assert key in out
+    query, chosen, rejected = pairs[0]
+    assert query == tokenizer.encode(prompt)[-4:]  # HH keeps the end of a long prompt
+    assert chosen[-1] == rejected[-1] == tokenizer.eos_token_id
+
+
+def test_single_file_split_slicing_and_bad_split(tmp_path):
+    path = write(tmp_path / "d.jsonl", [{"chosen": str(i), "rejected": "x"} for i in range(10)])
+    schema = {"chosen": str, "rejected": str}
+    assert [r["chosen"] for r in sft.load_rows(path, "train[80%:]", schema)] == ["8", "9"]
+    with pytest.raises(SystemExit, match="could not read split 'validation'"):
+        sft.load_rows(path, "validation", schema)
+
+
+def test_unreachable_hub_gives_a_one_paragraph_hint(world):
+    proc = run_script("sft.py", "--base-model", world / "base", "--dataset-name", "nobody/not-a-dataset", check=False,
+                      env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0 and "Could not load the dataset 'nobody/not-a-dataset'" in proc.stdout
+    assert "point --dataset-name at a local folder" in proc.stdout and "Traceback" not in proc.stdout
+    proc = run_script("reward_model.py", "--sft-model-path", "nobody/not-a-model", check=False, env={"HF_HUB_OFFLINE": "1"})
+    assert "Could not load 'nobody/not-a-model'" in proc.stdout and "point --sft-model-path" in proc.stdout
+
+
+@requires_shared
+def test_real_data_loads_unchanged(capsys, tmp_path):
+    """The Hub-schema slices in ../shared/data go through the same code path (Pythia tokenizer)."""
+    from transformers import AutoTokenizer
+
+    with pytest.raises(SystemExit, match="has no EOS token"):  # tokenizer.json alone sets no EOS: a clear error
+        sft.load_tokenizer(f"{SHARED}/tokenizers/pythia")
+    pythia = AutoTokenizer.from_pretrained(f"{SHARED}/tokenizers/pythia")
+    pythia.eos_token = "<|endoftext|>"
+    pythia.save_pretrained(tmp_path)
+    tokenizer = sft.load_tokenizer(str(tmp_path))
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    args = reward_model.Args(task="tldr", dataset_name=f"{SHARED}/data/tldr/comparisons_gpt4_dev.jsonl", response_length=53)
+    pairs = reward_model.build_pairs(args, tokenizer, "train", None)
+    assert "extra column(s) ['labeler', 'gpt4_explanation']" in capsys.readouterr().out
+    assert 500 < len(pairs) <= 600 and all(len(q) <= 512 and c[-1] == 0 for q, c, _ in pairs)
+    args = sft.Args(task="hh", dataset_name=f"{SHARED}/data/hh/harmless_base_test_dev.jsonl", response_length=128)
+    examples = sft.build_examples(args, tokenizer, "train", None)
+    assert len(examples) > 1200 and all(tokenizer.decode(q).endswith("\n\nAssistant:") or len(q) == 512 for q, _ in examples)

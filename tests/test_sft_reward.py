@@ -1,0 +1,156 @@
+"""sft.py and reward_model.py: pure functions against hand-computed values, then end-to-end runs on the tiny world."""
+import glob
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPTNeoXConfig
+
+import reward_model
+import tiny_world
+from conftest import RM_FLAGS, ROOT, run_script
+
+
+def test_bt_loss_hand_computed():
+    loss = reward_model.bt_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
+    expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(2))) / 2  # -log sigmoid(x) = log(1 + e^-x)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_last_token_index():
+    P = 1
+    ids = torch.tensor([[5, 6, P, P], [P, 5, 6, 7], [5, 6, 7, 8]])
+    assert reward_model.last_token_index(ids, P).tolist() == [1, 3, 3]
+
+
+def tiny_classifier(seed=0):
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                           num_labels=1, pad_token_id=1)
+    return AutoModelForSequenceClassification.from_config(config).eval()
+
+
+def test_get_reward_matches_transformers_and_ignores_padding_side():
+    model = tiny_classifier()
+    right = torch.tensor([[5, 6, 7, 0, 1, 1], [8, 9, 10, 11, 12, 0]])
+    left = torch.tensor([[1, 1, 5, 6, 7, 0], [8, 9, 10, 11, 12, 0]])
+    with torch.no_grad():
+        ours = reward_model.get_reward(model, right, 1)
+        theirs = model(input_ids=right, attention_mask=(right != 1).long()).logits[:, 0]
+        ours_left = reward_model.get_reward(model, left, 1)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours_left, ours, rtol=0, atol=1e-5)  # position ids follow the real tokens
+
+
+def test_fold_bias_shifts_every_reward_exactly():
+    model = tiny_classifier()
+    ids = torch.randint(2, 32, (4, 7))
+    with torch.no_grad():
+        before = reward_model.get_reward(model, ids, 1)
+        reward_model.fold_bias(model, -2.5)
+        after = reward_model.get_reward(model, ids, 1)
+    torch.testing.assert_close(after, before - 2.5, rtol=0, atol=1e-5)
+
+
+def prompts_of(world, split="validation"):
+    rows = [json.loads(line) for line in open(world / "tldr_sft" / f"{split}.jsonl")]
+    return [tiny_world_prompt(r) for r in rows], rows
+
+
+def tiny_world_prompt(r):
+    return f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR:"
+
+
+def greedy_gold(model_dir, world, n=64):
+    import sft
+
+    tokenizer = sft.load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompts, _ = prompts_of(world)
+    responses = []
+    for prompt in prompts[:n]:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        responses.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return sum(tiny_world.gold_reward(prompts[:n], responses)) / n
+
+
+def test_sft_end_to_end(world, sft_model):
+    log = [json.loads(line) for line in open(glob.glob(str(world / "runs" / "tldr__sft__*" / "metrics.jsonl"))[0])]
+    evals = [m["eval_loss"] for m in log if "eval_loss" in m]
+    assert evals[-1] < evals[0] - 0.3 and evals[-1] < 2.2 and all(m["tokens_per_s"] > 0 for m in log)
+    assert AutoModelForCausalLM.from_pretrained(sft_model).config.pad_token_id != 0
+    # SFT imitates references that are 2/3 on topic (gold 1/3): from ~0 for the random base to clearly positive
+    assert greedy_gold(world / "base", world) < 0.1
+    assert greedy_gold(sft_model, world) > 0.2
+
+
+def test_reward_model_end_to_end(world, reward_run):
+    rm_dir, stdout = reward_run
+    import sft
+
+    tokenizer = sft.load_tokenizer(str(rm_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()  # plain transformers, no extra code
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
+    assert "eval_accuracy=" in stdout
+    # accuracy against the gold rule, on held-out comparisons, read through the standard classification head
+    rows = [json.loads(line) for line in open(world / "tldr_comparisons" / "validation.jsonl")]
+    prompts = [tiny_world_prompt(r["info"]) for r in rows]
+    texts = [[s["text"] for s in r["summaries"]] for r in rows]
+    correct = 0
+    with torch.no_grad():
+        for prompt, (a, b) in zip(prompts, texts):
+            batch = [tokenizer.encode(prompt) + sft.response_ids(tokenizer, t) for t in (a, b)]
+            ids = torch.tensor([x + [tokenizer.pad_token_id] * (max(map(len, batch)) - len(x)) for x in batch])
+            scores = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits[:, 0]
+            gold = tiny_world.gold_reward([prompt, prompt], [a, b])
+            correct += (scores[0] > scores[1]).item() == (gold[0] > gold[1])
+    assert correct / len(rows) > 0.9
+    # N+ normalisation: the SFT references of the training split now score 0 on average
+    sft_prompts, sft_rows = prompts_of(world, "train")
+    sequences = [tokenizer.encode(p) + sft.response_ids(tokenizer, r["summary"]) for p, r in zip(sft_prompts, sft_rows)]
+    with torch.no_grad():
+        rewards = torch.cat([model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits[:, 0]
+                             for ids in (reward_model.pad_right(sequences[i : i + 256], tokenizer.pad_token_id, "cpu")
+                                         for i in range(0, len(sequences), 256))])
+    assert len(rewards) == 2000 and abs(rewards.mean().item()) < 1e-3 and rewards.std().item() > 1.0
+
+
+@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "tiny_world.py"])
+def test_script_runs_alone(script, tmp_path):
+    shutil.copy(f"{ROOT}/{script}", tmp_path)
+    proc = run_script(script, "--help", cwd=tmp_path)
+    assert "--seed" in proc.stdout and "usage" in proc.stdout
+
+
+def test_non_finite_loss_stops_with_a_message(world, sft_model, tmp_path):
+    proc = run_script("reward_model.py", "--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons",
+                      "--norm-dataset-name", world / "tldr_sft", "--lr", "1e30", "--batch-size", "8", "--local-micro-batch-size", "8",
+                      "--max-train-samples", "64", "--output-dir", tmp_path / "rm", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "non-finite loss" in proc.stdout and "Traceback" not in proc.stdout
+
+
+def test_hh_sft_and_reward_model(world, sft_model, tmp_path):
+    proc = run_script("sft.py", "--task", "hh", "--base-model", world / "base", "--dataset-name", world / "hh", "--lr", "1e-3",
+                      "--batch-size", "32", "--local-micro-batch-size", "32", "--max-train-samples", "640", "--eval-every", "10",
+                      "--response-length", "16", "--output-dir", tmp_path / "sft_hh", cwd=tmp_path)
+    evals = [float(x.split("eval_loss=")[1]) for x in proc.stdout.splitlines() if "eval_loss=" in x]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    proc = run_script("reward_model.py", "--task", "hh", "--sft-model-path", sft_model, "--dataset-name", world / "hh",
+                      "--response-length", "16", "--output-dir", tmp_path / "rm_hh", *RM_FLAGS, cwd=tmp_path)
+    final = [x for x in proc.stdout.splitlines() if "eval_accuracy=" in x][-1]
+    assert float(final.split("eval_accuracy=")[1].split()[0]) > 0.85
+    assert "mean reward of 2000 reference responses" in proc.stdout  # HH normalises on the chosen responses
+
+
+def test_sft_response_loss_equals_transformers_loss(sft_model):
+    import sft
+
+    model = AutoModelForCausalLM.from_pretrained(sft_model).eval()
+    input_ids, attention_mask, labels = sft.collate([([5, 6, 7], [8, 9, 0]), ([5], [9, 10, 11, 12, 0])], 1, "cpu")
+    with torch.no_grad():
+        ours = sft.response_loss(model, input_ids, attention_mask, labels)
+        theirs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
