@@ -409,6 +409,8 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # a rule-based reward replaces the reward model
+
     # ---- models: policy and reference from the SFT model, value from the reward model, reward model frozen ----
     tokenizer = load_tokenizer(args.sft_model_path)
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -417,10 +419,7 @@ if __name__ == "__main__":
     policy = from_pretrained(AutoModelForCausalLM, policy_path)
     value_model = from_pretrained(AutoModelForSequenceClassification, f"{args.resume_from}/value" if args.resume_from else args.value_model_path,
                                   num_labels=1)
-    if args.reward_fn:
-        reward_fn, reward_model = load_reward_fn(args.reward_fn), None
-    else:
-        reward_fn, reward_model = None, from_pretrained(AutoModelForSequenceClassification, args.reward_model_path, num_labels=1)
+    reward_model = None if reward_fn else from_pretrained(AutoModelForSequenceClassification, args.reward_model_path, num_labels=1)
     for model in (policy, value_model, reward_model):
         if model is None:
             continue

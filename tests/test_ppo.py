@@ -1,0 +1,198 @@
+"""ppo_baseline.py: the N+ details against hand-computed values, then short runs on the tiny world."""
+import json
+import os
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import ppo_baseline as ppo
+import tiny_world
+from conftest import ROOT, SHARED, requires_shared, run_script
+
+PAD, EOS = 1, 0
+
+
+def test_compute_gae_three_steps_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7]])
+    gamma, lam = 0.9, 0.8
+    d2 = 1.0 - 0.7                      # last step: the value after the end is 0
+    d1 = 0.0 + gamma * 0.7 - 0.6
+    d0 = 0.0 + gamma * 0.6 - 0.5
+    a2, a1 = d2, d1 + gamma * lam * d2
+    a0 = d0 + gamma * lam * a1
+    advantages, returns = ppo.compute_gae(rewards, values, gamma, lam)
+    torch.testing.assert_close(advantages, torch.tensor([[a0, a1, a2]]))
+    torch.testing.assert_close(returns, torch.tensor([[a0 + 0.5, a1 + 0.6, a2 + 0.7]]))
+
+
+def test_whiten_masked():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the 100 is padding and must not count
+    out = ppo.whiten(values, mask)
+    std = 1.0  # unbiased std of (1, 2, 3)
+    torch.testing.assert_close(out[0, :3], torch.tensor([-1.0, 0.0, 1.0]) / std, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ppo.whiten(values, mask, shift_mean=False)[0, :3], torch.tensor([1.0, 2.0, 3.0]), atol=1e-6, rtol=0)
+
+
+def test_truncate_response_first_true_and_mask():
+    responses = torch.tensor([[5, EOS, 6, EOS], [5, 6, 7, 8], [EOS, 5, 5, 5]])
+    out = ppo.truncate_response(responses, EOS, PAD)
+    assert out.tolist() == [[5, EOS, PAD, PAD], [5, 6, 7, 8], [EOS, PAD, PAD, PAD]]
+    sequence_lengths = ppo.first_true_indices(out == PAD) - 1
+    assert sequence_lengths.tolist() == [1, 3, 0]  # index of the EOS, or the last token when there is none
+    mask = torch.arange(4).repeat(3, 1) <= sequence_lengths.unsqueeze(1)
+    assert mask.int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_reward_index_is_the_eos_after_left_padding():
+    query_responses = torch.tensor([[PAD, PAD, 7, 8, 5, EOS, PAD], [9, 7, 8, 8, 5, 6, 4]])
+    assert ppo.last_token_index(query_responses, PAD).tolist() == [5, 6]
+
+
+def test_missing_eos_penalty_checks_the_response_only():
+    scores = torch.tensor([2.0, 3.0])
+    responses = torch.tensor([[5, EOS, PAD], [5, 6, 7]])  # the second has no EOS (its prompt may have one)
+    assert ppo.penalize_missing_eos(scores, responses, EOS, -1.0).tolist() == [2.0, -1.0]
+    assert ppo.penalize_missing_eos(scores, responses, EOS, None).tolist() == [2.0, 3.0]
+
+
+def test_kl_penalty_and_score_placement():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, 0.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # EOS at index 2, then padding
+    rewards, kl, non_score = ppo.per_token_rewards(torch.tensor([4.0]), logprobs, ref_logprobs, mask, torch.tensor([2]), 0.1)
+    assert kl.tolist() == [[0.5, -1.0, 0.0, 0.0]]
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1, 4.0, 0.0]]))  # score at the EOS, nothing after
+
+
+def test_adaptive_kl_controller():
+    # KL 12 vs target 6: error clipped to +0.2; 512 episodes over a 10000 horizon
+    assert ppo.adaptive_kl_coef(0.05, 12.0, 512, 6.0, 10000) == pytest.approx(0.05 * (1 + 0.2 * 512 / 10000))
+    assert ppo.adaptive_kl_coef(0.05, 5.4, 512, 6.0, 10000) == pytest.approx(0.05 * (1 - 0.1 * 512 / 10000))
+
+
+def test_batch_indices_cover_the_data_and_are_pure():
+    a = [ppo.batch_indices(u, 4, 10, seed=3) for u in range(1, 6)]
+    assert sorted(a[0] + a[1] + a[2][:2]) == list(range(10))  # the first pass is a permutation
+    assert a == [ppo.batch_indices(u, 4, 10, seed=3) for u in range(1, 6)]
+
+
+def test_response_logprobs_match_a_manual_temperature_softmax(sft_model):
+    model = AutoModelForCausalLM.from_pretrained(sft_model).eval()
+    qr = torch.tensor([[PAD, PAD, 30, 31, 32, 40, 41, 42], [20, 21, 22, 23, 24, 50, 51, 52]])
+    responses = qr[:, 5:]
+    with torch.no_grad():
+        ours = ppo.response_logprobs(model, qr, responses, PAD, temperature=0.7)
+        # reference: no padding trick needed for the row without padding
+        logits = model(input_ids=qr[1:]).logits[0, 4:7] / (0.7 + 1e-7)
+        manual = logits.log_softmax(-1).gather(1, responses[1].unsqueeze(1)).squeeze(1)
+        # the left-padded row equals the same tokens without padding
+        unpadded = ppo.response_logprobs(model, qr[:1, 2:], responses[:1], PAD, temperature=0.7)
+    torch.testing.assert_close(ours[1], manual, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours[0], unpadded[0], atol=1e-5, rtol=0)
+
+
+GOLD = f"{ROOT}/tiny_world.py:gold_reward"
+SMALL = ["--response-length", 8, "--batch-size", 32, "--local-rollout-forward-batch-size", 32, "--local-micro-batch-size", 16,
+         "--num-mini-batches", 2, "--lr", 3e-4, "--kl-coef", 0.01, "--temperature", 1.0, "--print-sample-every", 0]
+
+
+def ppo_run(world, sft_model, out, *flags, task="tldr", dataset=None, script="ppo_baseline.py"):
+    dataset = dataset or world / ("tldr_sft" if task == "tldr" else "hh")
+    proc = run_script(script, "--task", task, "--sft-model-path", sft_model, "--reward-model-path", world / "rm",
+                      "--dataset-name", dataset, "--output-dir", out, *SMALL, *flags, cwd=out.parent)
+    metrics = [json.loads(line) for line in open(metrics_file(proc.stdout, out.parent))]
+    return proc, metrics
+
+
+def metrics_file(stdout, cwd):
+    run_name = re.search(r'"run_name": "([^"]+)"', stdout).group(1)
+    return os.path.join(cwd, "runs", run_name, "metrics.jsonl")
+
+
+def sampled_gold(model_dir, world, n=96, seed=0):
+    import sft
+
+    tokenizer = sft.load_tokenizer(str(model_dir))
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = [json.loads(line) for line in open(world / "tldr_sft" / "validation.jsonl")][:n]
+    prompts = [f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR:" for r in rows]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    torch.manual_seed(seed)
+    out = model.generate(**batch, max_new_tokens=8, do_sample=True, temperature=0.7, top_k=0, pad_token_id=tokenizer.pad_token_id)
+    responses = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    return sum(tiny_world.gold_reward(prompts, responses)) / n
+
+
+def test_first_ratio_is_one_and_gold_reward_rises(world, sft_model, reward_run, tmp_path):
+    # the gold rule scores in [-1, 1]: the value model starts from the SFT model with a fresh head, not from the RM
+    proc, metrics = ppo_run(world, sft_model, tmp_path / "ppo", "--reward-fn", GOLD, "--value-model-path", sft_model, "--lr", 1e-3,
+                            "--batch-size", 64, "--local-rollout-forward-batch-size", 64, "--total-episodes", 30 * 64)
+    assert len(metrics) == 30
+    for m in metrics:  # first PPO epoch, first minibatch: the policy has not moved yet (fp32 on CPU)
+        assert abs(m["policy/first_ratio"] - 1) < 1e-5 and m["policy/first_approxkl"] < 1e-9
+    assert all(m["val/eos_fraction"] > 0.5 for m in metrics) and metrics[-1]["objective/kl"] > 0
+    before, after = sampled_gold(sft_model, world), sampled_gold(tmp_path / "ppo", world)
+    assert after > before + 0.2, (before, after)
+    first, last = [sum(m["objective/scores"] for m in metrics[i : i + 5]) / 5 for i in (0, 25)]
+    assert last > first + 0.25, (first, last)
+
+
+def test_resume_equals_straight_run(world, sft_model, reward_run, tmp_path):
+    flags = ["--total-episodes", 4 * 32, "--save-every", 2]
+    os.makedirs(tmp_path / "a")
+    proc, straight = ppo_run(world, sft_model, tmp_path / "a" / "ppo", *flags)
+    checkpoint = os.path.join(tmp_path / "a", "runs", re.search(r'"run_name": "([^"]+)"', proc.stdout).group(1), "checkpoint")
+    os.makedirs(tmp_path / "b")
+    proc2 = run_script("ppo_baseline.py", "--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name",
+                       world / "tldr_sft", "--output-dir", tmp_path / "b" / "ppo", *SMALL, *flags, "--resume-from", checkpoint,
+                       cwd=tmp_path / "a")
+    assert "resumed from" in proc2.stdout and "update=3 " in proc2.stdout and "update=1 " not in proc2.stdout
+    resumed = [json.loads(line) for line in open(metrics_file(proc.stdout, tmp_path / "a"))]  # appended to the same log
+    assert len(resumed) == 6
+    for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value"):
+        assert [m[key] for m in resumed[4:]] == [m[key] for m in straight[2:4]]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "ppo").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "ppo").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hh_runs_on_the_tiny_world(world, sft_model, reward_run, tmp_path):
+    proc, metrics = ppo_run(world, sft_model, tmp_path / "ppo", "--total-episodes", 2 * 32, task="hh")
+    assert len(metrics) == 2 and all(abs(m["policy/first_ratio"] - 1) < 1e-5 for m in metrics)
+    assert "prompts kept" in proc.stdout
+
+
+@requires_shared
+def test_hh_runs_on_the_real_slice(world, sft_model, reward_run, tmp_path):
+    proc, metrics = ppo_run(world, sft_model, tmp_path / "ppo", "--total-episodes", 32, "--query-length", 96, task="hh",
+                            dataset=f"{SHARED}/data/hh/harmless_base_test_dev.jsonl")
+    kept = re.search(r"(\d+) prompts kept; \{'rows': 1600, 'query_truncated': (\d+)", proc.stdout)
+    assert int(kept.group(1)) == 1600 and int(kept.group(2)) > 1000  # real prompts are long: left-truncated to 96
+    assert len(metrics) == 1 and all(v == v for v in metrics[0].values())  # no NaN
+
+
+def test_lora_reference_is_the_adapter_off(world, sft_model, reward_run, tmp_path):
+    pytest.importorskip("peft")
+    proc, metrics = ppo_run(world, sft_model, tmp_path / "ppo", "--use-lora", "--lora-r", 4, "--lr", 3e-3,
+                            "--gradient-checkpointing", "--total-episodes", 3 * 32)
+    assert "trainable params" in proc.stdout and len(metrics) == 3
+    assert metrics[0]["objective/kl"] == 0.0 and metrics[-1]["objective/kl"] != 0.0  # the adapter starts as a no-op
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(sft_model).state_dict()
+    assert set(merged) == set(base) and any(not torch.equal(merged[k], base[k]) for k in base)  # a plain, merged model
+
+
+def test_bad_reward_fn_and_copy_alone(tmp_path):
+    proc = run_script("ppo_baseline.py", "--reward-fn", "nowhere.py:f", "--sft-model-path", "x", check=False, cwd=tmp_path)
+    assert proc.returncode != 0 and "--reward-fn nowhere.py:f: no file 'nowhere.py'" in proc.stdout
+    proc = run_script("ppo_baseline.py", "--reward-fn", f"{ROOT}/tiny_world.py:nope", check=False, cwd=tmp_path)
+    assert "has no function 'nope'" in proc.stdout
+    import shutil
+
+    shutil.copy(f"{ROOT}/ppo_baseline.py", tmp_path)
+    assert "--kl-coef" in run_script("ppo_baseline.py", "--help", cwd=tmp_path).stdout
