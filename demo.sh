@@ -11,3 +11,9 @@ python sft.py --base-model $W/base --dataset-name $W/tldr_sft --output-dir $W/sf
   --lr 1e-3 --num-train-epochs 6 --batch-size 32 --local-micro-batch-size 32 --eval-every 100
 python reward_model.py --sft-model-path $W/sft --dataset-name $W/tldr_comparisons --norm-dataset-name $W/tldr_sft \
   --output-dir $W/rm --lr 1e-3 --num-train-epochs 2 --batch-size 32 --local-micro-batch-size 32 --eval-every 50
+python ppo_baseline.py --sft-model-path $W/sft --reward-model-path $W/rm --dataset-name $W/tldr_sft --output-dir $W/ppo \
+  --response-length 8 --total-episodes 1280 --batch-size 64 --local-rollout-forward-batch-size 64 \
+  --local-micro-batch-size 16 --num-mini-batches 2 --lr 1e-3 --kl-coef 0.05 --print-sample-every 10
+
+echo; echo "== results on 200 held-out tiny-world prompts (sampled at temperature 0.7) =="
+python benchmarks/demo_report.py --world $W --policies sft=$W/sft ppo=$W/ppo
