@@ -90,7 +90,7 @@ def hh_pair(row, rng):
     nouns = TOPICS[row["topic"]]
     context = ""
     if rng.random() < 0.5:  # half the transcripts have an earlier exchange on the same topic
-        context = f"\n\nHuman: hi\n\nAssistant: hello , what is your question ?"
+        context = "\n\nHuman: hi\n\nAssistant: hello , what is your question ?"
     question = f"\n\nHuman: what do i do about my {rng.choice(nouns)} and {rng.choice(nouns)} ?\n\nAssistant:"
     return {"chosen": context + question + row["chosen"], "rejected": context + question + row["rejected"]}
 

@@ -1,0 +1,647 @@
+# DR-PO (Chang et al. 2024, arXiv 2404.08495) on Anthropic HH: PPO in which a fraction of the episodes is reset to a
+# state of the offline preference dataset, a prefix of the chosen response. Docs: README.md#drpo_tldrpy-and-drpo_hhpy
+import importlib.util
+import json
+import os
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+
+@dataclass
+class Args:
+    exp_name: str = "drpo"
+    """name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    cuda: bool = True
+    """use CUDA when available (bf16 autocast there); CPU otherwise"""
+    track: bool = False
+    """log to Weights & Biases (needs `wandb`)"""
+    tensorboard: bool = False
+    """log to TensorBoard under runs/{run_name} (needs `tensorboard`)"""
+    reset_prob: float = 0.5
+    """DR-PO: probability that an episode starts from a state of the offline dataset (0 is PPO)"""
+    reset_min_prefix: int = 1
+    """DR-PO: h_min, the shortest prefix of a reset; h is uniform in {h_min, ..., len(chosen tokens incl. EOS) - 1}"""
+    sft_model_path: str = "models/sft_hh"
+    """policy and reference init (`sft.py --task hh --output-dir models/sft_hh` writes it)"""
+    reward_model_path: str = "models/reward_hh"
+    """reward model (`reward_model.py --task hh ... --output-dir models/reward_hh` writes it)"""
+    value_model_path: Optional[str] = None
+    """value model init (default: the reward model; with --reward-fn any causal LM folder works, with a new head)"""
+    reward_fn: Optional[str] = None
+    """`path/to/file.py:function` taking (prompts, responses) lists of str and returning floats; replaces the reward model"""
+    dataset_name: str = "Anthropic/hh-rlhf"
+    """prompts and reset states (the chosen responses): Hub id, folder or json/jsonl with columns chosen, rejected"""
+    train_split: str = "train"
+    """split whose prompts are rolled out"""
+    query_length: int = 512
+    """max prompt tokens; longer conversations keep their end (left truncation)"""
+    response_length: int = 128
+    """tokens per episode (a reset episode's prefix counts: the policy writes response_length - h)"""
+    temperature: float = 0.7
+    """sampling temperature, applied to the logits in every log-prob computation too"""
+    total_episodes: int = 1_000_000
+    """episodes (sampled responses) in the whole run"""
+    batch_size: int = 512
+    """episodes per update"""
+    local_rollout_forward_batch_size: int = 64
+    """episodes per generate/forward call during the rollout"""
+    num_mini_batches: int = 1
+    """minibatches per PPO epoch (one optimizer step each)"""
+    local_micro_batch_size: int = 8
+    """episodes per forward/backward pass; a minibatch is accumulated from these"""
+    num_ppo_epochs: int = 4
+    """passes over each batch of episodes"""
+    lr: float = 3e-6
+    """learning rate of the policy and the value model"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+    max_grad_norm: Optional[float] = 1.0
+    """clip the gradient norm of each optimizer step (None: no clipping)"""
+    kl_coef: float = 0.05
+    """coefficient of the per-token KL penalty -kl_coef * (logp - ref_logp)"""
+    adaptive_kl: bool = False
+    """adapt kl_coef towards --target-kl (Ziegler et al. 2019)"""
+    target_kl: float = 6.0
+    """target KL (per episode, summed over tokens) of the adaptive controller"""
+    kl_horizon: int = 10000
+    """horizon (episodes) of the adaptive controller"""
+    gamma: float = 1.0
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards (no mean shift) before GAE"""
+    cliprange: float = 0.2
+    """PPO policy clip range"""
+    cliprange_value: float = 0.2
+    """value clip range"""
+    vf_coef: float = 0.1
+    """value loss coefficient"""
+    missing_eos_penalty: Optional[float] = -1.0
+    """score given to a response with no EOS, replacing its reward (None: keep the score)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    use_lora: bool = False
+    """train LoRA adapters on the policy (needs `peft`); the reference is the policy with the adapter off"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA alpha"""
+    print_sample_every: int = 10
+    """print a table of sample query / response / score every N updates"""
+    save_every: int = 50
+    """write a checkpoint every N updates (0: never)"""
+    resume_from: Optional[str] = None
+    """a checkpoint folder (runs/{run_name}/checkpoint) to continue from"""
+    output_dir: str = "models/drpo_hh"
+    """where the final policy and tokenizer are saved"""
+
+    # computed at run time
+    num_updates: int = 0
+    minibatch_size: int = 0
+    gradient_accumulation_steps: int = 0
+    run_name: str = ""
+
+
+SCHEMA = {"chosen": str, "rejected": str}
+HH_TAG = "\n\nAssistant:"
+
+
+def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None):
+    """A Hub id, a local folder or a json/jsonl file, always through `datasets.load_dataset`; checks the columns."""
+    try:
+        if name.endswith((".json", ".jsonl")):  # one file is one split, named `train`
+            if not os.path.exists(name):
+                raise FileNotFoundError(f"dataset file {name} does not exist")
+            ds = load_dataset("json", data_files={"train": name}, split=split)
+        else:
+            ds = load_dataset(name, config, split=split)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"could not read split '{split}' of {name}: {e}")
+    except Exception as e:  # connection errors come in many types, from requests, httpx and huggingface_hub
+        if os.path.exists(name):
+            raise
+        raise SystemExit(
+            f"Could not load the dataset '{name}' from the Hugging Face Hub ({type(e).__name__}: {e}). If this machine is "
+            "offline, point --dataset-name at a local folder (holding train.jsonl, validation.jsonl, ...) or at a "
+            f"json/jsonl file with the same columns ({', '.join(schema)}); `python tiny_world.py` writes such files."
+        ) from None
+    missing = [c for c in schema if c not in ds.column_names]
+    if missing:
+        raise SystemExit(f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}")
+    extra = [c for c in ds.column_names if c not in schema]
+    if extra:
+        print(f"note: {name} has extra column(s) {extra}, which are not used")
+    return ds.select_columns(list(schema))
+
+
+def check_row(row: dict, i: int, schema: dict, source: str):
+    for column, kind in schema.items():
+        if not isinstance(row[column], kind):
+            raise SystemExit(f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}")
+
+
+def hh_split(chosen: str, rejected: str):
+    """The prompt is the transcript up to and including the last '\\n\\nAssistant:' that chosen and rejected share."""
+    end = os.path.commonprefix([chosen, rejected]).rfind(HH_TAG)
+    if end < 0:
+        return None
+    end += len(HH_TAG)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def response_ids(tokenizer, text: str):
+    """A response gets one leading space and the EOS token (the EOS is appended as an id, never as text)."""
+    return tokenizer.encode(" " + text.strip()) + [tokenizer.eos_token_id]
+
+
+def build_episodes(args: Args, tokenizer):
+    """(prompt ids, chosen response ids incl. EOS) pairs: the prompts to roll out and the offline states to reset to.
+    A row with an empty chosen response keeps its prompt and is never reset (counted)."""
+    name = args.dataset_name
+    ds = load_rows(name, args.train_split, SCHEMA)
+    queries, chosens = [], []
+    counts = {"rows": len(ds), "query_truncated": 0, "dropped_no_shared_prompt": 0, "empty_chosen_never_reset": 0}
+    for i, row in enumerate(ds):
+        check_row(row, i, SCHEMA, f"{name} ({args.train_split})")
+        split = hh_split(row["chosen"], row["rejected"])
+        if split is None:
+            counts["dropped_no_shared_prompt"] += 1
+            continue
+        ids = tokenizer.encode(split[0])
+        counts["query_truncated"] += len(ids) > args.query_length
+        counts["empty_chosen_never_reset"] += not split[1].strip()
+        queries.append(ids[-args.query_length :])  # HH keeps the end of a long conversation
+        chosens.append(response_ids(tokenizer, split[1]) if split[1].strip() else [])
+    print(f"{name} ({args.train_split}): {len(queries)} prompts kept; {counts}")
+    if not queries:
+        raise SystemExit(f"no usable prompt in {name} ({args.train_split}); see the counts above")
+    return queries, chosens
+
+
+def reset_states(queries, chosens, reset_prob: float, h_min: int, response_length: int, generator):
+    """DR-PO's reset. Each episode is reset with probability reset_prob (coin flips from `generator`, never from
+    the main random stream). A reset episode starts at prompt + chosen[:h], h uniform in {h_min, ..., h_max} with
+    h_max = min(len(chosen) - 1, response_length - 1): the length counts the EOS, so the prefix never holds it, and
+    the policy always writes at least one token. A response too short for h_min is never reset.
+    Returns the states (token lists), h (batch,) and whether each episode was reset (batch,)."""
+    coins = torch.rand(len(queries), generator=generator)
+    uniforms = torch.rand(len(queries), generator=generator)  # drawn for every episode: a fixed use of the stream
+    h_max = torch.tensor([min(len(c) - 1, response_length - 1) for c in chosens])
+    reset = (coins < reset_prob) & (h_max >= h_min)
+    h = torch.where(reset, h_min + (uniforms * (h_max - h_min + 1).clamp(min=1)).long(), 0)
+    states = [q + c[:n] for q, c, n in zip(queries, chosens, h.tolist())]
+    return states, h, reset
+
+
+def from_pretrained(cls, path: str, **kwargs):
+    """cls.from_pretrained, with a clear message when the Hub cannot be reached."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except OSError as e:
+        if os.path.exists(path):
+            raise
+        raise SystemExit(f"Could not load '{path}' ({e}). If this machine is offline, point --sft-model-path, "
+                         "--reward-model-path and --dataset-name at local folders (sft.py and reward_model.py write them).") from None
+
+
+def load_tokenizer(path: str):
+    tokenizer = from_pretrained(AutoTokenizer, path, padding_side="left")
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f"the tokenizer of {path} has no EOS token; set `eos_token` in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # a dedicated pad token: with pad = EOS, masking the padding would also mask the real EOS
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return tokenizer
+
+
+def load_reward_fn(spec: str):
+    """`path/to/file.py:function` -> the function."""
+    path, _, name = spec.rpartition(":")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--reward-fn {spec}: no file {path!r} (expected path/to/file.py:function)")
+    module_spec = importlib.util.spec_from_file_location("reward_fn_module", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, name, None)):
+        raise SystemExit(f"--reward-fn {spec}: {path} has no function {name!r}")
+    return getattr(module, name)
+
+
+def batch_indices(update: int, batch_size: int, n: int, seed: int):
+    """Prompt indices of an update: consecutive slices of a fresh permutation per pass over the data. A pure function
+    of the update index, so a resumed run continues at the right place in the data."""
+    positions = np.arange((update - 1) * batch_size, update * batch_size)
+    epochs = positions // n
+    perms = {e: np.random.default_rng([seed, int(e)]).permutation(n) for e in np.unique(epochs)}
+    return [int(perms[e][p % n]) for e, p in zip(epochs, positions)]
+
+
+def left_pad(sequences, pad_id: int):
+    width = max(len(s) for s in sequences)
+    return torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
+
+
+def first_true_indices(bools, dtype=torch.long):
+    """Index of the first True of each row, or the row length when there is none."""
+    row_len = bools.size(-1)
+    zero_or_index = row_len * (~bools).type(dtype) + torch.arange(row_len, dtype=dtype, device=bools.device)
+    return torch.min(zero_or_index, dim=-1).values
+
+
+def truncate_response(responses, eos_id: int, pad_id: int):
+    """The EOS trick: keep each response up to and including its first EOS, pad the rest."""
+    trunc_idxs = first_true_indices(responses == eos_id).unsqueeze(-1)
+    idxs = torch.arange(responses.shape[1], device=responses.device).view(1, -1)
+    return torch.masked_fill(responses, idxs > trunc_idxs, pad_id)
+
+
+def forward(model, query_responses, pad_id: int, **kwargs):
+    """A forward pass on left-padded sequences: padding masked out, position ids counted from the first real token."""
+    attention_mask = query_responses != pad_id
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+
+def response_logprobs(model, query_responses, responses, pad_id: int, temperature: float):
+    """Log-probs of the response tokens, (batch, response_length). The LM head runs only on the response positions
+    (logits_to_keep), and the temperature divides the logits exactly as in sampling."""
+    logits = forward(model, query_responses, pad_id, logits_to_keep=responses.shape[1] + 1).logits[:, :-1]
+    logits = logits.float() / (temperature + 1e-7)
+    return torch.gather(logits.log_softmax(-1), 2, responses.unsqueeze(-1)).squeeze(-1)
+
+
+def token_scores(model, query_responses, pad_id: int):
+    """The scalar head of a sequence-classification model at every position, (batch, seq_len)."""
+    attention_mask = query_responses != pad_id
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    return model.score(hidden).squeeze(-1).float()
+
+
+def last_token_index(input_ids, pad_id: int):
+    """Index of the last non-pad token of each row, the same rule as transformers' sequence classification."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * (input_ids != pad_id)).argmax(-1)
+
+
+def penalize_missing_eos(scores, responses, eos_id: int, penalty: Optional[float]):
+    """N+: a response with no EOS gets a fixed low score instead of its reward. Only the response is checked: an EOS
+    inside the prompt does not count."""
+    if penalty is None:
+        return scores
+    return torch.where((responses == eos_id).any(-1), scores, torch.full_like(scores, penalty))
+
+
+def masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum()
+
+
+def masked_var(values, mask):
+    """Unbiased variance over the mask (Bessel's correction, as the N+ code)."""
+    centered = values - masked_mean(values, mask)
+    n = mask.sum()
+    return masked_mean(centered**2, mask) * n / (n - 1)
+
+
+def whiten(values, mask, shift_mean: bool = True):
+    whitened = (values - masked_mean(values, mask)) * torch.rsqrt(masked_var(values, mask) + 1e-8)
+    return whitened if shift_mean else whitened + masked_mean(values, mask)
+
+
+def compute_gae(rewards, values, gamma: float, lam: float):
+    """Generalized advantage estimation over the response, (batch, response_length). Values and rewards after the
+    EOS are zero, so the padding adds nothing; the value after the last token is 0."""
+    lastgaelam, advantages_reversed = 0, []
+    length = rewards.shape[1]
+    for t in reversed(range(length)):
+        nextvalues = values[:, t + 1] if t < length - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def per_token_rewards(scores, logprobs, ref_logprobs, mask, sequence_lengths, kl_coef: float):
+    """k1 KL penalty on every response token, plus the sequence score at the last real token (the EOS)."""
+    kl = (logprobs - ref_logprobs) * mask
+    non_score_reward = -kl_coef * kl
+    rewards = non_score_reward.clone()
+    rewards[torch.arange(len(scores), device=scores.device), sequence_lengths] += scores
+    return rewards, kl, non_score_reward
+
+
+def adaptive_kl_coef(kl_coef: float, current_kl: float, n_episodes: int, target: float, horizon: int):
+    """Ziegler et al.'s proportional controller: nudge kl_coef so the KL moves towards the target."""
+    proportional_error = np.clip(current_kl / target - 1, -0.2, 0.2)
+    return kl_coef * (1 + proportional_error * n_episodes / horizon)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def rng_states():
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args.value_model_path = args.value_model_path or args.reward_model_path
+    if args.reset_prob == 1 and args.reset_min_prefix >= 1:
+        print("WARNING: --reset-prob 1 with --reset-min-prefix >= 1: every episode starts after at least one dataset token, "
+              "so the policy never generates (and is never trained on) the first response token. See README.md.")
+    args.num_updates = args.total_episodes // args.batch_size
+    args.minibatch_size = args.batch_size // args.num_mini_batches
+    args.gradient_accumulation_steps = args.minibatch_size // args.local_micro_batch_size
+    if args.batch_size % args.num_mini_batches or args.minibatch_size % args.local_micro_batch_size:
+        raise SystemExit("--batch-size must split into --num-mini-batches minibatches of whole --local-micro-batch-size")
+    if args.batch_size % args.local_rollout_forward_batch_size:
+        raise SystemExit("--batch-size must be a multiple of --local-rollout-forward-batch-size")
+    if args.num_updates == 0:
+        raise SystemExit("--total-episodes is smaller than --batch-size: no update would run")
+    args.run_name = f"hh__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint = None
+    if args.resume_from:
+        checkpoint = torch.load(f"{args.resume_from}/state.pt", weights_only=False)
+        args.run_name = checkpoint["run_name"]  # a resumed run appends to the same log
+    print(json.dumps(asdict(args), indent=1))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # a rule-based reward replaces the reward model
+
+    # ---- models: policy and reference from the SFT model, value from the reward model, reward model frozen ----
+    tokenizer = load_tokenizer(args.sft_model_path)
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    queries, chosens = build_episodes(args, tokenizer)
+    policy_path = args.resume_from if args.resume_from and not args.use_lora else args.sft_model_path  # LoRA keeps the base frozen
+    policy = from_pretrained(AutoModelForCausalLM, policy_path)
+    value_model = from_pretrained(AutoModelForSequenceClassification, f"{args.resume_from}/value" if args.resume_from else args.value_model_path,
+                                  num_labels=1)
+    reward_model = None if reward_fn else from_pretrained(AutoModelForSequenceClassification, args.reward_model_path, num_labels=1)
+    for model in (policy, value_model, reward_model):
+        if model is None:
+            continue
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+        for module in model.modules():  # dropout off everywhere (N+ detail)
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    if args.use_lora:
+        from peft import LoraConfig, get_peft_model  # only imported when asked for
+
+        # no second copy of the model: the reference policy is the policy with the adapter switched off
+        policy, ref_policy = get_peft_model(policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                               target_modules="all-linear")), None
+        if args.resume_from:
+            policy.load_state_dict(torch.load(f"{args.resume_from}/lora.pt"), strict=False)
+        policy.print_trainable_parameters()
+    else:
+        ref_policy = from_pretrained(AutoModelForCausalLM, args.sft_model_path).eval().requires_grad_(False).to(device)
+        if len(tokenizer) > ref_policy.get_input_embeddings().num_embeddings:
+            ref_policy.resize_token_embeddings(len(tokenizer))
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        value_model.gradient_checkpointing_enable()
+        if args.use_lora:
+            policy.enable_input_require_grads()
+    policy.generation_config.eos_token_id = None  # the EOS trick: sample all response_length tokens, truncate after
+    policy.generation_config.bos_token_id = None
+    sampling = dict(temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, pad_token_id=pad_id)
+    policy, value_model = policy.to(device).train(), value_model.to(device).train()
+    if reward_model is not None:
+        reward_model = reward_model.to(device).eval().requires_grad_(False)
+    params = [p for p in list(policy.parameters()) + list(value_model.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.eps)
+    kl_coef, start_update = args.kl_coef, 1
+    reset_generator = torch.Generator().manual_seed(args.seed)  # DR-PO's coin flips have a stream of their own
+    if checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        set_rng_states(checkpoint["rng"])
+        reset_generator.set_state(checkpoint["reset_rng"])
+        kl_coef, start_update = checkpoint["kl_coef"], checkpoint["update"] + 1
+        print(f"resumed from {args.resume_from} at update {start_update}")
+
+    os.makedirs(f"runs/{args.run_name}", exist_ok=True)
+    log = open(f"runs/{args.run_name}/metrics.jsonl", "a")
+    if args.track:
+        import wandb  # only imported when asked for
+
+        wandb.init(project="drpo", name=args.run_name, config=asdict(args), resume="allow", id=args.run_name)
+    if args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
+
+        writer = SummaryWriter(f"runs/{args.run_name}")
+    start_time, episodes_at_start = time.time(), (start_update - 1) * args.batch_size
+
+    for update in range(start_update, args.num_updates + 1):
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / args.num_updates) * args.lr
+        # ---- rollout: each episode writes the rest of a response_length-token response ----
+        t0 = time.time()
+        batch = batch_indices(update, args.batch_size, len(queries), args.seed)
+        batch_queries = [queries[i] for i in batch]
+        # DR-PO: reset to a state of the offline dataset. With probability reset_prob the episode starts from the
+        # prompt followed by the first h tokens of the response the labelers preferred, and the policy writes the
+        # remaining response_length - h tokens. The prefix is part of the state: it is encoded in the prompt's
+        # forward pass (prefill), and masked out of every loss and statistic below.
+        states, h, reset = reset_states(batch_queries, [chosens[i] for i in batch], args.reset_prob, args.reset_min_prefix,
+                                        args.response_length, reset_generator)
+        h, reset = h.to(device), reset.to(device)
+        query_batch = left_pad(batch_queries, pad_id).to(device)  # (batch, context_length): the prompts alone
+        state_batch = left_pad(states, pad_id).to(device)  # (batch, state_width): prompt + prefix, re-packed, left-padded
+        context_length = query_batch.shape[1]
+        responses, logprobs, ref_logprobs, values = [], [], [], []
+        with torch.no_grad(), autocast:
+            for i in range(0, args.batch_size, args.local_rollout_forward_batch_size):
+                query = query_batch[i : i + args.local_rollout_forward_batch_size]
+                state, chunk_h = state_batch[i : i + args.local_rollout_forward_batch_size], h[i : i + args.local_rollout_forward_batch_size]
+                new_tokens = args.response_length - int(chunk_h.min())  # the episode horizon is unchanged
+                state_response = policy.generate(input_ids=state, attention_mask=(state != pad_id).long(), max_new_tokens=new_tokens,
+                                                 min_new_tokens=new_tokens, **sampling)
+                # the whole response: the last h tokens of the state (the prefix), then response_length - h new ones
+                take = (state.shape[1] - chunk_h).unsqueeze(1) + torch.arange(args.response_length, device=device)
+                response = state_response.gather(1, take)  # (chunk, response_length)
+                query_response = torch.cat((query, response), 1)
+                logprobs.append(response_logprobs(policy, query_response, response, pad_id, args.temperature))
+                if ref_policy is None:
+                    with policy.disable_adapter():
+                        ref_logprobs.append(response_logprobs(policy, query_response, response, pad_id, args.temperature))
+                else:
+                    ref_logprobs.append(response_logprobs(ref_policy, query_response, response, pad_id, args.temperature))
+                values.append(token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1])
+                responses.append(response)
+            responses, logprobs, ref_logprobs, values = map(torch.cat, (responses, logprobs, ref_logprobs, values))
+            postprocessed = truncate_response(responses, eos_id, pad_id)  # (batch, response_length)
+            postprocessed_query_responses = torch.cat((query_batch, postprocessed), 1)
+            sequence_lengths = first_true_indices(postprocessed == pad_id) - 1  # index of the last real token (the EOS)
+            contain_eos = (postprocessed == eos_id).any(-1)
+            rollout_time = time.time() - t0
+
+            # ---- scoring: the reward model (or --reward-fn) on the whole truncated response, prefix included ----
+            t0 = time.time()
+            if reward_fn is None:
+                scores = torch.cat([
+                    token_scores(reward_model, chunk, pad_id).gather(1, last_token_index(chunk, pad_id).unsqueeze(1)).squeeze(1)
+                    for chunk in postprocessed_query_responses.split(args.local_rollout_forward_batch_size)])
+            else:
+                prompts = tokenizer.batch_decode(batch_queries)
+                texts = tokenizer.batch_decode(postprocessed, skip_special_tokens=True)
+                scores = reward_fn(prompts, texts)
+                if len(scores) != len(texts):
+                    raise SystemExit(f"--reward-fn returned {len(scores)} scores for {len(texts)} responses")
+                scores = torch.tensor(scores, dtype=torch.float, device=device)
+            raw_scores = scores.clone()
+            scores = penalize_missing_eos(scores, postprocessed, eos_id, args.missing_eos_penalty)
+            scoring_time = time.time() - t0
+
+            # ---- rewards and advantages; the reset prefix and everything after the EOS are masked out ----
+            t0 = time.time()
+            response_idxs = torch.arange(args.response_length, device=device).repeat(args.batch_size, 1)
+            # (batch, response_length): 1 on the tokens the policy wrote, up to and including the EOS
+            mask = ((response_idxs >= h.unsqueeze(1)) & (response_idxs <= sequence_lengths.unsqueeze(1))).float()
+            logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
+            rewards, kl, non_score_reward = per_token_rewards(scores, logprobs, ref_logprobs, mask, sequence_lengths, kl_coef)
+            if args.whiten_rewards:
+                rewards = whiten(rewards, mask, shift_mean=False) * mask
+            advantages, returns = compute_gae(rewards, values, args.gamma, args.gae_lambda)
+            advantages = whiten(advantages, mask) * mask
+        if not torch.isfinite(scores).all():
+            raise SystemExit(f"non-finite scores at update {update}: check the reward model or --reward-fn")
+
+        # ---- PPO update: num_ppo_epochs passes, minibatches accumulated from micro-batches ----
+        stats = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio")}
+        for ppo_epoch in range(args.num_ppo_epochs):
+            order = torch.randperm(args.batch_size, device=device)
+            for mb_start in range(0, args.batch_size, args.minibatch_size):
+                for mi in range(mb_start, mb_start + args.minibatch_size, args.local_micro_batch_size):
+                    idx = order[mi : mi + args.local_micro_batch_size]
+                    mb_mask = mask[idx]
+                    mb_query_responses = torch.cat((query_batch[idx], responses[idx]), 1)
+                    with autocast:
+                        new_logprobs = response_logprobs(policy, mb_query_responses, responses[idx], pad_id, args.temperature)
+                        vpred = token_scores(value_model, mb_query_responses, pad_id)[:, context_length - 1 : -1]
+                    vpredclipped = torch.clamp(vpred, values[idx] - args.cliprange_value, values[idx] + args.cliprange_value)
+                    vf_losses = torch.max((vpred - returns[idx]) ** 2, (vpredclipped - returns[idx]) ** 2)
+                    vf_loss = 0.5 * masked_mean(vf_losses, mb_mask)
+                    logratio = (new_logprobs - logprobs[idx]) * mb_mask
+                    ratio = torch.exp(logratio)
+                    pg_losses = -advantages[idx] * ratio
+                    pg_losses2 = -advantages[idx] * torch.clamp(ratio, 1.0 - args.cliprange, 1.0 + args.cliprange)
+                    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mb_mask)
+                    loss = pg_loss + args.vf_coef * vf_loss
+                    if not torch.isfinite(loss):
+                        raise SystemExit(f"non-finite loss at update {update}, PPO epoch {ppo_epoch}: lower --lr or check the models")
+                    (loss / args.gradient_accumulation_steps).backward()
+                    with torch.no_grad():
+                        stats["approxkl"].append(0.5 * masked_mean(logratio**2, mb_mask).item())
+                        stats["clipfrac"].append(masked_mean((pg_losses2 > pg_losses).float(), mb_mask).item())
+                        stats["pg_loss"].append(pg_loss.item())
+                        stats["vf_loss"].append(vf_loss.item())
+                        stats["vf_clipfrac"].append(masked_mean((vf_losses > (vpred - returns[idx]) ** 2).float(), mb_mask).item())
+                        stats["ratio"].append(masked_mean(ratio, mb_mask).item())
+                if args.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+        update_time = time.time() - t0
+        mean_kl = kl.sum(1).mean().item()
+        if args.adaptive_kl:
+            kl_coef = adaptive_kl_coef(kl_coef, mean_kl, args.batch_size, args.target_kl, args.kl_horizon)
+
+        # ---- logging ----
+        episodes = update * args.batch_size
+        metrics = {
+            "update": update, "episodes": episodes,
+            "objective/kl": mean_kl,
+            "objective/entropy": (-logprobs).sum(1).mean().item(),  # sampled-token estimate, summed over the policy's tokens
+            "objective/scores": scores.mean().item(),
+            "objective/raw_scores": raw_scores.mean().item(),
+            "objective/non_score_reward": non_score_reward.sum(1).mean().item(),
+            "objective/rlhf_reward": scores.mean().item() + non_score_reward.sum(1).mean().item(),
+            "objective/kl_coef": kl_coef,
+            "policy/approxkl": float(np.mean(stats["approxkl"])), "policy/clipfrac": float(np.mean(stats["clipfrac"])),
+            "policy/first_approxkl": stats["approxkl"][0], "policy/first_ratio": stats["ratio"][0],
+            "loss/policy": float(np.mean(stats["pg_loss"])), "loss/value": float(np.mean(stats["vf_loss"])),
+            "val/clipfrac": float(np.mean(stats["vf_clipfrac"])), "val/ratio": float(np.mean(stats["ratio"])),
+            "val/eos_fraction": contain_eos.float().mean().item(),
+            "val/response_length": (sequence_lengths + 1).float().mean().item(),
+            "lr": optimizer.param_groups[0]["lr"],
+            "episodes_per_s": (episodes - episodes_at_start) / (time.time() - start_time),
+            "time/rollout": rollout_time, "time/scoring": scoring_time, "time/update": update_time,
+            "peak_memory_gb": peak_memory_gb(device),
+            "reset/fraction": reset.float().mean().item(),
+        }
+        if reset.any():  # DR-PO: the reset and the non-reset episodes, apart
+            metrics |= {"reset/mean_h": h[reset].float().mean().item(), "reset/scores": scores[reset].mean().item(),
+                        "reset/kl": kl[reset].sum(1).mean().item()}
+        if not reset.all():
+            metrics |= {"no_reset/scores": scores[~reset].mean().item(), "no_reset/kl": kl[~reset].sum(1).mean().item()}
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        log.write(json.dumps(metrics) + "\n")
+        log.flush()
+        if args.track:
+            wandb.log(metrics, step=episodes)
+        if args.tensorboard:
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, episodes)
+        if args.print_sample_every and update % args.print_sample_every == 0:
+            print(f"{'score':>7} | query (end) | [reset prefix] response")
+            for i in range(min(4, args.batch_size)):
+                q = tokenizer.decode(batch_queries[i][-40:]).replace("\n", "\\n")
+                prefix = tokenizer.decode(postprocessed[i, : h[i]])  # the reset prefix, shown in [brackets]
+                print(f"{scores[i].item():7.3f} | ...{q} | [{prefix}]{tokenizer.decode(postprocessed[i, h[i]:], skip_special_tokens=True)!r}")
+
+        # ---- checkpoint: models, optimizer, RNG states, update index and KL controller ----
+        if args.save_every and update % args.save_every == 0 and update < args.num_updates:
+            folder = f"runs/{args.run_name}/checkpoint"
+            if args.use_lora:  # the base stays the SFT model: only the adapter is saved
+                os.makedirs(folder, exist_ok=True)
+                torch.save({k: v for k, v in policy.state_dict().items() if "lora_" in k}, f"{folder}/lora.pt")
+            else:
+                policy.save_pretrained(folder)
+            value_model.save_pretrained(f"{folder}/value")
+            tokenizer.save_pretrained(folder)
+            # the data position is a pure function of the update index (batch_indices), so the index is enough
+            torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states(), "update": update, "kl_coef": kl_coef,
+                        "reset_rng": reset_generator.get_state(), "run_name": args.run_name}, f"{folder}/state.pt")
+            print(f"checkpoint written to {folder} (resume with --resume-from {folder})")
+
+    final = policy.merge_and_unload() if args.use_lora else policy
+    final.generation_config.eos_token_id = eos_id
+    final.save_pretrained(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    print(f"saved the policy and tokenizer to {args.output_dir}")
