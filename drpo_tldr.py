@@ -106,6 +106,13 @@ class Args:
     """LoRA rank"""
     lora_alpha: int = 32
     """LoRA alpha"""
+    eval_every: int = 0
+    """every N updates, score greedy responses written from the prompt alone (no reset) on the first --eval-prompts
+    prompts; 0: never. This is how DR-PO is judged: resets are for training only"""
+    eval_prompts: int = 64
+    """how many prompts the periodic evaluation uses"""
+    early_stop_score: Optional[float] = None
+    """stop (and save) once the periodic evaluation's mean score reaches this value"""
     print_sample_every: int = 10
     """print a table of sample query / response / score every N updates"""
     save_every: int = 50
@@ -329,6 +336,26 @@ def last_token_index(input_ids, pad_id: int):
     return (positions * (input_ids != pad_id)).argmax(-1)
 
 
+def action_mask(h, sequence_lengths, response_length: int):
+    """(batch, response_length): 1 on the tokens the policy wrote, from position h (after the reset prefix) up to and
+    including the EOS; 0 on the prefix, which is part of the state, and on the padding after the EOS."""
+    idxs = torch.arange(response_length, device=h.device).unsqueeze(0)
+    return ((idxs >= h.unsqueeze(1)) & (idxs <= sequence_lengths.unsqueeze(1))).float()
+
+
+def get_scores(reward_model, reward_fn, tokenizer, prompts_ids, query_batch, postprocessed, chunk_size: int):
+    """Sequence scores of the truncated responses: the reward model at the last real token, or --reward-fn on text."""
+    if reward_fn is None:
+        query_responses = torch.cat((query_batch, postprocessed), 1)
+        return torch.cat([token_scores(reward_model, chunk, tokenizer.pad_token_id).gather(
+            1, last_token_index(chunk, tokenizer.pad_token_id).unsqueeze(1)).squeeze(1) for chunk in query_responses.split(chunk_size)])
+    texts = tokenizer.batch_decode(postprocessed, skip_special_tokens=True)
+    scores = reward_fn(tokenizer.batch_decode(prompts_ids), texts)
+    if len(scores) != len(texts):
+        raise SystemExit(f"--reward-fn returned {len(scores)} scores for {len(texts)} responses")
+    return torch.tensor(scores, dtype=torch.float, device=postprocessed.device)
+
+
 def penalize_missing_eos(scores, responses, eos_id: int, penalty: Optional[float]):
     """N+: a response with no EOS gets a fixed low score instead of its reward. Only the response is checked: an EOS
     inside the prompt does not count."""
@@ -374,6 +401,25 @@ def per_token_rewards(scores, logprobs, ref_logprobs, mask, sequence_lengths, kl
     rewards = non_score_reward.clone()
     rewards[torch.arange(len(scores), device=scores.device), sequence_lengths] += scores
     return rewards, kl, non_score_reward
+
+
+def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, returns, mask, cliprange: float, cliprange_value: float):
+    """Clipped policy loss and clipped value loss, averaged over the masked tokens; plus their statistics."""
+    vpredclipped = torch.clamp(vpred, old_values - cliprange_value, old_values + cliprange_value)
+    vf_losses = torch.max((vpred - returns) ** 2, (vpredclipped - returns) ** 2)
+    vf_loss = 0.5 * masked_mean(vf_losses, mask)
+    logratio = (new_logprobs - old_logprobs) * mask
+    ratio = torch.exp(logratio)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    with torch.no_grad():
+        stats = {"approxkl": 0.5 * masked_mean(logratio**2, mask).item(),
+                 "clipfrac": masked_mean((pg_losses2 > pg_losses).float(), mask).item(),
+                 "pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(),
+                 "vf_clipfrac": masked_mean((vf_losses > (vpred - returns) ** 2).float(), mask).item(),
+                 "ratio": masked_mean(ratio, mask).item()}
+    return pg_loss, vf_loss, stats
 
 
 def adaptive_kl_coef(kl_coef: float, current_kl: float, n_episodes: int, target: float, horizon: int):
@@ -537,33 +583,21 @@ if __name__ == "__main__":
                 responses.append(response)
             responses, logprobs, ref_logprobs, values = map(torch.cat, (responses, logprobs, ref_logprobs, values))
             postprocessed = truncate_response(responses, eos_id, pad_id)  # (batch, response_length)
-            postprocessed_query_responses = torch.cat((query_batch, postprocessed), 1)
             sequence_lengths = first_true_indices(postprocessed == pad_id) - 1  # index of the last real token (the EOS)
             contain_eos = (postprocessed == eos_id).any(-1)
             rollout_time = time.time() - t0
 
             # ---- scoring: the reward model (or --reward-fn) on the whole truncated response, prefix included ----
             t0 = time.time()
-            if reward_fn is None:
-                scores = torch.cat([
-                    token_scores(reward_model, chunk, pad_id).gather(1, last_token_index(chunk, pad_id).unsqueeze(1)).squeeze(1)
-                    for chunk in postprocessed_query_responses.split(args.local_rollout_forward_batch_size)])
-            else:
-                prompts = tokenizer.batch_decode(batch_queries)
-                texts = tokenizer.batch_decode(postprocessed, skip_special_tokens=True)
-                scores = reward_fn(prompts, texts)
-                if len(scores) != len(texts):
-                    raise SystemExit(f"--reward-fn returned {len(scores)} scores for {len(texts)} responses")
-                scores = torch.tensor(scores, dtype=torch.float, device=device)
+            scores = get_scores(reward_model, reward_fn, tokenizer, batch_queries, query_batch, postprocessed,
+                                args.local_rollout_forward_batch_size)
             raw_scores = scores.clone()
             scores = penalize_missing_eos(scores, postprocessed, eos_id, args.missing_eos_penalty)
             scoring_time = time.time() - t0
 
             # ---- rewards and advantages; the reset prefix and everything after the EOS are masked out ----
             t0 = time.time()
-            response_idxs = torch.arange(args.response_length, device=device).repeat(args.batch_size, 1)
-            # (batch, response_length): 1 on the tokens the policy wrote, up to and including the EOS
-            mask = ((response_idxs >= h.unsqueeze(1)) & (response_idxs <= sequence_lengths.unsqueeze(1))).float()
+            mask = action_mask(h, sequence_lengths, args.response_length)  # (batch, response_length)
             logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
             rewards, kl, non_score_reward = per_token_rewards(scores, logprobs, ref_logprobs, mask, sequence_lengths, kl_coef)
             if args.whiten_rewards:
@@ -585,25 +619,14 @@ if __name__ == "__main__":
                     with autocast:
                         new_logprobs = response_logprobs(policy, mb_query_responses, responses[idx], pad_id, args.temperature)
                         vpred = token_scores(value_model, mb_query_responses, pad_id)[:, context_length - 1 : -1]
-                    vpredclipped = torch.clamp(vpred, values[idx] - args.cliprange_value, values[idx] + args.cliprange_value)
-                    vf_losses = torch.max((vpred - returns[idx]) ** 2, (vpredclipped - returns[idx]) ** 2)
-                    vf_loss = 0.5 * masked_mean(vf_losses, mb_mask)
-                    logratio = (new_logprobs - logprobs[idx]) * mb_mask
-                    ratio = torch.exp(logratio)
-                    pg_losses = -advantages[idx] * ratio
-                    pg_losses2 = -advantages[idx] * torch.clamp(ratio, 1.0 - args.cliprange, 1.0 + args.cliprange)
-                    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mb_mask)
+                    pg_loss, vf_loss, mb_stats = ppo_losses(new_logprobs, logprobs[idx], advantages[idx], vpred, values[idx],
+                                                            returns[idx], mb_mask, args.cliprange, args.cliprange_value)
                     loss = pg_loss + args.vf_coef * vf_loss
                     if not torch.isfinite(loss):
                         raise SystemExit(f"non-finite loss at update {update}, PPO epoch {ppo_epoch}: lower --lr or check the models")
                     (loss / args.gradient_accumulation_steps).backward()
-                    with torch.no_grad():
-                        stats["approxkl"].append(0.5 * masked_mean(logratio**2, mb_mask).item())
-                        stats["clipfrac"].append(masked_mean((pg_losses2 > pg_losses).float(), mb_mask).item())
-                        stats["pg_loss"].append(pg_loss.item())
-                        stats["vf_loss"].append(vf_loss.item())
-                        stats["vf_clipfrac"].append(masked_mean((vf_losses > (vpred - returns[idx]) ** 2).float(), mb_mask).item())
-                        stats["ratio"].append(masked_mean(ratio, mb_mask).item())
+                    for k, v in mb_stats.items():
+                        stats[k].append(v)
                 if args.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
@@ -641,6 +664,16 @@ if __name__ == "__main__":
                         "reset/kl": kl[reset].sum(1).mean().item()}
         if not reset.all():
             metrics |= {"no_reset/scores": scores[~reset].mean().item(), "no_reset/kl": kl[~reset].sum(1).mean().item()}
+        if args.eval_every and update % args.eval_every == 0:  # from the prompt alone, greedy: no reset at test time
+            with torch.no_grad(), autocast:
+                eval_queries = queries[: args.eval_prompts]
+                eval_batch = left_pad(eval_queries, pad_id).to(device)
+                out = policy.generate(input_ids=eval_batch, attention_mask=(eval_batch != pad_id).long(), max_new_tokens=args.response_length,
+                                      min_new_tokens=args.response_length, do_sample=False, pad_token_id=pad_id)
+                eval_responses = truncate_response(out[:, eval_batch.shape[1] :], eos_id, pad_id)
+                eval_scores = get_scores(reward_model, reward_fn, tokenizer, eval_queries, eval_batch, eval_responses,
+                                         args.local_rollout_forward_batch_size)
+                metrics["eval/score"] = penalize_missing_eos(eval_scores, eval_responses, eos_id, args.missing_eos_penalty).mean().item()
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         log.write(json.dumps(metrics) + "\n")
         log.flush()
@@ -670,6 +703,9 @@ if __name__ == "__main__":
             torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states(), "update": update, "kl_coef": kl_coef,
                         "reset_rng": reset_generator.get_state(), "run_name": args.run_name}, f"{folder}/state.pt")
             print(f"checkpoint written to {folder} (resume with --resume-from {folder})")
+        if args.early_stop_score is not None and metrics.get("eval/score", float("-inf")) >= args.early_stop_score:
+            print(f"eval/score {metrics['eval/score']:.4g} >= --early-stop-score {args.early_stop_score}: stopping at update {update}")
+            break
 
     final = policy.merge_and_unload() if args.use_lora else policy
     final.generation_config.eos_token_id = eos_id

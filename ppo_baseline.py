@@ -352,6 +352,25 @@ def per_token_rewards(scores, logprobs, ref_logprobs, mask, sequence_lengths, kl
     return rewards, kl, non_score_reward
 
 
+def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, returns, mask, cliprange: float, cliprange_value: float):
+    """Clipped policy loss and clipped value loss, averaged over the masked tokens; plus their statistics."""
+    vpredclipped = torch.clamp(vpred, old_values - cliprange_value, old_values + cliprange_value)
+    vf_losses = torch.max((vpred - returns) ** 2, (vpredclipped - returns) ** 2)
+    vf_loss = 0.5 * masked_mean(vf_losses, mask)
+    logratio = (new_logprobs - old_logprobs) * mask
+    ratio = torch.exp(logratio)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    with torch.no_grad():
+        stats = {"approxkl": 0.5 * masked_mean(logratio**2, mask).item(),
+                 "clipfrac": masked_mean((pg_losses2 > pg_losses).float(), mask).item(),
+                 "pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(),
+                 "vf_clipfrac": masked_mean((vf_losses > (vpred - returns) ** 2).float(), mask).item(),
+                 "ratio": masked_mean(ratio, mask).item()}
+    return pg_loss, vf_loss, stats
+
+
 def adaptive_kl_coef(kl_coef: float, current_kl: float, n_episodes: int, target: float, horizon: int):
     """Ziegler et al.'s proportional controller: nudge kl_coef so the KL moves towards the target."""
     proportional_error = np.clip(current_kl / target - 1, -0.2, 0.2)
@@ -544,25 +563,14 @@ if __name__ == "__main__":
                     with autocast:
                         new_logprobs = response_logprobs(policy, mb_query_responses, responses[idx], pad_id, args.temperature)
                         vpred = token_scores(value_model, mb_query_responses, pad_id)[:, context_length - 1 : -1]
-                    vpredclipped = torch.clamp(vpred, values[idx] - args.cliprange_value, values[idx] + args.cliprange_value)
-                    vf_losses = torch.max((vpred - returns[idx]) ** 2, (vpredclipped - returns[idx]) ** 2)
-                    vf_loss = 0.5 * masked_mean(vf_losses, mb_mask)
-                    logratio = (new_logprobs - logprobs[idx]) * mb_mask
-                    ratio = torch.exp(logratio)
-                    pg_losses = -advantages[idx] * ratio
-                    pg_losses2 = -advantages[idx] * torch.clamp(ratio, 1.0 - args.cliprange, 1.0 + args.cliprange)
-                    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mb_mask)
+                    pg_loss, vf_loss, mb_stats = ppo_losses(new_logprobs, logprobs[idx], advantages[idx], vpred, values[idx],
+                                                            returns[idx], mb_mask, args.cliprange, args.cliprange_value)
                     loss = pg_loss + args.vf_coef * vf_loss
                     if not torch.isfinite(loss):
                         raise SystemExit(f"non-finite loss at update {update}, PPO epoch {ppo_epoch}: lower --lr or check the models")
                     (loss / args.gradient_accumulation_steps).backward()
-                    with torch.no_grad():
-                        stats["approxkl"].append(0.5 * masked_mean(logratio**2, mb_mask).item())
-                        stats["clipfrac"].append(masked_mean((pg_losses2 > pg_losses).float(), mb_mask).item())
-                        stats["pg_loss"].append(pg_loss.item())
-                        stats["vf_loss"].append(vf_loss.item())
-                        stats["vf_clipfrac"].append(masked_mean((vf_losses > (vpred - returns[idx]) ** 2).float(), mb_mask).item())
-                        stats["ratio"].append(masked_mean(ratio, mb_mask).item())
+                    for k, v in mb_stats.items():
+                        stats[k].append(v)
                 if args.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()

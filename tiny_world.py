@@ -43,6 +43,19 @@ def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return scores
 
 
+# The hard-exploration task (DR-PO's claim at CPU scale): the gold reward needs one exact 6-word answer, which a
+# policy fine-tuned on random short answers almost never samples (about e^-17), but which the chosen responses of
+# the offline comparisons contain. Written to {out}/password/ with its own word-level tokenizer and model.
+PASSWORD_VOCAB = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
+                  "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]
+PASSWORD = "charlie hotel alpha mike papa delta"
+
+
+def password_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """Sparse gold reward of the hard-exploration task: 1 for exactly the password, else 0."""
+    return [float(r.split() == PASSWORD.split()) for r in responses]
+
+
 def make_rows(n: int, rng: random.Random):
     """n examples, each a topic with a title, a post, a reference, a preferred and a rejected summary."""
     rows = []
@@ -95,6 +108,29 @@ def hh_pair(row, rng):
     return {"chosen": context + question + row["chosen"], "rejected": context + question + row["rejected"]}
 
 
+def write_password_world(out: str, n: int, rng: random.Random, args):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    info = {"id": "pw", "subreddit": "password", "title": "what is the password ?", "post": "tell me the password"}
+    sft, comparisons = [], []
+    for i in range(n):
+        answer = " ".join(rng.choices(PASSWORD_VOCAB, k=rng.randint(1, 6)))  # SFT: random short answers
+        sft.append(info | {"id": f"pw-{i}", "summary": answer})
+        other = " ".join(rng.choices(PASSWORD_VOCAB, k=rng.randint(1, 6)))
+        choice = rng.randint(0, 1)
+        texts = [" " + other, " " + other]
+        texts[choice] = " " + PASSWORD
+        comparisons.append({"info": info | {"id": f"pw-{i}"}, "summaries": [{"text": t, "policy": "tiny"} for t in texts], "choice": choice})
+    write_jsonl(f"{out}/tldr_sft/train.jsonl", sft)
+    write_jsonl(f"{out}/tldr_comparisons/train.jsonl", comparisons)
+    words = ["<|endoftext|>", "<|padding|>", "[UNK]", "SUBREDDIT:", "r/password", "TITLE:", "POST:", "TL;DR:"]
+    words += sorted({w for w in " ".join(info.values()).split()} - set(words)) + PASSWORD_VOCAB
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=word_level, eos_token="<|endoftext|>", pad_token="<|padding|>")
+
+
 @dataclass
 class Args:
     out: str = "tiny"
@@ -111,6 +147,8 @@ class Args:
     """width of the tiny GPT-NeoX"""
     num_layers: int = 2
     """depth of the tiny GPT-NeoX"""
+    password: bool = True
+    """also write the hard-exploration task to {out}/password/ (its own word-level tokenizer and model)"""
 
 
 def build_tokenizer(args: Args, texts: list[str]):
@@ -152,17 +190,22 @@ def main(args: Args):
              for r in splits["train"]] + [hh_pair(r, rng)["chosen"] for r in splits["train"]]
     tokenizer = build_tokenizer(args, texts)
 
-    torch.manual_seed(args.seed)
-    config = GPTNeoXConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
-        num_attention_heads=4, intermediate_size=4 * args.hidden_size, max_position_embeddings=1024,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    GPTNeoXForCausalLM(config).save_pretrained(f"{args.out}/base")
-    tokenizer.save_pretrained(f"{args.out}/base")
-    print(f"tiny world in {args.out}/: base/ (GPT-NeoX, {sum(p.numel() for p in GPTNeoXForCausalLM(config).parameters()):,} "
-          f"params, vocab {len(tokenizer)}), tldr_sft/, tldr_comparisons/, hh/ ({args.n_train} train, {args.n_eval} eval rows)")
+    worlds = [(args.out, tokenizer)]
+    if args.password:
+        worlds.append((f"{args.out}/password", write_password_world(f"{args.out}/password", args.n_train, rng, args)))
+    for out, tok in worlds:
+        torch.manual_seed(args.seed)
+        config = GPTNeoXConfig(
+            vocab_size=len(tok), hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
+            num_attention_heads=4, intermediate_size=4 * args.hidden_size, max_position_embeddings=1024,
+            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+        )
+        model = GPTNeoXForCausalLM(config)
+        model.save_pretrained(f"{out}/base")
+        tok.save_pretrained(f"{out}/base")
+        print(f"wrote {out}/base/ (GPT-NeoX, {sum(p.numel() for p in model.parameters()):,} params, vocab {len(tok)})")
+    print(f"tiny world in {args.out}/: tldr_sft/, tldr_comparisons/, hh/ ({args.n_train} train, {args.n_eval} eval rows)"
+          + (", and the hard-exploration task in password/" if args.password else ""))
 
 
 if __name__ == "__main__":
