@@ -1,0 +1,177 @@
+"""drpo_tldr.py and drpo_hh.py: the reset, its masks, its reduction to PPO, and the paper's claim at CPU scale."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import drpo_hh
+import drpo_tldr
+import ppo_baseline
+from conftest import ROOT, run_script
+from test_ppo import SMALL, metrics_file
+
+SCRIPTS = [drpo_tldr, drpo_hh]
+EOS, PAD = 0, 1
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_reset_states_exact_tokens_and_ranges(script):
+    queries = [[10, 11, 12], [20], [30, 31], [40]]
+    chosens = [[5, 6, 7, 8, EOS], [EOS], [], [5, 6, 7, 8, 9, 10, 11, 12, EOS]]  # rows 1 and 2 are too short to reset
+    g = torch.Generator().manual_seed(0)
+    seen_h = set()
+    for _ in range(200):
+        states, h, reset = script.reset_states(queries, chosens, 0.5, 1, 6, g)
+        for q, c, s, n, r in zip(queries, chosens, states, h.tolist(), reset.tolist()):
+            if r:
+                assert 1 <= n <= min(len(c) - 1, 6 - 1) and s == q + c[:n] and EOS not in s[len(q):]
+            else:
+                assert n == 0 and s == q
+        assert not reset[1] and not reset[2]
+        seen_h |= set(h[3:].tolist())
+    assert seen_h == {0, 1, 2, 3, 4, 5}  # row 3: h uniform over 1..5 (capped so the policy writes >= 1 token), 0 = no reset
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_reset_fraction_and_reset_prob_one(script):
+    n, p = 4000, 0.3
+    queries, chosens = [[7]] * n, [[5, 6, EOS]] * n
+    _, _, reset = script.reset_states(queries, chosens, p, 1, 8, torch.Generator().manual_seed(1))
+    assert abs(reset.float().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n)  # binomial bound, 4 sigma
+    chosens = [[5, 6, EOS], [EOS], [5, EOS]] * 10
+    _, h, reset = script.reset_states([[7]] * 30, chosens, 1.0, 1, 8, torch.Generator().manual_seed(2))
+    assert reset.tolist() == [True, False, True] * 10  # every usable chosen response is reset
+    _, h0, reset0 = script.reset_states([[7]] * 30, chosens, 1.0, 0, 8, torch.Generator().manual_seed(2))
+    assert reset0.all()  # with h_min 0 even [EOS] can be reset (to h = 0)
+
+
+def test_reset_uses_its_own_random_stream():
+    torch.manual_seed(0)
+    a = torch.rand(3)
+    torch.manual_seed(0)
+    drpo_tldr.reset_states([[1]] * 8, [[5, 6, EOS]] * 8, 0.5, 1, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.rand(3), a)
+
+
+def test_prefix_is_masked_from_losses_kl_and_values():
+    h = torch.tensor([2, 0])
+    sequence_lengths = torch.tensor([4, 2])
+    mask = drpo_tldr.action_mask(h, sequence_lengths, 6)
+    assert mask.tolist() == [[0, 0, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]]
+    new_logprobs = torch.randn(2, 6, requires_grad=True)
+    vpred = torch.randn(2, 6, requires_grad=True)
+    adv, returns = torch.randn(2, 6), torch.randn(2, 6)
+    # first minibatch: old = new (ratio 1, nothing clipped), so every policy token gets a gradient
+    pg_loss, vf_loss, _ = drpo_tldr.ppo_losses(new_logprobs, new_logprobs.detach(), adv, vpred, vpred.detach(), returns, mask, 0.2, 0.2)
+    (pg_loss + vf_loss).backward()
+    assert torch.all(new_logprobs.grad[0, :2] == 0) and torch.all(vpred.grad[0, :2] == 0)  # the prefix: no gradient
+    assert torch.all(new_logprobs.grad[0, 2:5] != 0) and torch.all(vpred.grad[0, 2:5] != 0)
+    assert torch.all(new_logprobs.grad[:, 5] == 0) and torch.all(new_logprobs.grad[1, 3:] == 0)  # nor does the padding
+    logprobs, ref = torch.full((2, 6), -1.0) * mask, torch.full((2, 6), -2.0) * mask
+    rewards, kl, _ = drpo_tldr.per_token_rewards(torch.tensor([3.0, 1.0]), logprobs, ref, mask, sequence_lengths, 0.1)
+    assert kl.tolist() == [[0, 0, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]]  # KL on the policy's tokens only
+    torch.testing.assert_close(rewards[0], torch.tensor([0, 0, -0.1, -0.1, 2.9, 0]))  # score at the EOS
+
+
+def test_prefill_equals_forcing(sft_model):
+    """Log-probs of the continuation given the reset state as a prompt (how the episode was generated) equal the
+    log-probs of the same tokens in the training layout, where the prefix sits in the response and is forced."""
+    model = AutoModelForCausalLM.from_pretrained(sft_model).eval()
+    query, prefix, continuation = [30, 31, 32, 33], [40, 41, 42], [50, 51]
+    with torch.no_grad():
+        prefilled = drpo_tldr.left_pad([query + prefix, [30, 31] + prefix], PAD)  # a batch of two reset states
+        cont = torch.tensor([continuation, continuation])
+        from_state = drpo_tldr.response_logprobs(model, torch.cat((prefilled, cont), 1), cont, PAD, 0.7)
+        forced_batch = drpo_tldr.left_pad([query, [30, 31]], PAD)
+        responses = torch.tensor([prefix + continuation] * 2)
+        forced = drpo_tldr.response_logprobs(model, torch.cat((forced_batch, responses), 1), responses, PAD, 0.7)
+    torch.testing.assert_close(forced[:, len(prefix):], from_state, atol=1e-5, rtol=0)
+
+
+NOT_COMPARED = ("time/", "episodes_per_s", "peak_memory_gb")
+
+
+@pytest.mark.parametrize("task", ["tldr", "hh"])
+def test_reset_prob_zero_is_ppo(task, world, sft_model, reward_run, tmp_path):
+    common = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--output-dir", tmp_path / "out",
+              "--total-episodes", 64, *SMALL]
+    dataset = world / ("tldr_sft" if task == "tldr" else "hh")
+    ppo = run_script("ppo_baseline.py", "--task", task, "--dataset-name", dataset, *common, cwd=tmp_path)
+    extra = ["--reset-source", "sft_reference"] if task == "tldr" else []
+    drpo = run_script(f"drpo_{task}.py", "--reset-prob", 0, "--dataset-name", dataset, *extra, *common, cwd=tmp_path)
+    a = [json.loads(x) for x in open(metrics_file(ppo.stdout, tmp_path))]
+    b = [json.loads(x) for x in open(metrics_file(drpo.stdout, tmp_path))]
+    assert len(a) == len(b) == 2
+    for ma, mb in zip(a, b):
+        assert mb["reset/fraction"] == 0.0
+        compared = [k for k in ma if not k.startswith(NOT_COMPARED)]
+        assert len(compared) >= 20 and {k: ma[k] for k in compared} == {k: mb[k] for k in compared}
+
+
+def test_drpo_resume_equals_straight_run(world, sft_model, reward_run, tmp_path):
+    flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / "tldr_comparisons",
+             *SMALL, "--total-episodes", 4 * 32, "--save-every", 2]
+    os.makedirs(tmp_path / "a")
+    proc = run_script("drpo_tldr.py", *flags, "--output-dir", tmp_path / "a" / "out", cwd=tmp_path / "a")
+    log = metrics_file(proc.stdout, tmp_path / "a")
+    checkpoint = os.path.join(os.path.dirname(log), "checkpoint")
+    run_script("drpo_tldr.py", *flags, "--output-dir", tmp_path / "b", "--resume-from", checkpoint, cwd=tmp_path / "a")
+    rows = [json.loads(x) for x in open(log)]
+    assert len(rows) == 6 and rows[2]["reset/fraction"] > 0
+    keep = lambda m: {k: v for k, v in m.items() if not k.startswith(NOT_COMPARED)}  # noqa: E731
+    assert [keep(m) for m in rows[4:]] == [keep(m) for m in rows[2:4]]  # same coin flips, same prefixes, same updates
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "out").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reset_prob_one_warns_and_logs(world, sft_model, reward_run, tmp_path):
+    proc = run_script("drpo_tldr.py", "--reset-prob", 1, "--sft-model-path", sft_model, "--reward-model-path", world / "rm",
+                      "--dataset-name", world / "tldr_comparisons", "--output-dir", tmp_path / "o", *SMALL, "--total-episodes", 32,
+                      cwd=tmp_path)
+    assert "WARNING: --reset-prob 1 with --reset-min-prefix >= 1" in proc.stdout
+    m = json.loads(open(metrics_file(proc.stdout, tmp_path)).readline())
+    assert m["reset/fraction"] == 1.0 and 1 <= m["reset/mean_h"] <= 4 and "no_reset/scores" not in m
+
+
+@pytest.mark.parametrize("script", ["drpo_tldr.py", "drpo_hh.py"])
+def test_script_runs_alone(script, tmp_path):
+    shutil.copy(f"{ROOT}/{script}", tmp_path)
+    assert "--reset-prob" in run_script(script, "--help", cwd=tmp_path).stdout
+
+
+def test_hard_exploration_drpo_solves_what_ppo_cannot(world, tmp_path):
+    """The paper's theorem at CPU scale: the gold reward needs an exact 6-word answer (probability about e^-17 under
+    the SFT policy) that the chosen responses of the offline data contain. With the same episodes, DR-PO
+    (reset_prob 0.5) learns to write it from the prompt alone; PPO (reset_prob 0) never sees a reward."""
+    pw = world / "password"
+    run_script("sft.py", "--base-model", pw / "base", "--dataset-name", pw / "tldr_sft", "--eval-split", "train[:5%]",
+               "--output-dir", pw / "sft", "--lr", 1e-3, "--num-train-epochs", 3, "--batch-size", 32, "--local-micro-batch-size", 32,
+               "--response-length", 8, cwd=tmp_path)
+    flags = ["--sft-model-path", pw / "sft", "--value-model-path", pw / "sft", "--dataset-name", pw / "tldr_comparisons",
+             "--reward-fn", f"{ROOT}/tiny_world.py:password_reward", "--response-length", 8, "--batch-size", 64,
+             "--local-rollout-forward-batch-size", 64, "--local-micro-batch-size", 32, "--num-mini-batches", 2, "--lr", 1e-3,
+             "--kl-coef", 0.01, "--temperature", 1, "--total-episodes", 300 * 64, "--eval-every", 25, "--eval-prompts", 1,
+             "--early-stop-score", 0.9, "--print-sample-every", 0, "--save-every", 0]
+    procs = {}
+    for p in (0.5, 0):  # two processes side by side, one thread each (the thread count changes trajectories)
+        os.makedirs(tmp_path / str(p))
+        cmd = [sys.executable, f"{ROOT}/drpo_tldr.py", "--reset-prob", str(p), *map(str, flags), "--output-dir", str(tmp_path / str(p) / "out")]
+        procs[p] = subprocess.Popen(cmd, cwd=tmp_path / str(p), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+    logs = {}
+    for p, proc in procs.items():
+        out = proc.communicate()[0]
+        assert proc.returncode == 0, out[-3000:]
+        logs[p] = [json.loads(x) for x in open(metrics_file(out, tmp_path / str(p)))]
+    drpo_evals = [m["eval/score"] for m in logs[0.5] if "eval/score" in m]
+    ppo_evals = [m["eval/score"] for m in logs[0] if "eval/score" in m]
+    assert drpo_evals[-1] >= 0.8, drpo_evals  # DR-PO writes the password from the prompt alone
+    assert max(ppo_evals) <= 0.05 and len(logs[0]) >= len(logs[0.5]), ppo_evals  # PPO, with at least as many episodes
+    assert max(m["objective/raw_scores"] for m in logs[0]) <= 0.05  # PPO: next to no rewarded episode at all
