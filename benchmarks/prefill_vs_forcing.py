@@ -1,0 +1,78 @@
+"""Reset by prefill (drpo_tldr.py) against a teacher-forced reset done the authors' way: generate from the prompt
+and force the prefix through a logits processor, one decode step per forced token. Side by side in one run, on the
+same batch of reset episodes: real TL;DR comparisons (../shared/data) and the tiny world's Pythia-vocabulary SFT
+model (bash demo.sh writes tiny/sft). This re-implementation lives here only, never in the scripts.
+Run: python benchmarks/prefill_vs_forcing.py"""
+import json
+import os
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import drpo_tldr  # noqa: E402
+
+R, BATCH, CHUNK, REPEATS = 53, 64, 16, 3
+tokenizer = AutoTokenizer.from_pretrained(f"{ROOT}/tiny/sft")
+model = AutoModelForCausalLM.from_pretrained(f"{ROOT}/tiny/sft").eval()
+model.generation_config.eos_token_id = None  # the EOS trick, as in the scripts
+pad = tokenizer.pad_token_id
+rows = [json.loads(line) for line in open(f"{ROOT}/../shared/data/tldr/comparisons_gpt4_dev.jsonl")][:BATCH]
+queries = [drpo_tldr.tldr_query(tokenizer, r["info"], 512)[0] for r in rows]
+chosens = [drpo_tldr.response_ids(tokenizer, r["summaries"][r["choice"]]["text"]) for r in rows]
+states, h, _ = drpo_tldr.reset_states(queries, chosens, 1.0, 1, R, torch.Generator().manual_seed(0))
+sampling = dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, pad_token_id=pad)
+
+
+class ForcePrefix(LogitsProcessor):
+    """The authors' way: while row i is within its prefix, every score but the prefix token is -inf."""
+
+    def __init__(self, prefixes, start):
+        self.forced = torch.full((len(prefixes), R), -1)
+        for i, p in enumerate(prefixes):
+            self.forced[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        self.start = start
+
+    def __call__(self, input_ids, scores):
+        t = input_ids.shape[1] - self.start
+        if t < R:
+            col = self.forced[:, t]
+            rows = col >= 0
+            scores[rows] = float("-inf")
+            scores[rows, col[rows]] = 0.0
+        return scores
+
+
+def ours():
+    order = torch.argsort(h, stable=True).tolist()  # as drpo_tldr.py: chunks of similar h stop early
+    batch, hs = drpo_tldr.left_pad([states[i] for i in order], pad), h[order]
+    for i in range(0, BATCH, CHUNK):
+        state = batch[i : i + CHUNK]
+        n = R - int(hs[i : i + CHUNK].min())
+        model.generate(input_ids=state, attention_mask=(state != pad).long(), max_new_tokens=n, min_new_tokens=n, **sampling)
+
+
+def forced():
+    batch = drpo_tldr.left_pad(queries, pad)
+    for i in range(0, BATCH, CHUNK):
+        q = batch[i : i + CHUNK]
+        processor = ForcePrefix([chosens[j][: int(h[j])] for j in range(i, i + CHUNK)], q.shape[1])
+        model.generate(input_ids=q, attention_mask=(q != pad).long(), max_new_tokens=R, min_new_tokens=R,
+                       logits_processor=LogitsProcessorList([processor]), **sampling)
+
+
+with torch.no_grad():
+    ours(), forced()  # warm-up
+    times = {"prefill (ours)": [], "teacher forcing (authors')": []}
+    for _ in range(REPEATS):
+        for name, fn in (("prefill (ours)", ours), ("teacher forcing (authors')", forced)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+t_ours, t_forced = (min(v) for v in times.values())
+print(f"{BATCH} reset episodes (p=1, mean h {h.float().mean():.1f} of chosen length {sum(map(len, chosens)) / BATCH:.1f}), "
+      f"response_length {R}, chunks of {CHUNK}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+print(f"prefill: {t_ours:.2f} s; teacher forcing: {t_forced:.2f} s; prefill is {t_forced / t_ours:.2f}x faster (best of {REPEATS})")
