@@ -14,6 +14,9 @@ python reward_model.py --sft-model-path $W/sft --dataset-name $W/tldr_comparison
 python ppo_baseline.py --sft-model-path $W/sft --reward-model-path $W/rm --dataset-name $W/tldr_sft --output-dir $W/ppo \
   --response-length 8 --total-episodes 1280 --batch-size 64 --local-rollout-forward-batch-size 64 \
   --local-micro-batch-size 16 --num-mini-batches 2 --lr 1e-3 --kl-coef 0.05 --print-sample-every 10
+python drpo_tldr.py --reset-prob 0.5 --sft-model-path $W/sft --reward-model-path $W/rm --dataset-name $W/tldr_comparisons \
+  --output-dir $W/drpo --response-length 8 --total-episodes 1280 --batch-size 64 --local-rollout-forward-batch-size 64 \
+  --local-micro-batch-size 16 --num-mini-batches 2 --lr 1e-3 --kl-coef 0.05 --print-sample-every 10
 
 echo; echo "== results on 200 held-out tiny-world prompts (sampled at temperature 0.7) =="
-python benchmarks/demo_report.py --world $W --policies sft=$W/sft ppo=$W/ppo
+python benchmarks/demo_report.py --world $W --policies sft=$W/sft ppo=$W/ppo drpo=$W/drpo
