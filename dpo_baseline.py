@@ -1,0 +1,449 @@
+# Direct Preference Optimization (Rafailov et al. 2023) on TL;DR or HH, the offline baseline of DR-PO.
+# Docs: README.md#dpo_baselinepy
+import hashlib
+import json
+import os
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+
+@dataclass
+class Args:
+    exp_name: str = "dpo"
+    """name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    cuda: bool = True
+    """use CUDA when available (bf16 autocast there); CPU otherwise"""
+    track: bool = False
+    """log to Weights & Biases (needs `wandb`)"""
+    task: Literal["tldr", "hh"] = "tldr"
+    """tldr: OpenAI's TL;DR comparisons; hh: Anthropic HH chosen/rejected transcripts"""
+    sft_model_path: Optional[str] = None
+    """policy and reference init (default: cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr for tldr, models/sft_hh for hh)"""
+    dataset_name: Optional[str] = None
+    """Hub id, local folder or json/jsonl file of preference pairs (default: openai/summarize_from_feedback for tldr, Anthropic/hh-rlhf for hh)"""
+    dataset_config: Optional[str] = None
+    """Hub config of the dataset (default: `comparisons` for openai/summarize_from_feedback)"""
+    train_split: str = "train"
+    """split to train on (datasets slicing works: `train[:80%]`; a single file has only `train`)"""
+    eval_split: Optional[str] = None
+    """held-out split for the implicit-reward accuracy (default: `validation` for tldr, `test` for hh)"""
+    query_length: int = 512
+    """max prompt tokens: TL;DR posts are cut back at their last newline, HH prompts keep their end"""
+    response_length: Optional[int] = None
+    """max response tokens, EOS included; longer pairs are skipped and counted (default: 53 tldr, 128 hh)"""
+    max_train_samples: Optional[int] = None
+    """use only the first N training pairs (debugging)"""
+    max_eval_samples: Optional[int] = 1000
+    """use only the first N eval pairs"""
+    beta: float = 0.05
+    """DPO's beta: the strength of the implicit KL constraint (0.05 as in the authors' TL;DR DPO)"""
+    label_smoothing: float = 0.0
+    """conservative DPO (Mitchell 2023): the assumed probability that a label is flipped"""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO's loss; ipo: IPO's squared loss (Azar et al. 2023)"""
+    lr: float = 3e-6
+    """learning rate (cosine schedule to 0)"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+    num_train_epochs: int = 1
+    """passes over the training pairs"""
+    batch_size: int = 64
+    """pairs per optimizer step"""
+    local_micro_batch_size: int = 8
+    """pairs per forward pass (chosen and rejected share it); batch_size / this is the gradient accumulation"""
+    max_grad_norm: Optional[float] = 1.0
+    """clip the gradient norm of each optimizer step (None: no clipping)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    use_lora: bool = False
+    """train LoRA adapters (needs `peft`); the reference log-probs come from the cache either way"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA alpha"""
+    ref_cache_dir: str = "cache/ref_logprobs"
+    """where the reference log-probs are cached, keyed by the reference model, the data and the tokenisation"""
+    eval_every: int = 100
+    """eval accuracy every N optimizer steps (and at the end)"""
+    save_every: int = 100
+    """write a checkpoint every N optimizer steps (0: never)"""
+    resume_from: Optional[str] = None
+    """a checkpoint folder (runs/{run_name}/checkpoint) to continue from"""
+    output_dir: str = "models/dpo"
+    """where the policy and tokenizer are saved"""
+
+    # computed at run time
+    gradient_accumulation_steps: int = 0
+    num_updates: int = 0
+    run_name: str = ""
+
+
+DEFAULT_MODELS = {"tldr": "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr", "hh": "models/sft_hh"}
+DEFAULT_DATASETS = {"tldr": ("openai/summarize_from_feedback", "comparisons"), "hh": ("Anthropic/hh-rlhf", None)}
+DEFAULT_RESPONSE_LENGTH = {"tldr": 53, "hh": 128}
+SCHEMAS = {"tldr": {"info": dict, "summaries": list, "choice": int}, "hh": {"chosen": str, "rejected": str}}
+TLDR_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+HH_TAG = "\n\nAssistant:"
+
+
+def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None):
+    """A Hub id, a local folder or a json/jsonl file, always through `datasets.load_dataset`; checks the columns."""
+    try:
+        if name.endswith((".json", ".jsonl")):  # one file is one split, named `train`
+            if not os.path.exists(name):
+                raise FileNotFoundError(f"dataset file {name} does not exist")
+            ds = load_dataset("json", data_files={"train": name}, split=split)
+        else:
+            ds = load_dataset(name, config, split=split)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"could not read split '{split}' of {name}: {e}")
+    except Exception as e:  # connection errors come in many types, from requests, httpx and huggingface_hub
+        if os.path.exists(name):
+            raise
+        raise SystemExit(
+            f"Could not load the dataset '{name}' from the Hugging Face Hub ({type(e).__name__}: {e}). If this machine is "
+            "offline, point --dataset-name at a local folder (holding train.jsonl, validation.jsonl, ...) or at a "
+            f"json/jsonl file with the same columns ({', '.join(schema)}); `python tiny_world.py` writes such files."
+        ) from None
+    missing = [c for c in schema if c not in ds.column_names]
+    if missing:
+        raise SystemExit(f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}")
+    extra = [c for c in ds.column_names if c not in schema]
+    if extra:
+        print(f"note: {name} has extra column(s) {extra}, which are not used")
+    return ds.select_columns(list(schema))
+
+
+def check_row(row: dict, i: int, schema: dict, source: str):
+    for column, kind in schema.items():
+        if not isinstance(row[column], kind):
+            raise SystemExit(f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}")
+
+
+def tldr_query(tokenizer, row: dict, query_length: int):
+    """OpenAI's TL;DR query. A post that does not fit is cut back at its last newline, then hard-truncated.
+    Returns (token ids, whether the post was truncated); None when even an empty post does not fit."""
+    post, truncated = row["post"], False
+    while True:
+        ids = tokenizer.encode(TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))
+        if len(ids) <= query_length:
+            return ids, truncated
+        if not post:
+            return None
+        truncated = True
+        if "\n" in post:  # OpenAI's "smart truncation": drop the last paragraph or line
+            post = post[: post.rfind("\n")].rstrip()
+        else:
+            post_ids = tokenizer.encode(post)
+            post = tokenizer.decode(post_ids[: max(0, len(post_ids) - (len(ids) - query_length))])
+
+
+def hh_split(chosen: str, rejected: str):
+    """The prompt is the transcript up to and including the last '\\n\\nAssistant:' that chosen and rejected share."""
+    end = os.path.commonprefix([chosen, rejected]).rfind(HH_TAG)
+    if end < 0:
+        return None
+    end += len(HH_TAG)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def response_ids(tokenizer, text: str):
+    """A response gets one leading space and the EOS token (the EOS is appended as an id, never as text)."""
+    return tokenizer.encode(" " + text.strip()) + [tokenizer.eos_token_id]
+
+
+def load_tokenizer(path: str):
+    tokenizer = from_pretrained(AutoTokenizer, path, padding_side="right")
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f"the tokenizer of {path} has no EOS token; set `eos_token` in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # a dedicated pad token: with pad = EOS, masking the padding would also mask the real EOS
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return tokenizer
+
+
+def comparison_texts(row: dict, i: int, source: str):
+    """TL;DR comparison row -> (query fields, chosen text, rejected text), with a clear error on a malformed row."""
+    for key in ("post", "title", "subreddit"):
+        if not isinstance(row["info"].get(key), str):
+            raise SystemExit(f"{source} row {i}, column 'info.{key}': expected str, got {type(row['info'].get(key)).__name__}")
+    texts = [s.get("text") if isinstance(s, dict) else None for s in row["summaries"]]
+    if len(texts) != 2 or not all(isinstance(t, str) for t in texts) or row["choice"] not in (0, 1):
+        raise SystemExit(f"{source} row {i}, column 'summaries'/'choice': expected two {{'text': str}} and choice 0 or 1")
+    return row["info"], texts[row["choice"]], texts[1 - row["choice"]]
+
+
+def build_pairs(args: Args, tokenizer, split: str, limit: Optional[int]):
+    """(query ids, chosen ids, rejected ids) triples; unusable rows are skipped and counted."""
+    name, schema = args.dataset_name, SCHEMAS[args.task]
+    ds = load_rows(name, split, schema, args.dataset_config)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    pairs, counts = [], {"rows": len(ds), "query_truncated": 0, "dropped_query_too_long": 0, "dropped_empty_response": 0,
+                         "dropped_identical_pair": 0, "dropped_response_too_long": 0, "dropped_no_shared_prompt": 0}
+    for i, row in enumerate(ds):
+        check_row(row, i, schema, f"{name} ({split})")
+        if args.task == "tldr":
+            info, chosen, rejected = comparison_texts(row, i, f"{name} ({split})")
+            query = tldr_query(tokenizer, info, args.query_length)
+            if query is None:
+                counts["dropped_query_too_long"] += 1
+                continue
+            query_ids, truncated = query
+        else:
+            split_ = hh_split(row["chosen"], row["rejected"])
+            if split_ is None:
+                counts["dropped_no_shared_prompt"] += 1
+                continue
+            query_ids, chosen, rejected = tokenizer.encode(split_[0]), split_[1], split_[2]
+            truncated = len(query_ids) > args.query_length
+            query_ids = query_ids[-args.query_length :]  # HH keeps the end of a long conversation
+        counts["query_truncated"] += truncated
+        if not chosen.strip() or not rejected.strip():
+            counts["dropped_empty_response"] += 1
+            continue
+        if chosen.strip() == rejected.strip():  # carries no preference
+            counts["dropped_identical_pair"] += 1
+            continue
+        chosen_ids, rejected_ids = response_ids(tokenizer, chosen), response_ids(tokenizer, rejected)
+        if max(len(chosen_ids), len(rejected_ids)) > args.response_length:  # a cut response would lose its EOS
+            counts["dropped_response_too_long"] += 1
+            continue
+        pairs.append((query_ids, chosen_ids, rejected_ids))
+    print(f"{name} ({split}): {len(pairs)} pairs kept; {counts}")
+    if not pairs:
+        raise SystemExit(f"no usable pair in {name} ({split}); see the counts above")
+    return pairs
+
+
+def from_pretrained(cls, path: str, **kwargs):
+    """cls.from_pretrained, with a clear message when the Hub cannot be reached."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except OSError as e:
+        if os.path.exists(path):
+            raise
+        raise SystemExit(f"Could not load '{path}' ({e}). If this machine is offline, point --sft-model-path at a local "
+                         "folder saved with save_pretrained (sft.py writes one).") from None
+
+
+def left_pad(sequences, pad_id: int):
+    width = max(len(s) for s in sequences)
+    return torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
+
+
+def sequence_logprobs(model, pairs, pad_id: int, device):
+    """Summed log-probs of the chosen and the rejected responses of a micro-batch, in one forward pass.
+    The sequences are left-padded, so every response token lies in the last K positions (K = the longest
+    response): the LM head runs on those alone (logits_to_keep), never on the prompt. Prompt and padding
+    tokens inside that window are masked out. Returns (chosen (n,), rejected (n,))."""
+    sequences = [q + c for q, c, _ in pairs] + [q + r for q, _, r in pairs]
+    lengths = torch.tensor([len(c) for _, c, _ in pairs] + [len(r) for _, _, r in pairs], device=device)
+    input_ids = left_pad(sequences, pad_id).to(device)
+    k = int(lengths.max())
+    attention_mask = input_ids != pad_id
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    logits = model(input_ids=input_ids.masked_fill(~attention_mask, 0), attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=k + 1).logits[:, :-1]  # (2n, k, vocab): predictions of the last k tokens
+    targets = input_ids[:, -k:]
+    response_mask = torch.arange(k, device=device).unsqueeze(0) >= (k - lengths).unsqueeze(1)  # (2n, k)
+    logps = torch.gather(logits.float().log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    summed = (logps * response_mask).sum(1)
+    return summed[: len(pairs)], summed[len(pairs) :]
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0,
+             loss_type: str = "sigmoid"):
+    """DPO: -log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))), with conservative label smoothing, or IPO's
+    (h - 1 / (2 beta))^2. Returns (mean loss, implicit chosen rewards, implicit rejected rewards)."""
+    logits = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    return losses.mean(), beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+
+
+def cache_key(model_path: str, pairs_by_split: dict):
+    """Hash of the reference model (for a local folder: its files' names, sizes and times) and of the exact token
+    ids of every pair, so a change to the model, the data or the tokenisation settings misses the cache."""
+    h = hashlib.sha256(model_path.encode())
+    if os.path.isdir(model_path):
+        for name in sorted(os.listdir(model_path)):
+            stat = os.stat(os.path.join(model_path, name))
+            h.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for split, pairs in sorted(pairs_by_split.items()):
+        h.update(split.encode())
+        h.update(json.dumps(pairs).encode())
+    return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def all_logprobs(model, pairs, args: Args, pad_id: int, device, autocast):
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), args.local_micro_batch_size):
+        with autocast:
+            c, r = sequence_logprobs(model, pairs[start : start + args.local_micro_batch_size], pad_id, device)
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
+    model.train()
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args.sft_model_path = args.sft_model_path or DEFAULT_MODELS[args.task]
+    if args.dataset_name is None:
+        args.dataset_name, args.dataset_config = DEFAULT_DATASETS[args.task]
+    args.response_length = args.response_length or DEFAULT_RESPONSE_LENGTH[args.task]
+    args.eval_split = args.eval_split or {"tldr": "validation", "hh": "test"}[args.task]
+    if args.batch_size % args.local_micro_batch_size:
+        raise SystemExit("--batch-size must be a multiple of --local-micro-batch-size")
+    args.gradient_accumulation_steps = args.batch_size // args.local_micro_batch_size
+    args.run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint = torch.load(f"{args.resume_from}/state.pt", weights_only=False) if args.resume_from else None
+    if checkpoint:
+        args.run_name = checkpoint["run_name"]  # a resumed run appends to the same log
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    tokenizer = load_tokenizer(args.sft_model_path)
+    pad_id = tokenizer.pad_token_id
+    train_pairs = build_pairs(args, tokenizer, args.train_split, args.max_train_samples)
+    eval_pairs = build_pairs(args, tokenizer, args.eval_split, args.max_eval_samples)
+    args.num_updates = args.num_train_epochs * len(train_pairs) // args.batch_size
+    if args.num_updates == 0:
+        raise SystemExit(f"{len(train_pairs)} pairs are fewer than one batch of {args.batch_size}")
+    print(json.dumps(asdict(args), indent=1))
+
+    # ---- reference log-probs: computed once, cached on disk; a cache hit never loads the reference model ----
+    key = cache_key(args.sft_model_path, {"train": train_pairs, "eval": eval_pairs})
+    cache_file = f"{args.ref_cache_dir}/{key}.pt"
+    if os.path.exists(cache_file):
+        ref = torch.load(cache_file)
+        print(f"reference log-probs from the cache {cache_file}; the reference model is not loaded")
+    else:
+        ref_model = from_pretrained(AutoModelForCausalLM, args.sft_model_path).to(device)
+        if len(tokenizer) > ref_model.get_input_embeddings().num_embeddings:
+            ref_model.resize_token_embeddings(len(tokenizer))
+        start = time.time()
+        ref = {"train": all_logprobs(ref_model, train_pairs, args, pad_id, device, autocast),
+               "eval": all_logprobs(ref_model, eval_pairs, args, pad_id, device, autocast)}
+        del ref_model
+        os.makedirs(args.ref_cache_dir, exist_ok=True)
+        torch.save(ref, cache_file + ".tmp")
+        os.replace(cache_file + ".tmp", cache_file)  # a crash never leaves a half-written cache
+        print(f"computed the reference log-probs in {time.time() - start:.1f}s; cached in {cache_file}")
+
+    policy = from_pretrained(AutoModelForCausalLM, args.resume_from if checkpoint and not args.use_lora else args.sft_model_path)
+    if len(tokenizer) > policy.get_input_embeddings().num_embeddings:
+        policy.resize_token_embeddings(len(tokenizer))
+    policy.config.pad_token_id = pad_id
+    for module in policy.modules():  # dropout off (N+ detail)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if args.use_lora:
+        from peft import LoraConfig, get_peft_model  # only imported when asked for
+
+        policy = get_peft_model(policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear"))
+        if checkpoint:
+            policy.load_state_dict(torch.load(f"{args.resume_from}/lora.pt"), strict=False)
+        policy.print_trainable_parameters()
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        if args.use_lora:
+            policy.enable_input_require_grads()
+    policy = policy.to(device).train()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.eps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, args.num_updates)
+    start_update = 1
+    if checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        start_update = checkpoint["update"] + 1
+        print(f"resumed from {args.resume_from} at step {start_update}")
+    os.makedirs(f"runs/{args.run_name}", exist_ok=True)
+    log = open(f"runs/{args.run_name}/metrics.jsonl", "a")
+    if args.track:
+        import wandb  # only imported when asked for
+
+        wandb.init(project="drpo", name=args.run_name, config=asdict(args), resume="allow", id=args.run_name)
+
+    generator = torch.Generator().manual_seed(args.seed)  # the data order is a function of the seed: resume-safe
+    order = torch.cat([torch.randperm(len(train_pairs), generator=generator) for _ in range(args.num_train_epochs)])
+    start_time = time.time()
+    for update in range(start_update, args.num_updates + 1):
+        idx = order[(update - 1) * args.batch_size : update * args.batch_size]
+        stats = {k: 0.0 for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                                  "logps/chosen", "logps/rejected")}
+        for start in range(0, args.batch_size, args.local_micro_batch_size):
+            mb = idx[start : start + args.local_micro_batch_size]
+            with autocast:
+                logp_c, logp_r = sequence_logprobs(policy, [train_pairs[i] for i in mb], pad_id, device)
+            loss, reward_c, reward_r = dpo_loss(logp_c, logp_r, ref["train"][0][mb].to(device), ref["train"][1][mb].to(device),
+                                                args.beta, args.label_smoothing, args.loss_type)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"non-finite loss {loss.item()} at step {update}; lower --lr or check the data")
+            (loss / args.gradient_accumulation_steps).backward()
+            for k, v in (("loss", loss.detach()), ("rewards/chosen", reward_c.mean()), ("rewards/rejected", reward_r.mean()),
+                         ("rewards/accuracies", (reward_c > reward_r).float().mean()), ("rewards/margins", (reward_c - reward_r).mean()),
+                         ("logps/chosen", logp_c.detach().mean()), ("logps/rejected", logp_r.detach().mean())):
+                stats[k] += v.item() / args.gradient_accumulation_steps
+        if args.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        metrics = {"update": update, **stats, "lr": scheduler.get_last_lr()[0],
+                   "pairs_per_s": (update - start_update + 1) * args.batch_size / (time.time() - start_time),
+                   "peak_memory_gb": peak_memory_gb(device)}
+        if update % args.eval_every == 0 or update == args.num_updates:
+            logp_c, logp_r = all_logprobs(policy, eval_pairs, args, pad_id, device, autocast)
+            reward_margin = (logp_c - ref["eval"][0]) - (logp_r - ref["eval"][1])
+            metrics["eval/rewards/accuracies"] = (reward_margin > 0).float().mean().item()
+            metrics["eval/rewards/margins"] = args.beta * reward_margin.mean().item()
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        log.write(json.dumps(metrics) + "\n")
+        log.flush()
+        if args.track:
+            wandb.log(metrics, step=update)
+        if args.save_every and update % args.save_every == 0 and update < args.num_updates:
+            folder = f"runs/{args.run_name}/checkpoint"
+            if args.use_lora:  # the base stays the SFT model: only the adapter is saved
+                os.makedirs(folder, exist_ok=True)
+                torch.save({k: v for k, v in policy.state_dict().items() if "lora_" in k}, f"{folder}/lora.pt")
+            else:
+                policy.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                        "update": update, "run_name": args.run_name}, f"{folder}/state.pt")
+            print(f"checkpoint written to {folder} (resume with --resume-from {folder})")
+
+    final = policy.merge_and_unload() if args.use_lora else policy
+    final.save_pretrained(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    print(f"saved the policy and tokenizer to {args.output_dir}")
