@@ -557,11 +557,7 @@ if __name__ == "__main__":
         # forward pass (prefill), and masked out of every loss and statistic below.
         states, h, reset = reset_states(batch_queries, [chosens[i] for i in batch], args.reset_prob, args.reset_min_prefix,
                                         args.response_length, reset_generator)
-        # order the batch by h (a stable sort: with no reset nothing moves). A generate call needs only
-        # response_length - min(h) steps, so chunks of similar h stop early; the batch is a set, its order is free
-        order = torch.argsort(h, stable=True).tolist()
-        batch_queries, states = [batch_queries[i] for i in order], [states[i] for i in order]
-        h, reset = h[order].to(device), reset[order].to(device)
+        h, reset = h.to(device), reset.to(device)
         query_batch = left_pad(batch_queries, pad_id).to(device)  # (batch, context_length): the prompts alone
         state_batch = left_pad(states, pad_id).to(device)  # (batch, state_width): prompt + prefix, re-packed, left-padded
         context_length = query_batch.shape[1]

@@ -47,8 +47,7 @@ class ForcePrefix(LogitsProcessor):
 
 
 def ours():
-    order = torch.argsort(h, stable=True).tolist()  # as drpo_tldr.py: chunks of similar h stop early
-    batch, hs = drpo_tldr.left_pad([states[i] for i in order], pad), h[order]
+    batch, hs = drpo_tldr.left_pad(states, pad), h
     for i in range(0, BATCH, CHUNK):
         state = batch[i : i + CHUNK]
         n = R - int(hs[i : i + CHUNK].min())

@@ -1,0 +1,113 @@
+"""dpo_baseline.py: the loss against hand-computed values, the response-only log-probs, the reference cache, and
+learning on the tiny world."""
+import glob
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import dpo_baseline as dpo
+import tiny_world
+from conftest import ROOT, run_script
+
+PAD, EOS = 1, 0
+
+
+def test_dpo_ipo_and_label_smoothing_by_hand():
+    args = [torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])]
+    # h = (logp_c - ref_c) - (logp_r - ref_r) = 1 - (-1) = 2
+    loss, rc, rr = dpo.dpo_loss(*args, beta=0.1)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.2)), abs=1e-6)
+    assert rc.item() == pytest.approx(0.1) and rr.item() == pytest.approx(-0.1)
+    loss, _, _ = dpo.dpo_loss(*args, beta=0.1, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(0.9 * math.log(1 + math.exp(-0.2)) + 0.1 * math.log(1 + math.exp(0.2)), abs=1e-6)
+    loss, _, _ = dpo.dpo_loss(*args, beta=0.1, loss_type="ipo")
+    assert loss.item() == pytest.approx((2 - 1 / 0.2) ** 2, abs=1e-5)
+
+
+def test_sequence_logprobs_mask_prompt_and_padding_exactly(sft_model):
+    model = AutoModelForCausalLM.from_pretrained(sft_model).eval()
+    pairs = [([30, 31, 32, 33, 34], [40, 41, EOS], [50, EOS]), ([30, 31], [42, 43, 44, 45, EOS], [51, 52, 53, EOS])]
+    with torch.no_grad():
+        chosen, rejected = dpo.sequence_logprobs(model, pairs, PAD, "cpu")
+        for i, (q, c, r) in enumerate(pairs):  # reference: one example at a time, no padding, full logits
+            for resp, got in ((c, chosen[i]), (r, rejected[i])):
+                ids = torch.tensor([q + resp])
+                logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1)
+                assert got.item() == pytest.approx(logp[len(q) - 1 :].sum().item(), abs=1e-4)
+
+
+FLAGS = ["--lr", "1e-3", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "16", "--eval-every", "20"]
+
+
+def last_log(cwd):
+    return [json.loads(x) for x in open(sorted(glob.glob(f"{cwd}/runs/*/metrics.jsonl"), key=os.path.getmtime)[-1])]
+
+
+def greedy_gold(model_dir, world, n=100):
+    tokenizer = dpo.load_tokenizer(str(model_dir))
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = [json.loads(x) for x in open(world / "tldr_sft" / "validation.jsonl")][:n]
+    prompts = [f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR:" for r in rows]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
+    return tiny_world.gold_reward(prompts, tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True))
+
+
+def test_dpo_learns_on_the_tiny_world(world, sft_model, tmp_path):
+    proc = run_script("dpo_baseline.py", "--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons",
+                      "--output-dir", tmp_path / "dpo", *FLAGS, cwd=tmp_path)
+    log = last_log(tmp_path)
+    # step 0: the policy is the reference: implicit rewards 0, loss log 2
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and abs(log[0]["rewards/margins"]) < 1e-4
+    evals = [m["eval/rewards/accuracies"] for m in log if "eval/rewards/accuracies" in m]
+    assert evals[-1] > 0.95 and log[-1]["rewards/margins"] > 0.5
+    sft, tuned = greedy_gold(sft_model, world), greedy_gold(tmp_path / "dpo", world)
+    win = sum((a > b) + 0.5 * (a == b) for a, b in zip(tuned, sft)) / len(sft)
+    assert win > 0.6 and sum(tuned) / len(tuned) > sum(sft) / len(sft) + 0.2, (win, sum(tuned), sum(sft))
+    assert "computed the reference log-probs" in proc.stdout
+
+
+def test_reference_cache_is_reused_and_invalidated(world, sft_model, tmp_path):
+    base = ["--dataset-name", world / "tldr_comparisons", "--max-train-samples", 64, "--max-eval-samples", 16,
+            "--output-dir", tmp_path / "o", *FLAGS]
+    model = tmp_path / "sft"
+    shutil.copytree(sft_model, model)
+    first = run_script("dpo_baseline.py", "--sft-model-path", model, *base, cwd=tmp_path).stdout
+    second = run_script("dpo_baseline.py", "--sft-model-path", model, *base, cwd=tmp_path).stdout
+    assert "computed the reference log-probs" in first
+    assert "from the cache" in second and "the reference model is not loaded" in second
+    assert last_log(tmp_path)[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # the cached values fit the policy
+    data = run_script("dpo_baseline.py", "--sft-model-path", model, *base, "--query-length", 100, cwd=tmp_path).stdout
+    assert "computed the reference log-probs" in data  # tokenisation settings changed the token ids: a miss
+    os.utime(model / "model.safetensors", ns=(1, 1))  # a changed model file
+    assert "computed the reference log-probs" in run_script("dpo_baseline.py", "--sft-model-path", model, *base, cwd=tmp_path).stdout
+    assert len(os.listdir(tmp_path / "cache" / "ref_logprobs")) == 3
+
+
+def test_dpo_resume_equals_straight_run(world, sft_model, tmp_path):
+    base = ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--max-train-samples", 128,
+            "--max-eval-samples", 16, *FLAGS, "--save-every", 2]
+    proc = run_script("dpo_baseline.py", *base, "--output-dir", tmp_path / "a", cwd=tmp_path)
+    checkpoint = glob.glob(f"{tmp_path}/runs/*/checkpoint")[0]
+    resumed = run_script("dpo_baseline.py", *base, "--output-dir", tmp_path / "b", "--resume-from", checkpoint, cwd=tmp_path)
+    assert "resumed from" in resumed.stdout and "from the cache" in resumed.stdout
+    rows = last_log(tmp_path)
+    assert len(rows) == 6 and [m["loss"] for m in rows[4:]] == [m["loss"] for m in rows[2:4]]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and "update=4 " in proc.stdout
+
+
+def test_bad_input_and_copy_alone(tmp_path, world):
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b"}) + "\n")
+    proc = run_script("dpo_baseline.py", "--task", "hh", "--sft-model-path", world / "base", "--dataset-name", path, check=False, cwd=tmp_path)
+    assert proc.returncode != 0 and "lacks column(s) ['rejected']" in proc.stdout and str(path) in proc.stdout
+    shutil.copy(f"{ROOT}/dpo_baseline.py", tmp_path)
+    assert "--beta" in run_script("dpo_baseline.py", "--help", cwd=tmp_path).stdout
