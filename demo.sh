@@ -17,6 +17,8 @@ python ppo_baseline.py --sft-model-path $W/sft --reward-model-path $W/rm --datas
 python drpo_tldr.py --reset-prob 0.5 --sft-model-path $W/sft --reward-model-path $W/rm --dataset-name $W/tldr_comparisons \
   --output-dir $W/drpo --response-length 8 --total-episodes 1280 --batch-size 64 --local-rollout-forward-batch-size 64 \
   --local-micro-batch-size 16 --num-mini-batches 2 --lr 1e-3 --kl-coef 0.05 --print-sample-every 10
+python dpo_baseline.py --sft-model-path $W/sft --dataset-name $W/tldr_comparisons --output-dir $W/dpo \
+  --lr 3e-4 --beta 0.1 --batch-size 32 --local-micro-batch-size 16 --eval-every 20
 
 echo; echo "== results on 200 held-out tiny-world prompts (sampled at temperature 0.7) =="
-python benchmarks/demo_report.py --world $W --policies sft=$W/sft ppo=$W/ppo drpo=$W/drpo
+python benchmarks/demo_report.py --world $W --policies sft=$W/sft ppo=$W/ppo drpo=$W/drpo dpo=$W/dpo
