@@ -1,0 +1,199 @@
+"""eval_winrate.py: the parser, the statistics, the OpenAI-compatible client against a local server (retries, 401,
+cache, resume after a kill), and the hf and rm judges on the tiny world."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import eval_winrate as ev
+from conftest import ROOT, SHARED, requires_shared, run_script
+
+
+def test_parse_choice_is_strict():
+    assert ev.parse_choice("Comparison: A is shorter.\nPreferred: A") == "A"
+    assert ev.parse_choice('Comparison: x\nPreferred: "B"\n') == "B"
+    assert ev.parse_choice("Comparison: x\nPreferred: A or B") is None
+    assert ev.parse_choice("I prefer A") is None and ev.parse_choice("") is None
+    assert ev.parse_choice("Preferred: B\nComparison: later text") is None  # the choice must be the last line
+
+
+def test_outcome_maps_both_orders_back_to_the_policy():
+    assert ev.outcome("A", "B") == "win"     # policy first and chosen; reference first, policy (B) chosen
+    assert ev.outcome("B", "A") == "loss"
+    assert ev.outcome("A", "A") == "tie"     # position bias: always A
+    assert ev.outcome(None, "B") == "tie"    # an unparseable reply is never guessed
+
+
+def test_wilson_interval_known_values():
+    low, high = ev.wilson_interval(50, 100)
+    assert (round(low, 4), round(high, 4)) == (0.4038, 0.5962)
+    low, high = ev.wilson_interval(0, 10)
+    assert low == pytest.approx(0.0, abs=1e-12) and round(high, 4) == 0.2775
+    s = ev.summarize(["win"] * 6 + ["tie"] * 2 + ["loss"] * 2, consistent=8, unparseable=1)
+    assert s["win_rate"] == 0.7 and (s["wins"], s["ties"], s["losses"], s["n"]) == (6, 2, 2, 10) and s["position_consistency"] == 0.8
+
+
+@requires_shared
+def test_gpt4_labels_of_the_real_slice_aggregate_to_65_3_percent():
+    rows = [json.loads(x) for x in open(f"{SHARED}/data/tldr/comparisons_gpt4_dev.jsonl")]
+    # summary 1 is OpenAI's PPO 1.3B sample, summary 0 the human reference; choice is GPT-4's judgement
+    outcomes = ["win" if r["choice"] == 1 else "loss" for r in rows]
+    s = ev.summarize(outcomes, consistent=len(rows), unparseable=0)
+    assert (s["wins"], s["n"]) == (392, 600) and round(s["win_rate"], 3) == 0.653
+    assert (round(s["ci95"][0], 3), round(s["ci95"][1], 3)) == (0.614, 0.690)
+
+
+class Judge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible /v1/chat/completions that prefers 'good' to 'plain' to 'bad' answers. Scripted failures:
+    the server's `script` list is consumed one status per request before answering normally."""
+
+    def do_POST(self):
+        server = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = body["messages"][0]["content"]
+        with server.lock:
+            server.calls.append(text)
+            status = server.script.pop(0) if server.script else 200
+        time.sleep(server.delay)
+        if status != 200:
+            self.send_response(status)
+            self.end_headers()
+            return
+        a = text.split("Summary A:\n")[1].split("\n\nSummary B:")[0]
+        b = text.split("Summary B:\n")[1]
+        choice = "A" if "good" in a or ("good" not in b and "plain" in a) else "B"  # good > plain > bad
+        reply = {"choices": [{"message": {"content": f"Comparison: {choice} names the point.\nPreferred: {choice}"}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    httpd.calls, httpd.script, httpd.delay, httpd.lock = [], [], 0.0, threading.Lock()
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+
+
+def responses_file(tmp_path, n=10, good=6):
+    path = tmp_path / "policy.jsonl"
+    with open(path, "w") as f:
+        for i in range(n):  # the first `good` responses are good, the references never are
+            f.write(json.dumps({"prompt": f"post {i}", "response": f"good summary {i}" if i < good else f"bad summary {i}",
+                                "reference": f"plain reference {i}"}) + "\n")
+    return path
+
+
+def judge_run(server, tmp_path, *flags, check=True, n=10):
+    return run_script("eval_winrate.py", "--responses-file", responses_file(tmp_path, n=n), "--judge", "openai", "--base-url",
+                      f"http://127.0.0.1:{server.server_port}/v1", "--backoff-s", "0.01", "--output-dir", tmp_path / "out",
+                      "--cache-file", tmp_path / "cache.jsonl", *flags, cwd=tmp_path, env={"OPENAI_API_KEY": "test"}, check=check)
+
+
+def test_openai_judge_both_orders_retries_and_cache(server, tmp_path):
+    server.script = [429, 500]  # a rate limit and a server error, both retried
+    judge_run(server, tmp_path)
+    summary = json.load(open(tmp_path / "out" / "summary.json"))["models"]["policy"]
+    assert (summary["wins"], summary["losses"], summary["ties"]) == (6, 4, 0) and summary["position_consistency"] == 1.0
+    assert len(server.calls) == 2 * 10 + 2  # both orders of 10 pairs, plus the 2 failed attempts
+    rows = [json.loads(x) for x in open(tmp_path / "out" / "policy.jsonl")]
+    assert rows[0]["outcome"] == "win" and rows[0]["judge_policy_first"] == "A" and rows[0]["judge_reference_first"] == "B"
+    assert "Preferred: A" in rows[0]["raw_policy_first"] and (tmp_path / "out" / "policy.csv").exists()
+    calls = len(server.calls)
+    judge_run(server, tmp_path)  # everything is cached: no call at all
+    assert len(server.calls) == calls
+    assert json.load(open(tmp_path / "out" / "summary.json"))["judge_model"] == "gpt-4"  # the judge is recorded
+
+
+def test_401_stops_and_keeps_the_cache(server, tmp_path):
+    server.script = [200] * 5 + [401] * 100
+    proc = judge_run(server, tmp_path, "--max-concurrency", "1", check=False)
+    assert proc.returncode != 0 and "answered 401" in proc.stdout and "Traceback" not in proc.stdout
+    kept = [json.loads(x) for x in open(tmp_path / "cache.jsonl")]
+    assert len(kept) == 5
+    server.script = []
+    calls = len(server.calls)
+    judge_run(server, tmp_path)
+    assert len(server.calls) - calls == 20 - 5  # the rerun makes only the missing judgements
+
+
+def test_resume_after_kill_judges_the_rest_and_none_twice(server, tmp_path):
+    server.delay = 0.2
+    cmd = [sys.executable, f"{ROOT}/eval_winrate.py", "--responses-file", str(responses_file(tmp_path, n=20)), "--judge", "openai",
+           "--base-url", f"http://127.0.0.1:{server.server_port}/v1", "--max-concurrency", "2", "--output-dir", str(tmp_path / "out"),
+           "--cache-file", str(tmp_path / "cache.jsonl")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "OPENAI_API_KEY": "t"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while len(server.calls) < 10 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len([x for x in open(tmp_path / "cache.jsonl")])
+    assert 0 < done < 40
+    server.delay = 0.0
+    calls = len(server.calls)
+    judge_run(server, tmp_path, "--max-concurrency", "2", n=20)
+    assert len(server.calls) - calls == 40 - done  # only what the killed run had not cached
+    keys = [json.loads(x)["key"] for x in open(tmp_path / "cache.jsonl")]
+    assert len(keys) == 40 and len(set(keys)) == 40  # all 2 x 20 judged, none twice
+    assert json.load(open(tmp_path / "out" / "summary.json"))["models"]["policy"]["n"] == 20
+
+
+def test_hf_judge_position_bias_becomes_ties(world, sft_model, tmp_path):
+    """A judge that always answers A: with both orders every pair is inconsistent, hence a tie (0.5), not a win."""
+    calls = []
+    biased = lambda text: calls.append(text) or "Comparison: -\nPreferred: A"  # noqa: E731
+    assert ev.outcome(ev.parse_choice(biased("x")), ev.parse_choice(biased("y"))) == "tie"
+    # the real hf judge on a tiny model: it runs, parses, and reports position consistency
+    proc = run_script("eval_winrate.py", "--responses-file", responses_file(tmp_path), "--judge", "hf", "--judge-model", sft_model,
+                      "--output-dir", tmp_path / "out", "--cache-file", tmp_path / "c.jsonl", cwd=tmp_path)
+    s = json.load(open(tmp_path / "out" / "summary.json"))["models"]["policy"]
+    assert s["n"] == 10 and s["unparseable"] == 0 and s["wins"] + s["ties"] + s["losses"] == 10
+    assert s["ties"] == 10 - round(s["position_consistency"] * 10)  # every inconsistent pair is a tie
+    assert "win rate" in proc.stdout
+
+
+def test_rm_judge_prefers_the_gold_preferred_response(world, reward_run, tmp_path):
+    rows = [json.loads(x) for x in open(world / "tldr_comparisons" / "validation.jsonl")][:50]
+    path = tmp_path / "gold.jsonl"
+    with open(path, "w") as f:
+        for r in rows:
+            prompt = ev.TLDR_FORMAT.format(**r["info"])
+            f.write(json.dumps({"prompt": prompt, "response": r["summaries"][r["choice"]]["text"],
+                                "reference": r["summaries"][1 - r["choice"]]["text"]}) + "\n")
+    run_script("eval_winrate.py", "--responses-file", path, "--judge", "rm", "--judge-model", world / "rm",
+               "--output-dir", tmp_path / "out", "--cache-file", tmp_path / "c.jsonl", cwd=tmp_path)
+    s = json.load(open(tmp_path / "out" / "summary.json"))["models"]["gold"]
+    assert s["win_rate"] > 0.9 and s["ci95"][0] > 0.8
+
+
+def test_end_to_end_generate_and_judge(world, sft_model, reward_run, tmp_path):
+    proc = run_script("eval_winrate.py", "--model-paths", world / "base", sft_model, "--dataset-name", world / "tldr_sft",
+                      "--split", "validation", "--num-examples", 24, "--response-length", 8, "--judge", "rm", "--judge-model",
+                      world / "rm", "--output-dir", tmp_path / "out", "--cache-file", tmp_path / "c.jsonl", cwd=tmp_path)
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    base, sft = summary["models"][str(world / "base")], summary["models"][str(sft_model)]
+    assert base["n"] == sft["n"] == 24 and sft["win_rate"] > base["win_rate"]  # the SFT policy beats random init
+    assert sft["mean_response_tokens"] > 0 and sft["mean_reference_tokens"] > 0
+    assert len([f for f in os.listdir(tmp_path / "out") if f.endswith(".jsonl")]) == 2 and "win rate" in proc.stdout
+
+
+def test_copy_alone(tmp_path):
+    shutil.copy(f"{ROOT}/eval_winrate.py", tmp_path)
+    assert "--judge" in run_script("eval_winrate.py", "--help", cwd=tmp_path).stdout
