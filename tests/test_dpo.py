@@ -86,11 +86,13 @@ def test_reference_cache_is_reused_and_invalidated(world, sft_model, tmp_path):
     assert "computed the reference log-probs" in first
     assert "from the cache" in second and "the reference model is not loaded" in second
     assert last_log(tmp_path)[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # the cached values fit the policy
-    data = run_script("dpo_baseline.py", "--sft-model-path", model, *base, "--query-length", 100, cwd=tmp_path).stdout
-    assert "computed the reference log-probs" in data  # tokenisation settings changed the token ids: a miss
+    tokens = run_script("dpo_baseline.py", "--sft-model-path", model, *base, "--query-length", 40, cwd=tmp_path).stdout
+    assert "query_truncated': 64" in tokens and "computed the reference log-probs" in tokens  # other token ids: a miss
+    data = run_script("dpo_baseline.py", "--sft-model-path", model, *base[:2], "--max-train-samples", 32, *base[4:], cwd=tmp_path).stdout
+    assert "computed the reference log-probs" in data  # other data: a miss
     os.utime(model / "model.safetensors", ns=(1, 1))  # a changed model file
     assert "computed the reference log-probs" in run_script("dpo_baseline.py", "--sft-model-path", model, *base, cwd=tmp_path).stdout
-    assert len(os.listdir(tmp_path / "cache" / "ref_logprobs")) == 3
+    assert len(os.listdir(tmp_path / "cache" / "ref_logprobs")) == 4
 
 
 def test_dpo_resume_equals_straight_run(world, sft_model, tmp_path):
