@@ -22,3 +22,10 @@ python dpo_baseline.py --sft-model-path $W/sft --dataset-name $W/tldr_comparison
 
 echo; echo "== results on 200 held-out tiny-world prompts (sampled at temperature 0.7) =="
 python benchmarks/demo_report.py --world $W --policies sft=$W/sft ppo=$W/ppo drpo=$W/drpo dpo=$W/dpo
+
+echo; echo "== win rates against the reference summaries: reward-model judge, then the tiny SFT model as an hf judge =="
+for J in "rm $W/rm" "hf $W/sft"; do
+  set -- $J
+  python eval_winrate.py --model-paths $W/sft $W/ppo $W/drpo $W/dpo --dataset-name $W/tldr_sft --split validation \
+    --num-examples 200 --response-length 8 --judge $1 --judge-model $2 --output-dir $W/eval_$1 --cache-file $W/eval_$1/cache.jsonl
+done

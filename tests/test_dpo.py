@@ -77,7 +77,7 @@ def test_dpo_learns_on_the_tiny_world(world, sft_model, tmp_path):
 
 
 def test_reference_cache_is_reused_and_invalidated(world, sft_model, tmp_path):
-    base = ["--dataset-name", world / "tldr_comparisons", "--max-train-samples", 64, "--max-eval-samples", 16,
+    base = ["--dataset-name", world / "tldr_comparisons", "--max-train-samples", 32, "--max-eval-samples", 8,
             "--output-dir", tmp_path / "o", *FLAGS]
     model = tmp_path / "sft"
     shutil.copytree(sft_model, model)
@@ -87,8 +87,8 @@ def test_reference_cache_is_reused_and_invalidated(world, sft_model, tmp_path):
     assert "from the cache" in second and "the reference model is not loaded" in second
     assert last_log(tmp_path)[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # the cached values fit the policy
     tokens = run_script("dpo_baseline.py", "--sft-model-path", model, *base, "--query-length", 40, cwd=tmp_path).stdout
-    assert "query_truncated': 64" in tokens and "computed the reference log-probs" in tokens  # other token ids: a miss
-    data = run_script("dpo_baseline.py", "--sft-model-path", model, *base[:2], "--max-train-samples", 32, *base[4:], cwd=tmp_path).stdout
+    assert "query_truncated': 32" in tokens and "computed the reference log-probs" in tokens  # other token ids: a miss
+    data = run_script("dpo_baseline.py", "--sft-model-path", model, *base[:2], "--max-train-samples", 64, *base[4:], cwd=tmp_path).stdout
     assert "computed the reference log-probs" in data  # other data: a miss
     os.utime(model / "model.safetensors", ns=(1, 1))  # a changed model file
     assert "computed the reference log-probs" in run_script("dpo_baseline.py", "--sft-model-path", model, *base, cwd=tmp_path).stdout
