@@ -197,3 +197,21 @@ def test_end_to_end_generate_and_judge(world, sft_model, reward_run, tmp_path):
 def test_copy_alone(tmp_path):
     shutil.copy(f"{ROOT}/eval_winrate.py", tmp_path)
     assert "--judge" in run_script("eval_winrate.py", "--help", cwd=tmp_path).stdout
+
+
+def test_random_order_halves_the_calls_and_maps_back(server, tmp_path):
+    judge_run(server, tmp_path, "--order", "random")
+    s = json.load(open(tmp_path / "out" / "summary.json"))["models"]["policy"]
+    assert len(server.calls) == 10 and (s["wins"], s["losses"], s["ties"]) == (6, 4, 0)  # one order each, mapped back
+    rows = [json.loads(x) for x in open(tmp_path / "out" / "policy.jsonl")]
+    assert [r["outcome"] for r in rows] == ["win"] * 6 + ["loss"] * 4
+
+
+def test_judge_prompt_file_is_used_and_part_of_the_cache_key(server, tmp_path):
+    template = tmp_path / "paper_prompt.txt"
+    template.write_text("PAPER PROMPT\n{prompt}\nSummary A:\n{response_a}\n\nSummary B:\n{response_b}\nPreferred: <A or B>")
+    judge_run(server, tmp_path)
+    calls = len(server.calls)
+    judge_run(server, tmp_path, "--judge-prompt-file", template)
+    assert len(server.calls) - calls == 20 and server.calls[-1].startswith("PAPER PROMPT")  # another template: new calls
+    assert json.load(open(tmp_path / "out" / "summary.json"))["judge_prompt"].startswith("PAPER PROMPT")
