@@ -116,3 +116,16 @@ def test_bad_input_and_copy_alone(tmp_path, world):
     assert proc.returncode != 0 and "lacks column(s) ['rejected']" in proc.stdout and str(path) in proc.stdout
     shutil.copy(f"{ROOT}/dpo_baseline.py", tmp_path)
     assert "--beta" in run_script("dpo_baseline.py", "--help", cwd=tmp_path).stdout
+
+
+def test_dpo_lora_saves_a_merged_plain_model(world, sft_model, tmp_path):
+    pytest.importorskip("peft")
+    proc = run_script("dpo_baseline.py", "--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons",
+                      "--max-train-samples", 64, "--max-eval-samples", 8, "--use-lora", "--lora-r", 4, "--gradient-checkpointing",
+                      "--output-dir", tmp_path / "o", *FLAGS, cwd=tmp_path)
+    assert "trainable params" in proc.stdout
+    log = last_log(tmp_path)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and log[-1]["loss"] < log[0]["loss"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "o").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(sft_model).state_dict()
+    assert set(merged) == set(base) and any(not torch.equal(merged[k], base[k]) for k in base)
