@@ -294,10 +294,7 @@ def response_logprobs(model, query_responses, responses, pad_id: int, temperatur
 
 def token_scores(model, query_responses, pad_id: int):
     """The scalar head of a sequence-classification model at every position, (batch, seq_len)."""
-    attention_mask = query_responses != pad_id
-    position_ids = attention_mask.cumsum(1) - attention_mask.long()
-    input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    hidden = forward(model.base_model, query_responses, pad_id).last_hidden_state
     return model.score(hidden).squeeze(-1).float()
 
 
