@@ -527,11 +527,16 @@ if __name__ == "__main__":
         query_batch = left_pad(batch_queries, pad_id).to(device)  # (batch, context_length): the prompts alone
         state_batch = left_pad(states, pad_id).to(device)  # (batch, state_width): prompt + prefix, re-packed, left-padded
         context_length = query_batch.shape[1]
+        # generate in order of h: a call writes response_length - min(h) tokens, so chunks of similar h stop early
+        # (a stable sort: with no reset nothing moves). The results are put back in batch order after the loop.
+        gen_order = torch.argsort(h, stable=True)
         responses, logprobs, ref_logprobs, values = [], [], [], []
         with torch.no_grad(), autocast:
             for i in range(0, args.batch_size, args.local_rollout_forward_batch_size):
-                query = query_batch[i : i + args.local_rollout_forward_batch_size]
-                state, chunk_h = state_batch[i : i + args.local_rollout_forward_batch_size], h[i : i + args.local_rollout_forward_batch_size]
+                idx = gen_order[i : i + args.local_rollout_forward_batch_size]
+                # this chunk's states, left-padded no wider than they need (never narrower than the prompts)
+                width = max(context_length, max(len(states[j]) for j in idx.tolist()))
+                query, state, chunk_h = query_batch[idx], state_batch[idx, -width:], h[idx]
                 new_tokens = args.response_length - int(chunk_h.min())  # the episode horizon is unchanged
                 state_response = policy.generate(input_ids=state, attention_mask=(state != pad_id).long(), max_new_tokens=new_tokens,
                                                  min_new_tokens=new_tokens, **sampling)
@@ -547,7 +552,8 @@ if __name__ == "__main__":
                     ref_logprobs.append(response_logprobs(ref_policy, query_response, response, pad_id, args.temperature))
                 values.append(token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1])
                 responses.append(response)
-            responses, logprobs, ref_logprobs, values = map(torch.cat, (responses, logprobs, ref_logprobs, values))
+            back = torch.argsort(gen_order)  # batch order again
+            responses, logprobs, ref_logprobs, values = (torch.cat(x)[back] for x in (responses, logprobs, ref_logprobs, values))
             postprocessed = truncate_response(responses, eos_id, pad_id)  # (batch, response_length)
             sequence_lengths = first_true_indices(postprocessed == pad_id) - 1  # index of the last real token (the EOS)
             contain_eos = (postprocessed == eos_id).any(-1)

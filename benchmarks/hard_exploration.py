@@ -2,17 +2,20 @@
 reset_prob 1 with h_min 1 and 0, on the tiny world's password task, 3 seeds each, 300 updates of 64 episodes.
 Success is measured from the prompt alone (greedy, no reset) every 10 updates. Two runs at a time, one thread
 each. Writes docs/hard_exploration.png (needs matplotlib, a benchmark-only dependency) and prints a table.
-Run: python benchmarks/hard_exploration.py"""
+Run: python benchmarks/hard_exploration.py
+More seeds or fewer arms: SEEDS=1,2,3,4,5,6 ARMS="DR-PO" python benchmarks/hard_exploration.py (ARMS: a substring of
+the arm names; the plot is written only when every arm runs). UPDATES=500 sets the number of updates."""
 import json
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = "/tmp/hard_exploration"
+OUT = os.environ.get("OUT", "/tmp/hard_exploration")
 ARMS = {"PPO (reset_prob 0)": ["--reset-prob", "0"], "DR-PO reset_prob 0.5": ["--reset-prob", "0.5"],
         "reset_prob 1, h_min 1": ["--reset-prob", "1"], "reset_prob 1, h_min 0": ["--reset-prob", "1", "--reset-min-prefix", "0"]}
-SEEDS = [1, 2, 3]
+ARMS = {k: v for k, v in ARMS.items() if os.environ.get("ARMS", "") in k}
+SEEDS = [int(s) for s in os.environ.get("SEEDS", "1,2,3").split(",")]
 UPDATES = int(os.environ.get("UPDATES", 300))
 
 
@@ -55,6 +58,8 @@ for arm in ARMS:
     firsts = [next((e // 64 for e, s in curves[arm, seed] if s >= 0.9), None) for seed in SEEDS]
     solved = sum(curves[arm, seed][-1][1] >= 0.9 for seed in SEEDS)
     print(f"| {arm} | {solved}/{len(SEEDS)} | {', '.join('never' if f is None else str(f) for f in firsts)} |")
+if len(ARMS) < 4:
+    sys.exit("not every arm ran: no plot")
 try:
     import matplotlib
 
@@ -69,7 +74,7 @@ for color, arm in zip(["tab:gray", "tab:blue", "tab:red", "tab:green"], ARMS):
         ax.plot(e, [v + 0.015 * (k - 1) for v in s], color=color, alpha=0.8, label=arm if k == 0 else None)
 ax.set_xlabel("episodes")
 ax.set_ylabel("gold reward from the prompt (greedy)")
-ax.set_title("Hard exploration: a 6-word password (p ~ e^-17 under SFT), 3 seeds")
+ax.set_title(f"Hard exploration: a 6-word password (p ~ e^-17 under SFT), {len(SEEDS)} seeds")
 ax.legend(loc="center right")
 os.makedirs(f"{ROOT}/docs", exist_ok=True)
 fig.tight_layout()

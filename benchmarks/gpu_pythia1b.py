@@ -1,0 +1,71 @@
+"""DR-PO against PPO at Pythia-1B size on one GPU: episodes/s, time per update and peak GPU memory, side by side in
+one run. The policy and the reward model have the shape of EleutherAI/pythia-1b-deduped (hidden 2048, 16 layers,
+50k vocabulary) but random weights, because the machine that ran this cannot reach the Hub; speed and memory depend
+on the shapes, not the weights (the EOS trick makes every response response_length tokens long). Prompts and reset
+states are the real TL;DR posts and reference summaries of ../shared/data (--reset-source sft_reference, so that
+both arms roll out the same prompts).
+Run: python benchmarks/gpu_pythia1b.py [--shared ../shared] [--updates 4] [--batch-size 128]"""
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+parser = argparse.ArgumentParser()
+parser.add_argument("--shared", default=os.path.join(ROOT, "..", "shared"))
+parser.add_argument("--out", default="/tmp/gpu_pythia1b")
+parser.add_argument("--updates", type=int, default=4)
+parser.add_argument("--batch-size", type=int, default=128)
+parser.add_argument("--arms", default="ppo,0.5,1.0,ppo,0.5,1.0", help="run in this order; repeats interleave the arms")
+parser.add_argument("--hidden-size", type=int, default=2048, help="2048 and 16 layers: Pythia-1B; smaller for a smoke test")
+parser.add_argument("--layers", type=int, default=16)
+args = parser.parse_args()
+args.shared, args.out = os.path.abspath(args.shared), os.path.abspath(args.out)
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification  # noqa: E402
+
+os.makedirs(args.out, exist_ok=True)
+if not os.path.exists(f"{args.out}/policy/config.json"):
+    tokenizer = AutoTokenizer.from_pretrained(f"{args.shared}/tokenizers/pythia")
+    tokenizer.eos_token, tokenizer.pad_token = "<|endoftext|>", "<|padding|>"
+    # EleutherAI/pythia-1b-deduped's config.json (at the default size)
+    config = GPTNeoXConfig(vocab_size=50304, hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=8,
+                           intermediate_size=4 * args.hidden_size,
+                           rotary_pct=0.25, max_position_embeddings=2048, use_parallel_residual=True, tie_word_embeddings=False,
+                           bos_token_id=0, eos_token_id=0, pad_token_id=1, num_labels=1)
+    torch.manual_seed(0)
+    for name, cls in (("policy", GPTNeoXForCausalLM), ("rm", GPTNeoXForSequenceClassification)):
+        model = cls(config)
+        model.save_pretrained(f"{args.out}/{name}")
+        tokenizer.save_pretrained(f"{args.out}/{name}")
+        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B parameters", flush=True)
+        del model
+
+common = ["--sft-model-path", f"{args.out}/policy", "--reward-model-path", f"{args.out}/rm",
+          "--dataset-name", f"{args.shared}/data/tldr/sft_posts_dev.jsonl", "--batch-size", str(args.batch_size),
+          "--total-episodes", str(args.updates * args.batch_size), "--local-rollout-forward-batch-size", "64",
+          "--local-micro-batch-size", "8", "--print-sample-every", "0", "--save-every", "0", "--output-dir", f"{args.out}/trained"]
+arms = {"ppo": [sys.executable, f"{ROOT}/ppo_baseline.py"],
+        "0.5": [sys.executable, f"{ROOT}/drpo_tldr.py", "--reset-prob", "0.5", "--reset-source", "sft_reference"],
+        "1.0": [sys.executable, f"{ROOT}/drpo_tldr.py", "--reset-prob", "1.0", "--reset-source", "sft_reference"]}
+order = args.arms.split(",")
+for k, arm in enumerate(order):
+    print(f"running {arm}", flush=True)
+    subprocess.run(arms[arm] + common + ["--exp-name", f"gpu_{arm}_{k}"], cwd=args.out, check=True)
+
+print(f"\n{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; batch {args.batch_size}, response length 53, "
+      f"updates 2-{args.updates} (the first is warm-up)")
+print("| arm | episodes/s | s/update | rollout | scoring | update | mean h | peak GPU memory |\n|---|---|---|---|---|---|---|---|")
+base = None
+for arm in dict.fromkeys(order):  # every run of the arm, updates after the first
+    runs = [glob.glob(f"{args.out}/runs/*__gpu_{a}_{k}__*/metrics.jsonl")[-1] for k, a in enumerate(order) if a == arm]
+    rows = [json.loads(line) for path in runs for line in open(path).readlines()[1:]]
+    t = {k: sum(r[f"time/{k}"] for r in rows) / len(rows) for k in ("rollout", "scoring", "update")}
+    per_update = sum(t.values())
+    base = base or per_update
+    print(f"| {'PPO' if arm == 'ppo' else 'DR-PO ' + arm} | {args.batch_size / per_update:.2f} | {per_update:.2f} "
+          f"({per_update / base:.3f}x) | {t['rollout']:.2f} | {t['scoring']:.2f} | {t['update']:.2f} | "
+          f"{sum(r.get('reset/mean_h', 0) for r in rows) / len(rows):.1f} | {rows[-1]['peak_memory_gb']:.1f} GB |")
