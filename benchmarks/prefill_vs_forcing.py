@@ -46,11 +46,12 @@ class ForcePrefix(LogitsProcessor):
         return scores
 
 
-def ours():
-    batch, hs = drpo_tldr.left_pad(states, pad), h
+def ours():  # as drpo_tldr.py: chunks in order of h, each left-padded to its own width
+    order = torch.argsort(h, stable=True)
     for i in range(0, BATCH, CHUNK):
-        state = batch[i : i + CHUNK]
-        n = R - int(hs[i : i + CHUNK].min())
+        idx = order[i : i + CHUNK].tolist()
+        state = drpo_tldr.left_pad([states[j] for j in idx], pad)
+        n = R - int(h[idx].min())
         model.generate(input_ids=state, attention_mask=(state != pad).long(), max_new_tokens=n, min_new_tokens=n, **sampling)
 
 
