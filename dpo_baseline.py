@@ -53,6 +53,9 @@ class Args:
     """conservative DPO (Mitchell 2023): the assumed probability that a label is flipped"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """sigmoid: DPO's loss; ipo: IPO's squared loss (Azar et al. 2023)"""
+    rpo_alpha: float = 0.0
+    """RPO (Pang et al. 2024; TRL's rpo_alpha): add rpo_alpha * the chosen responses' per-token NLL to the loss, which
+    keeps their likelihood from falling (DPO's likelihood displacement); 0: plain DPO"""
     lr: float = 3e-6
     """learning rate (cosine schedule to 0)"""
     eps: float = 1e-5
@@ -265,14 +268,17 @@ def sequence_logprobs(model, pairs, pad_id: int, device):
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0,
-             loss_type: str = "sigmoid"):
+             loss_type: str = "sigmoid", rpo_alpha: float = 0.0, chosen_lengths=None):
     """DPO: -log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))), with conservative label smoothing, or IPO's
-    (h - 1 / (2 beta))^2. Returns (mean loss, implicit chosen rewards, implicit rejected rewards)."""
+    (h - 1 / (2 beta))^2; RPO adds rpo_alpha * the chosen responses' NLL per token (chosen_lengths: their token
+    counts). Returns (mean loss, implicit chosen rewards, implicit rejected rewards)."""
     logits = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     if loss_type == "ipo":
         losses = (logits - 1 / (2 * beta)) ** 2
     else:
         losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    if rpo_alpha:
+        losses = losses + rpo_alpha * -policy_chosen / chosen_lengths
     return losses.mean(), beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
 
 
@@ -405,7 +411,8 @@ if __name__ == "__main__":
             with autocast:
                 logp_c, logp_r = sequence_logprobs(policy, [train_pairs[i] for i in mb], pad_id, device)
             loss, reward_c, reward_r = dpo_loss(logp_c, logp_r, ref["train"][0][mb].to(device), ref["train"][1][mb].to(device),
-                                                args.beta, args.label_smoothing, args.loss_type)
+                                                args.beta, args.label_smoothing, args.loss_type, args.rpo_alpha,
+                                                torch.tensor([len(train_pairs[i][1]) for i in mb], device=device))
             if not torch.isfinite(loss):
                 raise SystemExit(f"non-finite loss {loss.item()} at step {update}; lower --lr or check the data")
             (loss / args.gradient_accumulation_steps).backward()

@@ -27,6 +27,9 @@ def test_dpo_ipo_and_label_smoothing_by_hand():
     assert loss.item() == pytest.approx(0.9 * math.log(1 + math.exp(-0.2)) + 0.1 * math.log(1 + math.exp(0.2)), abs=1e-6)
     loss, _, _ = dpo.dpo_loss(*args, beta=0.1, loss_type="ipo")
     assert loss.item() == pytest.approx((2 - 1 / 0.2) ** 2, abs=1e-5)
+    # RPO: plus alpha * the chosen NLL per token (logp_c = -1 over 4 tokens: 0.25)
+    loss, _, _ = dpo.dpo_loss(*args, beta=0.1, rpo_alpha=0.5, chosen_lengths=torch.tensor([4]))
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.2)) + 0.5 * 0.25, abs=1e-6)
 
 
 def test_sequence_logprobs_mask_prompt_and_padding_exactly(sft_model):
