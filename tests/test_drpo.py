@@ -177,3 +177,32 @@ def test_hard_exploration_drpo_solves_what_ppo_cannot(world, tmp_path):
     assert drpo_evals[-1] >= 0.8, drpo_evals  # DR-PO writes the password from the prompt alone
     assert max(ppo_evals) <= 0.05 and len(logs[0]) >= len(logs[0.5]), ppo_evals  # PPO, with at least as many episodes
     assert max(m["objective/raw_scores"] for m in logs[0]) <= 0.05  # PPO: next to no rewarded episode at all
+
+
+RECORDER = '''import json, os
+def record(prompts, responses):
+    with open(os.environ["RECORD_FILE"], "a") as f:
+        f.writelines(json.dumps([p, r]) + "\\n" for p, r in zip(prompts, responses))
+    return [0.0] * len(prompts)
+'''
+
+
+def test_rollout_keeps_each_episode_with_its_own_reset_state(world, sft_model, tmp_path):
+    """The rollout generates in order of h and puts the results back in batch order: every scored response must
+    start with the prefix of its own prompt's chosen response (a wrong permutation pairs it with another's)."""
+    (tmp_path / "record.py").write_text(RECORDER)
+    run_script("drpo_tldr.py", "--reset-prob", 1, "--reset-min-prefix", 2, "--sft-model-path", sft_model, "--value-model-path",
+               sft_model, "--reward-fn", f"{tmp_path}/record.py:record", "--dataset-name", world / "tldr_comparisons",
+               "--output-dir", tmp_path / "o", *SMALL, "--local-rollout-forward-batch-size", 8, "--total-episodes", 32,
+               cwd=tmp_path, env={"RECORD_FILE": str(tmp_path / "scored.jsonl")})
+    tokenizer = drpo_tldr.load_tokenizer(str(sft_model))
+    chosen_of = {}
+    for line in open(world / "tldr_comparisons" / "train.jsonl"):
+        row = json.loads(line)
+        prompt = drpo_tldr.TLDR_FORMAT.format(**row["info"])
+        chosen_of.setdefault(prompt, set()).add(tokenizer.decode(tokenizer(row["summaries"][row["choice"]]["text"]).input_ids[:2]))
+    scored = [json.loads(x) for x in open(tmp_path / "scored.jsonl")]
+    assert len(scored) == 32
+    assert all(any(response.startswith(prefix) for prefix in chosen_of[prompt]) for prompt, response in scored)
+    heads = {response[:6] for _, response in scored}
+    assert len(heads) > 5  # many different prefixes, so a shuffled pairing could not pass by chance
