@@ -187,22 +187,26 @@ def record(prompts, responses):
 '''
 
 
-def test_rollout_keeps_each_episode_with_its_own_reset_state(world, sft_model, tmp_path):
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_rollout_keeps_each_episode_with_its_own_reset_state(script, world, sft_model, tmp_path):
     """The rollout generates in order of h and puts the results back in batch order: every scored response must
     start with the prefix of its own prompt's chosen response (a wrong permutation pairs it with another's)."""
     (tmp_path / "record.py").write_text(RECORDER)
-    run_script("drpo_tldr.py", "--reset-prob", 1, "--reset-min-prefix", 2, "--sft-model-path", sft_model, "--value-model-path",
-               sft_model, "--reward-fn", f"{tmp_path}/record.py:record", "--dataset-name", world / "tldr_comparisons",
-               "--output-dir", tmp_path / "o", *SMALL, "--local-rollout-forward-batch-size", 8, "--total-episodes", 32,
+    tldr = script is drpo_tldr
+    dataset = world / ("tldr_comparisons" if tldr else "hh")
+    run_script(f"{script.__name__}.py", "--reset-prob", 1, "--reset-min-prefix", 2, "--sft-model-path", sft_model, "--value-model-path",
+               sft_model, "--reward-fn", f"{tmp_path}/record.py:record", "--dataset-name", dataset, "--output-dir", tmp_path / "o",
+               *SMALL, "--local-rollout-forward-batch-size", 8, "--total-episodes", 32,
                cwd=tmp_path, env={"RECORD_FILE": str(tmp_path / "scored.jsonl")})
-    tokenizer = drpo_tldr.load_tokenizer(str(sft_model))
-    chosen_of = {}
-    for line in open(world / "tldr_comparisons" / "train.jsonl"):
-        row = json.loads(line)
-        prompt = drpo_tldr.TLDR_FORMAT.format(**row["info"])
-        chosen_of.setdefault(prompt, set()).add(tokenizer.decode(tokenizer(row["summaries"][row["choice"]]["text"]).input_ids[:2]))
+    tokenizer = script.load_tokenizer(str(sft_model))
+    prefixes = {}  # prompt -> the first 2 tokens of its chosen response(s), as text
+    for row in map(json.loads, open(dataset / "train.jsonl")):
+        if tldr:
+            prompt, chosen = script.TLDR_FORMAT.format(**row["info"]), row["summaries"][row["choice"]]["text"]
+        else:
+            prompt, chosen, _ = script.hh_split(row["chosen"], row["rejected"])
+        prefixes.setdefault(prompt, set()).add(tokenizer.decode(script.response_ids(tokenizer, chosen)[:2]))
     scored = [json.loads(x) for x in open(tmp_path / "scored.jsonl")]
     assert len(scored) == 32
-    assert all(any(response.startswith(prefix) for prefix in chosen_of[prompt]) for prompt, response in scored)
-    heads = {response[:6] for _, response in scored}
-    assert len(heads) > 5  # many different prefixes, so a shuffled pairing could not pass by chance
+    assert all(any(response.startswith(p) for p in prefixes[prompt]) for prompt, response in scored)
+    assert len({response[:6] for _, response in scored}) > 5  # many different prefixes: a shuffle could not pass by chance
