@@ -23,6 +23,13 @@ python dpo_baseline.py --sft-model-path $W/sft --dataset-name $W/tldr_comparison
 echo; echo "== results on 200 held-out tiny-world prompts (sampled at temperature 0.7) =="
 python benchmarks/demo_report.py --world $W --policies sft=$W/sft ppo=$W/ppo drpo=$W/drpo dpo=$W/dpo
 
+echo; echo "== the DPO task (bland/: SFT's greedy answer is a bland one; the pairs prefer specific ones) =="
+python sft.py --base-model $W/base --dataset-name $W/bland/tldr_sft --output-dir $W/bland/sft \
+  --lr 1e-3 --num-train-epochs 6 --batch-size 32 --local-micro-batch-size 32 --eval-every 100
+python dpo_baseline.py --sft-model-path $W/bland/sft --dataset-name $W/bland/tldr_comparisons --output-dir $W/bland/dpo \
+  --lr 3e-4 --beta 0.1 --batch-size 32 --local-micro-batch-size 16 --eval-every 20
+python benchmarks/demo_report.py --world $W/bland --policies sft=$W/bland/sft dpo=$W/bland/dpo
+
 echo; echo "== win rates against the reference summaries: reward-model judge, then the tiny SFT model as an hf judge =="
 for J in "rm $W/rm" "hf $W/sft"; do
   set -- $J

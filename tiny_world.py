@@ -80,6 +80,23 @@ def make_rows(n: int, rng: random.Random):
     return rows
 
 
+# The DPO task: SFT references that are half the time one bland answer. The SFT policy's greedy answer is then that
+# bland answer (gold 0), though a specific one is often sampled; the comparisons prefer specific on-topic answers to
+# the bland one or to off-topic ones, as labelers do. In the main world SFT's greedy answers are already on-topic, so
+# DPO has no room to improve them there (BENCHMARKS.md). Written to {out}/bland/, with the main world's tokenizer.
+BLAND = " so what do i do ."
+
+
+def write_bland_world(out: str, args):
+    rng = random.Random(args.seed + 1)  # its own generator: the main world and the password task are unchanged
+    for split, n in (("train", args.n_train), ("validation", args.n_eval)):
+        rows = make_rows(n, rng)
+        sft = [tldr_sft(r | {"reference": BLAND if rng.random() < 0.5 else r["chosen"]}) for r in rows]
+        comparisons = [tldr_comparison(r | {"rejected": BLAND if rng.random() < 0.5 else r["rejected"]}, rng) for r in rows]
+        write_jsonl(f"{out}/tldr_sft/{split}.jsonl", sft)
+        write_jsonl(f"{out}/tldr_comparisons/{split}.jsonl", comparisons)
+
+
 def write_jsonl(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -149,6 +166,8 @@ class Args:
     """depth of the tiny GPT-NeoX"""
     password: bool = True
     """also write the hard-exploration task to {out}/password/ (its own word-level tokenizer and model)"""
+    bland: bool = True
+    """also write the DPO task to {out}/bland/ (SFT data whose most common answer is bland; uses {out}/base)"""
 
 
 def build_tokenizer(args: Args, texts: list[str]):
@@ -189,6 +208,8 @@ def main(args: Args):
     texts = [f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR: {r['chosen']} {r['rejected']}"
              for r in splits["train"]] + [hh_pair(r, rng)["chosen"] for r in splits["train"]]
     tokenizer = build_tokenizer(args, texts)
+    if args.bland:
+        write_bland_world(f"{args.out}/bland", args)
 
     worlds = [(args.out, tokenizer)]
     if args.password:
@@ -205,7 +226,7 @@ def main(args: Args):
         tok.save_pretrained(f"{out}/base")
         print(f"wrote {out}/base/ (GPT-NeoX, {sum(p.numel() for p in model.parameters()):,} params, vocab {len(tok)})")
     print(f"tiny world in {args.out}/: tldr_sft/, tldr_comparisons/, hh/ ({args.n_train} train, {args.n_eval} eval rows)"
-          + (", and the hard-exploration task in password/" if args.password else ""))
+          + (", the DPO task in bland/" if args.bland else "") + (", the hard-exploration task in password/" if args.password else ""))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The demo's results table: each policy against the SFT policy on the tiny world's held-out prompts.
 Usage: python benchmarks/demo_report.py --world tiny --policies sft=tiny/sft ppo=tiny/ppo
-Columns: mean reward-model score of sampled responses; gold win rate against the SFT reference summary (the
-tiny world's rule, ties count half); KL(policy || SFT) per response, estimated on the samples."""
+Columns: mean reward-model score of sampled responses ("-" when the world has no rm/); gold win rate against the
+SFT reference summary (the tiny world's rule, ties count half); KL(policy || SFT) per response, estimated on the
+samples; the mean gold score of greedy answers."""
 import argparse
 import json
 import os
@@ -28,7 +29,7 @@ prompts = [f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['p
 references = [" " + r["summary"] for r in rows]
 batch = tokenizer(prompts, return_tensors="pt", padding=True)
 width = batch.input_ids.shape[1]
-reward_model = AutoModelForSequenceClassification.from_pretrained(f"{args.world}/rm").eval()
+reward_model = AutoModelForSequenceClassification.from_pretrained(f"{args.world}/rm").eval() if os.path.isdir(f"{args.world}/rm") else None
 sft = AutoModelForCausalLM.from_pretrained(f"{args.world}/sft").eval()
 
 
@@ -39,7 +40,7 @@ def logprob_sum(model, sequences):
     return (logp * mask[:, width:]).sum(1)
 
 
-print(f"{'policy':<10} {'RM score':>9} {'gold win rate vs reference':>27} {'KL to SFT':>10}")
+print(f"{'policy':<10} {'RM score':>9} {'gold win rate vs reference':>27} {'KL to SFT':>10} {'greedy gold':>12}")
 for spec in args.policies:
     name, path = spec.split("=")
     policy = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -50,11 +51,15 @@ for spec in args.policies:
         out = torch.cat([out, torch.full((len(out), width + args.response_length - out.shape[1]), pad)], 1)
         responses = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         mask = out != pad
-        scores = reward_model.score(reward_model.base_model(input_ids=out.masked_fill(~mask, 0), attention_mask=mask,
-                                                            position_ids=(mask.cumsum(1) - 1).clamp(min=0)).last_hidden_state)[:, :, 0]
-        scores = scores.gather(1, (torch.arange(out.shape[1]) * mask).argmax(1, keepdim=True))[:, 0]
+        score = "-"
+        if reward_model is not None:
+            scores = reward_model.score(reward_model.base_model(input_ids=out.masked_fill(~mask, 0), attention_mask=mask,
+                                                                position_ids=(mask.cumsum(1) - 1).clamp(min=0)).last_hidden_state)[:, :, 0]
+            score = f"{scores.gather(1, (torch.arange(out.shape[1]) * mask).argmax(1, keepdim=True))[:, 0].mean().item():.3f}"
         kl = (logprob_sum(policy, out) - logprob_sum(sft, out)).mean().item()
+        greedy = policy.generate(**batch, max_new_tokens=args.response_length, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+    greedy_gold = sum(tiny_world.gold_reward(prompts, tokenizer.batch_decode(greedy[:, width:], skip_special_tokens=True))) / len(prompts)
     gold = tiny_world.gold_reward(prompts, responses)
     gold_ref = tiny_world.gold_reward(prompts, references)
     win = sum((g > r) + 0.5 * (g == r) for g, r in zip(gold, gold_ref)) / len(gold)
-    print(f"{name:<10} {scores.mean().item():>9.3f} {win:>27.3f} {kl:>10.3f}")
+    print(f"{name:<10} {score:>9} {win:>27.3f} {kl:>10.3f} {greedy_gold:>12.3f}")

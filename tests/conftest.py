@@ -38,6 +38,14 @@ def sft_model(world):
 
 
 @pytest.fixture(scope="session")
+def bland_sft_model(world):
+    """The SFT policy of the DPO task (tiny_world.py's bland/): its greedy answer is the bland one."""
+    run_script("sft.py", "--base-model", world / "base", "--dataset-name", world / "bland" / "tldr_sft", "--output-dir",
+               world / "bland" / "sft", *SFT_FLAGS, cwd=world)
+    return world / "bland" / "sft"
+
+
+@pytest.fixture(scope="session")
 def reward_run(world, sft_model):
     proc = run_script("reward_model.py", "--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons",
                       "--norm-dataset-name", world / "tldr_sft", "--output-dir", world / "rm", *RM_FLAGS, cwd=world)

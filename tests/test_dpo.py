@@ -51,33 +51,38 @@ def last_log(cwd):
     return [json.loads(x) for x in open(sorted(glob.glob(f"{cwd}/runs/*/metrics.jsonl"), key=os.path.getmtime)[-1])]
 
 
-def greedy_gold(model_dir, world, n=100):
+def greedy_gold(model_dir, data, n=100):
     tokenizer = dpo.load_tokenizer(str(model_dir))
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    rows = [json.loads(x) for x in open(world / "tldr_sft" / "validation.jsonl")][:n]
+    rows = [json.loads(x) for x in open(data / "tldr_sft" / "validation.jsonl")][:n]
     prompts = [f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR:" for r in rows]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
-    return tiny_world.gold_reward(prompts, tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True))
+    answers = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    return tiny_world.gold_reward(prompts, answers), answers
 
 
-def test_dpo_learns_on_the_tiny_world(world, sft_model, tmp_path):
-    proc = run_script("dpo_baseline.py", "--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons",
-                      "--output-dir", tmp_path / "dpo", *FLAGS, cwd=tmp_path)
+def test_dpo_learns_on_the_tiny_world(world, bland_sft_model, tmp_path):
+    # The DPO task of the tiny world (bland/): half the SFT references are one bland answer, so the SFT policy's
+    # greedy answer is that answer (gold 0); the comparisons prefer specific on-topic answers to it.
+    data = world / "bland"
+    proc = run_script("dpo_baseline.py", "--sft-model-path", bland_sft_model, "--dataset-name", data / "tldr_comparisons",
+                      "--output-dir", tmp_path / "dpo", "--lr", "3e-4", *FLAGS[2:], cwd=tmp_path)
     log = last_log(tmp_path)
-    # step 0: the policy is the reference: implicit rewards 0, loss log 2
+    # step 0: the policy is the reference: implicit rewards 0 (no pair ranked right), loss log 2
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and abs(log[0]["rewards/margins"]) < 1e-4
+    assert log[0]["rewards/accuracies"] == 0.0
     evals = [m["eval/rewards/accuracies"] for m in log if "eval/rewards/accuracies" in m]
-    assert evals[0] > 0.9 and evals[-1] > 0.95 and log[-1]["rewards/margins"] > 0.5  # held-out implicit-reward accuracy
+    assert evals[-1] > 0.95 and log[-1]["rewards/margins"] > 0.5  # held-out implicit-reward accuracy
     assert log[-1]["logps/rejected"] < log[0]["logps/rejected"] - 5  # the rejected answers lost most of their probability
     assert "computed the reference log-probs" in proc.stdout
-    # Not asserted, because it does not hold (see BENCHMARKS.md): greedy answers of the DPO policy score lower on the
-    # gold rule than the SFT policy's. DPO lowers the chosen answers' likelihood too, and greedy decoding then
-    # often ends at once (" ."). TRL's DPOTrainer does the same on this data (BENCHMARKS.md lists what was tried).
-    # Recorded here so that a fix shows up as a change in these numbers.
-    sft, tuned = greedy_gold(sft_model, world), greedy_gold(tmp_path / "dpo", world)
-    print(f"greedy gold: SFT {sum(sft) / len(sft):.3f}, DPO {sum(tuned) / len(tuned):.3f}")
+    # the gold rule on greedy answers to 100 held-out prompts, DPO against SFT
+    (sft, sft_answers), (tuned, _) = greedy_gold(bland_sft_model, data), greedy_gold(tmp_path / "dpo", data)
+    wins = sum((t > s) + 0.5 * (t == s) for s, t in zip(sft, tuned)) / len(sft)
+    print(f"greedy gold: SFT {sum(sft) / len(sft):.3f}, DPO {sum(tuned) / len(tuned):.3f}, win rate {wins:.3f}")
+    assert sft_answers.count(tiny_world.BLAND) > 90  # the premise: SFT's greedy answer is the bland one
+    assert sum(tuned) / len(tuned) > sum(sft) / len(sft) + 0.3 and wins > 0.7
 
 
 def test_reference_cache_is_reused_and_invalidated(world, sft_model, tmp_path):
