@@ -52,7 +52,7 @@ for arm in ARMS:
         run = next(d for d in os.listdir(f"{OUT}/runs") if f"__{name}__" in d)
         rows = [json.loads(x) for x in open(f"{OUT}/runs/{run}/metrics.jsonl")]
         curves[arm, seed] = [(r["episodes"], r["eval/score"]) for r in rows if "eval/score" in r]
-print(f"| setting | seeds solved (greedy success from the prompt >= 0.9 at the end) | first update at >= 0.9, per seed |")
+print("| setting | seeds solved (greedy success from the prompt >= 0.9 at the end) | first update at >= 0.9, per seed |")
 print("|---|---|---|")
 for arm in ARMS:
     firsts = [next((e // 64 for e, s in curves[arm, seed] if s >= 0.9), None) for seed in SEEDS]

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 import reward_model
 import sft

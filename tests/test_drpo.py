@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM
 
 import drpo_hh
 import drpo_tldr
-import ppo_baseline
 from conftest import ROOT, run_script
 from test_ppo import SMALL, metrics_file
 
