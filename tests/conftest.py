@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny world (BPE tokenizer, tiny GPT-NeoX, jsonl data) and the SFT / reward models trained on it."""
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,28 @@ def run_script(script, *flags, cwd=None, env=None, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
     return proc
+
+
+def policy_gold(model_dir, data, n, seed=0, **generate_kwargs):
+    """A policy's answers (8 tokens, left-padded batch) to the first n held-out TL;DR prompts of a tiny-world data
+    folder, and their gold scores: (scores, answers). generate_kwargs: do_sample, temperature, ..."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import sft
+    import tiny_world
+
+    tokenizer = sft.load_tokenizer(str(model_dir))
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = [json.loads(line) for line in open(data / "tldr_sft" / "validation.jsonl")][:n]
+    prompts = [f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR:" for r in rows]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    torch.manual_seed(seed)
+    out = model.generate(**batch, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         **generate_kwargs)
+    answers = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    return tiny_world.gold_reward(prompts, answers), answers
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import dpo_baseline as dpo
 import tiny_world
-from conftest import ROOT, run_script
+from conftest import ROOT, policy_gold, run_script
 
 PAD, EOS = 1, 0
 
@@ -51,18 +51,6 @@ def last_log(cwd):
     return [json.loads(x) for x in open(sorted(glob.glob(f"{cwd}/runs/*/metrics.jsonl"), key=os.path.getmtime)[-1])]
 
 
-def greedy_gold(model_dir, data, n=100):
-    tokenizer = dpo.load_tokenizer(str(model_dir))
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    rows = [json.loads(x) for x in open(data / "tldr_sft" / "validation.jsonl")][:n]
-    prompts = [f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR:" for r in rows]
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
-    answers = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
-    return tiny_world.gold_reward(prompts, answers), answers
-
-
 def test_dpo_learns_on_the_tiny_world(world, bland_sft_model, tmp_path):
     # The DPO task of the tiny world (bland/): half the SFT references are one bland answer, so the SFT policy's
     # greedy answer is that answer (gold 0); the comparisons prefer specific on-topic answers to it.
@@ -78,7 +66,7 @@ def test_dpo_learns_on_the_tiny_world(world, bland_sft_model, tmp_path):
     assert log[-1]["logps/rejected"] < log[0]["logps/rejected"] - 5  # the rejected answers lost most of their probability
     assert "computed the reference log-probs" in proc.stdout
     # the gold rule on greedy answers to 100 held-out prompts, DPO against SFT
-    (sft, sft_answers), (tuned, _) = greedy_gold(bland_sft_model, data), greedy_gold(tmp_path / "dpo", data)
+    (sft, sft_answers), (tuned, _) = (policy_gold(m, data, 100, do_sample=False) for m in (bland_sft_model, tmp_path / "dpo"))
     wins = sum((t > s) + 0.5 * (t == s) for s, t in zip(sft, tuned)) / len(sft)
     print(f"greedy gold: SFT {sum(sft) / len(sft):.3f}, DPO {sum(tuned) / len(tuned):.3f}, win rate {wins:.3f}")
     assert sft_answers.count(tiny_world.BLAND) > 90  # the premise: SFT's greedy answer is the bland one

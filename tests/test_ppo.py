@@ -8,8 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ppo_baseline as ppo
-import tiny_world
-from conftest import ROOT, SHARED, requires_shared, run_script
+from conftest import ROOT, SHARED, policy_gold, requires_shared, run_script
 
 PAD, EOS = 1, 0
 
@@ -113,21 +112,6 @@ def metrics_file(stdout, cwd):
     return os.path.join(cwd, "runs", run_name, "metrics.jsonl")
 
 
-def sampled_gold(model_dir, world, n=96, seed=0):
-    import sft
-
-    tokenizer = sft.load_tokenizer(str(model_dir))
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    rows = [json.loads(line) for line in open(world / "tldr_sft" / "validation.jsonl")][:n]
-    prompts = [f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR:" for r in rows]
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    torch.manual_seed(seed)
-    out = model.generate(**batch, max_new_tokens=8, do_sample=True, temperature=0.7, top_k=0, pad_token_id=tokenizer.pad_token_id)
-    responses = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
-    return sum(tiny_world.gold_reward(prompts, responses)) / n
-
-
 def test_first_ratio_is_one_and_gold_reward_rises(world, sft_model, reward_run, tmp_path):
     # the gold rule scores in [-1, 1]: the value model starts from the SFT model with a fresh head, not from the RM
     proc, metrics = ppo_run(world, sft_model, tmp_path / "ppo", "--reward-fn", GOLD, "--value-model-path", sft_model, "--lr", 1e-3,
@@ -136,7 +120,7 @@ def test_first_ratio_is_one_and_gold_reward_rises(world, sft_model, reward_run, 
     for m in metrics:  # first PPO epoch, first minibatch: the policy has not moved yet (fp32 on CPU)
         assert abs(m["policy/first_ratio"] - 1) < 1e-5 and m["policy/first_approxkl"] < 1e-9
     assert all(m["val/eos_fraction"] > 0.5 for m in metrics) and metrics[-1]["objective/kl"] > 0
-    before, after = sampled_gold(sft_model, world), sampled_gold(tmp_path / "ppo", world)
+    before, after = (sum(policy_gold(m, world, 96, do_sample=True, temperature=0.7, top_k=0)[0]) / 96 for m in (sft_model, tmp_path / "ppo"))
     assert after > before + 0.2, (before, after)
     first, last = [sum(m["objective/scores"] for m in metrics[i : i + 5]) / 5 for i in (0, 25)]
     assert last > first + 0.25, (first, last)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import reward_model
 import tiny_world
-from conftest import RM_FLAGS, ROOT, run_script
+from conftest import RM_FLAGS, ROOT, policy_gold, run_script
 
 
 def test_bt_loss_hand_computed():
@@ -63,28 +63,14 @@ def tiny_world_prompt(r):
     return f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR:"
 
 
-def greedy_gold(model_dir, world, n=64):
-    import sft
-
-    tokenizer = sft.load_tokenizer(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    prompts, _ = prompts_of(world)
-    responses = []
-    for prompt in prompts[:n]:
-        ids = torch.tensor([tokenizer.encode(prompt)])
-        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        responses.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    return sum(tiny_world.gold_reward(prompts[:n], responses)) / n
-
-
 def test_sft_end_to_end(world, sft_model):
     log = [json.loads(line) for line in open(glob.glob(str(world / "runs" / "tldr__sft__*" / "metrics.jsonl"))[0])]
     evals = [m["eval_loss"] for m in log if "eval_loss" in m]
     assert evals[-1] < evals[0] - 0.3 and evals[-1] < 2.2 and all(m["tokens_per_s"] > 0 for m in log)
     assert AutoModelForCausalLM.from_pretrained(sft_model).config.pad_token_id != 0
     # SFT imitates references that are 2/3 on topic (gold 1/3): from ~0 for the random base to clearly positive
-    assert greedy_gold(world / "base", world) < 0.1
-    assert greedy_gold(sft_model, world) > 0.2
+    assert sum(policy_gold(world / "base", world, 64, do_sample=False)[0]) / 64 < 0.1
+    assert sum(policy_gold(sft_model, world, 64, do_sample=False)[0]) / 64 > 0.2
 
 
 def test_reward_model_end_to_end(world, reward_run):
