@@ -2,6 +2,7 @@
 # Docs: README.md#dpo_baselinepy
 import hashlib
 import json
+import math
 import os
 import random
 import resource
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 @dataclass
@@ -25,6 +26,11 @@ class Args:
     """seed of the experiment"""
     cuda: bool = True
     """use CUDA when available (bf16 autocast there); CPU otherwise"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the trained policy, whatever the checkpoint stores: Pythia is stored in fp16, where AdamW's second moment
+    underflows. bfloat16 halves its memory and loses small updates; bf16 autocast runs on CUDA either way"""
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the frozen reference; auto: bfloat16 on CUDA (no fp32 copy needed), float32 on CPU"""
     track: bool = False
     """log to Weights & Biases (needs `wandb`)"""
     task: Literal["tldr", "hh"] = "tldr"
@@ -135,12 +141,19 @@ def check_row(row: dict, i: int, schema: dict, source: str):
             raise SystemExit(f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}")
 
 
+def encode(tokenizer, text: str, special: bool = True):
+    """Token ids of a data text. A special token's string inside the text (a Reddit post can hold `<|endoftext|>`)
+    is encoded as plain text, never as that token. `special` adds the tokenizer's own special tokens (Llama's BOS):
+    prompts get them; responses and pieces of text do not."""
+    return tokenizer.encode(text, add_special_tokens=special, split_special_tokens=True)
+
+
 def tldr_query(tokenizer, row: dict, query_length: int):
     """OpenAI's TL;DR query. A post that does not fit is cut back at its last newline, then hard-truncated.
     Returns (token ids, whether the post was truncated); None when even an empty post does not fit."""
     post, truncated = row["post"], False
     while True:
-        ids = tokenizer.encode(TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))
+        ids = encode(tokenizer, TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))
         if len(ids) <= query_length:
             return ids, truncated
         if not post:
@@ -149,7 +162,7 @@ def tldr_query(tokenizer, row: dict, query_length: int):
         if "\n" in post:  # OpenAI's "smart truncation": drop the last paragraph or line
             post = post[: post.rfind("\n")].rstrip()
         else:
-            post_ids = tokenizer.encode(post)
+            post_ids = encode(tokenizer, post, special=False)
             post = tokenizer.decode(post_ids[: max(0, len(post_ids) - (len(ids) - query_length))])
 
 
@@ -162,9 +175,18 @@ def hh_split(chosen: str, rejected: str):
     return chosen[:end], chosen[end:], rejected[end:]
 
 
+def hh_prompt(tokenizer, prompt: str, query_length: int):
+    """HH prompt ids: a long conversation keeps its end (left truncation) and the tokenizer's leading special tokens
+    (Llama's BOS). Returns (ids, whether the prompt was truncated)."""
+    head = tokenizer.encode("")  # what the tokenizer puts before any text: [BOS], or nothing
+    ids = encode(tokenizer, prompt, special=False)
+    cut = max(0, len(head) + len(ids) - query_length)
+    return head + ids[cut:], cut > 0
+
+
 def response_ids(tokenizer, text: str):
     """A response gets one leading space and the EOS token (the EOS is appended as an id, never as text)."""
-    return tokenizer.encode(" " + text.strip()) + [tokenizer.eos_token_id]
+    return encode(tokenizer, " " + text.strip(), special=False) + [tokenizer.eos_token_id]
 
 
 def load_tokenizer(path: str):
@@ -210,9 +232,7 @@ def build_pairs(args: Args, tokenizer, split: str, limit: Optional[int]):
             if split_ is None:
                 counts["dropped_no_shared_prompt"] += 1
                 continue
-            query_ids, chosen, rejected = tokenizer.encode(split_[0]), split_[1], split_[2]
-            truncated = len(query_ids) > args.query_length
-            query_ids = query_ids[-args.query_length :]  # HH keeps the end of a long conversation
+            (query_ids, truncated), chosen, rejected = hh_prompt(tokenizer, split_[0], args.query_length), split_[1], split_[2]
         counts["query_truncated"] += truncated
         if not chosen.strip() or not rejected.strip():
             counts["dropped_empty_response"] += 1
@@ -282,10 +302,11 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return losses.mean(), beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
 
 
-def cache_key(model_path: str, pairs_by_split: dict):
-    """Hash of the reference model (for a local folder: its files' names, sizes and times) and of the exact token
-    ids of every pair, so a change to the model, the data or the tokenisation settings misses the cache."""
-    h = hashlib.sha256(model_path.encode())
+def cache_key(model_path: str, settings: str, pairs_by_split: dict):
+    """Hash of the reference model (for a local folder: its files' names, sizes and times), of the settings it runs
+    with (dtype, device) and of the exact token ids of every pair, so a change to the model, its precision, the data
+    or the tokenisation settings misses the cache."""
+    h = hashlib.sha256(f"{model_path}|{settings}".encode())
     if os.path.isdir(model_path):
         for name in sorted(os.listdir(model_path)):
             stat = os.stat(os.path.join(model_path, name))
@@ -334,6 +355,10 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if args.frozen_dtype == "auto":  # a frozen model needs no fp32 copy on a GPU; on a CPU bf16 is slow
+        args.frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    print(f"dtypes: policy {args.dtype} (trained), reference {args.frozen_dtype} (frozen), "
+          f"bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type})")
 
     tokenizer = load_tokenizer(args.sft_model_path)
     pad_id = tokenizer.pad_token_id
@@ -345,13 +370,13 @@ if __name__ == "__main__":
     print(json.dumps(asdict(args), indent=1))
 
     # ---- reference log-probs: computed once, cached on disk; a cache hit never loads the reference model ----
-    key = cache_key(args.sft_model_path, {"train": train_pairs, "eval": eval_pairs})
+    key = cache_key(args.sft_model_path, f"{args.frozen_dtype}|{device.type}", {"train": train_pairs, "eval": eval_pairs})
     cache_file = f"{args.ref_cache_dir}/{key}.pt"
     if os.path.exists(cache_file):
         ref = torch.load(cache_file)
         print(f"reference log-probs from the cache {cache_file}; the reference model is not loaded")
     else:
-        ref_model = from_pretrained(AutoModelForCausalLM, args.sft_model_path).to(device)
+        ref_model = from_pretrained(AutoModelForCausalLM, args.sft_model_path, dtype=getattr(torch, args.frozen_dtype)).to(device)
         if len(tokenizer) > ref_model.get_input_embeddings().num_embeddings:
             ref_model.resize_token_embeddings(len(tokenizer))
         start = time.time()
@@ -363,7 +388,8 @@ if __name__ == "__main__":
         os.replace(cache_file + ".tmp", cache_file)  # a crash never leaves a half-written cache
         print(f"computed the reference log-probs in {time.time() - start:.1f}s; cached in {cache_file}")
 
-    policy = from_pretrained(AutoModelForCausalLM, args.resume_from if checkpoint and not args.use_lora else args.sft_model_path)
+    policy = from_pretrained(AutoModelForCausalLM, args.resume_from if checkpoint and not args.use_lora else args.sft_model_path,
+                             dtype=getattr(torch, args.dtype))
     if len(tokenizer) > policy.get_input_embeddings().num_embeddings:
         policy.resize_token_embeddings(len(tokenizer))
     policy.config.pad_token_id = pad_id
@@ -384,7 +410,9 @@ if __name__ == "__main__":
     policy = policy.to(device).train()
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.eps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, args.num_updates)
+    # cosine decay to 0, no warmup: transformers' get_cosine_schedule_with_warmup to the last bit, without the seconds its
+    # import costs at start-up
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (step / args.num_updates))))
     start_update = 1
     if checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])

@@ -69,6 +69,8 @@ class Args:
     """seed of sampling and of the random order"""
     cuda: bool = True
     """use CUDA when available"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the policies and of a local judge; auto: bfloat16 on CUDA, float32 on CPU"""
 
 
 PROMPTS = {
@@ -89,6 +91,19 @@ PROMPTS = {
 DEFAULT_DATASETS = {"tldr": "vwxyzjn/summarize_from_feedback_tldr_3_filtered", "hh": "Anthropic/hh-rlhf"}
 TLDR_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 HH_TAG = "\n\nAssistant:"
+
+
+def encode(tokenizer, text: str, special: bool = True):
+    """Token ids of a text; a special token's string inside it (a post can hold `<|endoftext|>`) stays plain text.
+    `special` adds the tokenizer's own special tokens (Llama's BOS): prompts get them, responses do not."""
+    return tokenizer.encode(text, add_special_tokens=special, split_special_tokens=True)
+
+
+def prompt_ids(tokenizer, prompt: str, query_length: int):
+    """A long prompt keeps its end (as in training) and the tokenizer's leading special tokens (Llama's BOS)."""
+    head = tokenizer.encode("")
+    ids = encode(tokenizer, prompt, special=False)
+    return head + ids[max(0, len(head) + len(ids) - query_length) :]
 
 
 class JudgeAuthError(Exception):
@@ -189,7 +204,7 @@ def hf_judge(model, tokenizer, device):
 
     @torch.no_grad()
     def call(text: str):
-        ids = tokenizer.encode(text.rsplit("Preferred:", 1)[0] + "Comparison: -\nPreferred:", return_tensors="pt").to(device)
+        ids = torch.tensor([encode(tokenizer, text.rsplit("Preferred:", 1)[0] + "Comparison: -\nPreferred:")], device=device)
         logp = model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
         choice = "A" if logp[ids_a] >= logp[ids_b] else "B"
         return f"logp(A)={logp[ids_a].item():.4f} logp(B)={logp[ids_b].item():.4f}\nPreferred: {choice}"
@@ -198,15 +213,17 @@ def hf_judge(model, tokenizer, device):
 
 
 def reward_scores(model, tokenizer, prompts, responses, device, batch_size: int):
-    """Reward-model scores of prompt + response (+ EOS), read at the last non-pad token."""
+    """Reward-model scores of prompt + response (+ EOS), read at the last non-pad token. reward_model.py keeps its
+    normalisation in config.reward_bias where the architecture cannot hold it in the weights (Llama's RMSNorm)."""
+    offset = 0.0 if getattr(model.config, "reward_bias_in_weights", True) else model.config.reward_bias
     scores = []
     for i in range(0, len(prompts), batch_size):
-        seqs = [tokenizer.encode(p) + tokenizer.encode(" " + r.strip()) + [tokenizer.eos_token_id]
+        seqs = [encode(tokenizer, p) + encode(tokenizer, " " + r.strip(), special=False) + [tokenizer.eos_token_id]
                 for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
         width = max(map(len, seqs))
         ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], device=device)
         with torch.no_grad():
-            scores += model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits[:, 0].tolist()
+            scores += (model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits[:, 0].float() + offset).tolist()
     return scores
 
 
@@ -227,7 +244,7 @@ def load_examples(args: Args, tokenizer):
     for i, row in enumerate(ds.select(range(min(args.num_examples, len(ds))))):
         if args.task == "tldr":
             post = row["post"]
-            while len(tokenizer.encode(TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))) > args.query_length and "\n" in post:
+            while len(encode(tokenizer, TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))) > args.query_length and "\n" in post:
                 post = post[: post.rfind("\n")].rstrip()  # OpenAI's smart truncation, as in training
             examples.append((TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post), " " + row["summary"].strip()))
         else:
@@ -241,22 +258,27 @@ def load_examples(args: Args, tokenizer):
 def generate(path: str, examples, args: Args, device):
     """Responses of one policy: temperature 0.01 sampling, response_length tokens, cut after the first EOS."""
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(device).eval()
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:  # a policy from elsewhere
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # a dedicated pad, so that the EOS is never masked
+        model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))
     model.generation_config.eos_token_id = None  # the EOS trick, as in training: sample all tokens, cut after the EOS
+    # never write the pad token, nor an embedding row past the tokenizer (no text encodes to it), as in training
+    non_tokens = [tokenizer.pad_token_id] + list(range(len(tokenizer), model.get_input_embeddings().num_embeddings))
     responses = []
     for i in range(0, len(examples), args.batch_size):
-        prompts = [tokenizer.encode(p)[-args.query_length :] for p, _ in examples[i : i + args.batch_size]]
+        prompts = [prompt_ids(tokenizer, p, args.query_length) for p, _ in examples[i : i + args.batch_size]]
         width = max(map(len, prompts))
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
         out = model.generate(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), max_new_tokens=args.response_length,
                              min_new_tokens=args.response_length, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
-                             pad_token_id=tokenizer.pad_token_id)[:, width:]
+                             pad_token_id=tokenizer.pad_token_id, suppress_tokens=non_tokens)[:, width:]
         for row in out.tolist():
             row = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
             responses.append(tokenizer.decode(row, skip_special_tokens=True))
         print(f"  {path}: {len(responses)}/{len(examples)} responses", end="\r")
     print()
-    return responses, [len(tokenizer.encode(r)) for r in responses], tokenizer
+    return responses, [len(encode(tokenizer, r, special=False)) for r in responses], tokenizer
 
 
 def read_responses(path: str):
@@ -279,6 +301,8 @@ if __name__ == "__main__":
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.dtype == "auto":  # nothing is trained here: bf16 on a GPU, fp32 on a CPU (where bf16 is slow)
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
     template = open(args.judge_prompt_file).read() if args.judge_prompt_file else PROMPTS[args.task]
     os.makedirs(args.output_dir, exist_ok=True)
 
@@ -293,7 +317,7 @@ if __name__ == "__main__":
         examples = load_examples(args, tokenizer)
         responses, lengths, tokenizer = generate(path, examples, args, device)
         references = [ref for _, ref in examples]
-        systems[path] = ([p for p, _ in examples], responses, references, lengths, [len(tokenizer.encode(r)) for r in references])
+        systems[path] = ([p for p, _ in examples], responses, references, lengths, [len(encode(tokenizer, r, special=False)) for r in references])
 
     # ---- 2. the judge ----
     if args.judge == "openai":
@@ -303,10 +327,10 @@ if __name__ == "__main__":
         judge_call = openai_judge(args, api_key)
     elif args.judge == "hf":
         judge_tokenizer = AutoTokenizer.from_pretrained(args.judge_model)
-        judge_call = hf_judge(AutoModelForCausalLM.from_pretrained(args.judge_model).to(device).eval(), judge_tokenizer, device)
+        judge_call = hf_judge(AutoModelForCausalLM.from_pretrained(args.judge_model, dtype=getattr(torch, args.dtype)).to(device).eval(), judge_tokenizer, device)
     else:
         rm_tokenizer = AutoTokenizer.from_pretrained(args.judge_model)
-        reward_model = AutoModelForSequenceClassification.from_pretrained(args.judge_model).to(device).eval()
+        reward_model = AutoModelForSequenceClassification.from_pretrained(args.judge_model, dtype=getattr(torch, args.dtype)).to(device).eval()
     cache = Cache(args.cache_file)
     summary = {"judge": args.judge, "judge_model": args.judge_model, "judge_prompt": template, "order": args.order, "task": args.task,
                "models": {}}

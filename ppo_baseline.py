@@ -23,6 +23,11 @@ class Args:
     """seed of the experiment"""
     cuda: bool = True
     """use CUDA when available (bf16 autocast there); CPU otherwise"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the trained weights (policy, value model), whatever the checkpoint stores: Pythia is stored in fp16, where
+    AdamW's second moment underflows. bfloat16 halves their memory and loses small updates; bf16 autocast runs on CUDA either way"""
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the frozen models (reference policy, reward model); auto: bfloat16 on CUDA (no fp32 copy needed), float32 on CPU"""
     track: bool = False
     """log to Weights & Biases (needs `wandb`)"""
     tensorboard: bool = False
@@ -156,12 +161,19 @@ def check_row(row: dict, i: int, schema: dict, source: str):
             raise SystemExit(f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}")
 
 
+def encode(tokenizer, text: str, special: bool = True):
+    """Token ids of a data text. A special token's string inside the text (a Reddit post can hold `<|endoftext|>`)
+    is encoded as plain text, never as that token. `special` adds the tokenizer's own special tokens (Llama's BOS):
+    prompts get them; responses and pieces of text do not."""
+    return tokenizer.encode(text, add_special_tokens=special, split_special_tokens=True)
+
+
 def tldr_query(tokenizer, row: dict, query_length: int):
     """OpenAI's TL;DR query. A post that does not fit is cut back at its last newline, then hard-truncated.
     Returns (token ids, whether the post was truncated); None when even an empty post does not fit."""
     post, truncated = row["post"], False
     while True:
-        ids = tokenizer.encode(TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))
+        ids = encode(tokenizer, TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))
         if len(ids) <= query_length:
             return ids, truncated
         if not post:
@@ -170,7 +182,7 @@ def tldr_query(tokenizer, row: dict, query_length: int):
         if "\n" in post:  # OpenAI's "smart truncation": drop the last paragraph or line
             post = post[: post.rfind("\n")].rstrip()
         else:
-            post_ids = tokenizer.encode(post)
+            post_ids = encode(tokenizer, post, special=False)
             post = tokenizer.decode(post_ids[: max(0, len(post_ids) - (len(ids) - query_length))])
 
 
@@ -181,6 +193,15 @@ def hh_split(chosen: str, rejected: str):
         return None
     end += len(HH_TAG)
     return chosen[:end], chosen[end:], rejected[end:]
+
+
+def hh_prompt(tokenizer, prompt: str, query_length: int):
+    """HH prompt ids: a long conversation keeps its end (left truncation) and the tokenizer's leading special tokens
+    (Llama's BOS). Returns (ids, whether the prompt was truncated)."""
+    head = tokenizer.encode("")  # what the tokenizer puts before any text: [BOS], or nothing
+    ids = encode(tokenizer, prompt, special=False)
+    cut = max(0, len(head) + len(ids) - query_length)
+    return head + ids[cut:], cut > 0
 
 
 def build_queries(args: Args, tokenizer):
@@ -201,9 +222,7 @@ def build_queries(args: Args, tokenizer):
             if split is None:
                 counts["dropped_no_shared_prompt"] += 1
                 continue
-            ids = tokenizer.encode(split[0])
-            truncated = len(ids) > args.query_length
-            ids = ids[-args.query_length :]  # HH keeps the end of a long conversation
+            ids, truncated = hh_prompt(tokenizer, split[0], args.query_length)
         counts["query_truncated"] += truncated
         queries.append(ids)
     print(f"{name} ({args.train_split}): {len(queries)} prompts kept; {counts}")
@@ -260,6 +279,13 @@ def left_pad(sequences, pad_id: int):
     return torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
 
 
+def non_token_ids(tokenizer, vocab_size: int):
+    """Ids the policy must never write. The pad token: the code reads it as padding, so a sampled one would end the
+    response unseen, untrained and unpenalised (an absorbing action). And the embedding rows past the tokenizer's
+    vocabulary, which no text encodes to (Pythia-1B has 50304 rows for 50278 tokens)."""
+    return [tokenizer.pad_token_id] + list(range(len(tokenizer), vocab_size))
+
+
 def first_true_indices(bools, dtype=torch.long):
     """Index of the first True of each row, or the row length when there is none."""
     row_len = bools.size(-1)
@@ -282,11 +308,12 @@ def forward(model, query_responses, pad_id: int, **kwargs):
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
 
-def response_logprobs(model, query_responses, responses, pad_id: int, temperature: float):
+def response_logprobs(model, query_responses, responses, pad_id: int, temperature: float, non_tokens):
     """Log-probs of the response tokens, (batch, response_length). The LM head runs only on the response positions
-    (logits_to_keep), and the temperature divides the logits exactly as in sampling."""
+    (logits_to_keep); the temperature divides the logits and the non-tokens get probability 0, exactly as in sampling."""
     logits = forward(model, query_responses, pad_id, logits_to_keep=responses.shape[1] + 1).logits[:, :-1]
     logits = logits.float() / (temperature + 1e-7)
+    logits[..., non_tokens] = float("-inf")  # generate() suppresses them too (suppress_tokens)
     return torch.gather(logits.log_softmax(-1), 2, responses.unsqueeze(-1)).squeeze(-1)
 
 
@@ -294,6 +321,12 @@ def token_scores(model, query_responses, pad_id: int):
     """The scalar head of a sequence-classification model at every position, (batch, seq_len)."""
     hidden = forward(model.base_model, query_responses, pad_id).last_hidden_state
     return model.score(hidden).squeeze(-1).float()
+
+
+def reward_offset(reward_model):
+    """reward_model.py folds its normalisation into the weights where the architecture allows it (a final norm with a
+    bias: GPT-NeoX, GPT-2); otherwise (Llama's RMSNorm) the shift is kept in config.reward_bias, to be added here."""
+    return 0.0 if getattr(reward_model.config, "reward_bias_in_weights", True) else reward_model.config.reward_bias
 
 
 def last_token_index(input_ids, pad_id: int):
@@ -311,14 +344,15 @@ def penalize_missing_eos(scores, responses, eos_id: int, penalty: Optional[float
 
 
 def masked_mean(values, mask):
-    return (values * mask).sum() / mask.sum()
+    """Mean over the mask; 0, not NaN, when the mask is empty."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_var(values, mask):
-    """Unbiased variance over the mask (Bessel's correction, as the N+ code)."""
+    """Unbiased variance over the mask (Bessel's correction, as the N+ code); 0 for fewer than two tokens."""
     centered = values - masked_mean(values, mask)
     n = mask.sum()
-    return masked_mean(centered**2, mask) * n / (n - 1)
+    return masked_mean(centered**2, mask) * n / (n - 1).clamp(min=1)
 
 
 def whiten(values, mask, shift_mean: bool = True):
@@ -423,6 +457,10 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if args.frozen_dtype == "auto":  # frozen models need no fp32 copy on a GPU; on a CPU bf16 is slow
+        args.frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    print(f"dtypes: policy and value model {args.dtype} (trained), reference and reward model {args.frozen_dtype} (frozen), "
+          f"bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type})")
 
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # a rule-based reward replaces the reward model
 
@@ -431,10 +469,11 @@ if __name__ == "__main__":
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     queries = build_queries(args, tokenizer)
     policy_path = args.resume_from if args.resume_from and not args.use_lora else args.sft_model_path  # LoRA keeps the base frozen
-    policy = from_pretrained(AutoModelForCausalLM, policy_path)
+    policy = from_pretrained(AutoModelForCausalLM, policy_path, dtype=getattr(torch, args.dtype))
     value_model = from_pretrained(AutoModelForSequenceClassification, f"{args.resume_from}/value" if args.resume_from else args.value_model_path,
-                                  num_labels=1)
-    reward_model = None if reward_fn else from_pretrained(AutoModelForSequenceClassification, args.reward_model_path, num_labels=1)
+                                  num_labels=1, dtype=getattr(torch, args.dtype))
+    reward_model = None if reward_fn else from_pretrained(AutoModelForSequenceClassification, args.reward_model_path, num_labels=1,
+                                                          dtype=getattr(torch, args.frozen_dtype))
     for model in (policy, value_model, reward_model):
         if model is None:
             continue
@@ -443,6 +482,7 @@ if __name__ == "__main__":
         for module in model.modules():  # dropout off everywhere (N+ detail)
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+    non_tokens = non_token_ids(tokenizer, policy.get_input_embeddings().num_embeddings)  # never sampled, probability 0
     if args.use_lora:
         from peft import LoraConfig, get_peft_model  # only imported when asked for
 
@@ -453,7 +493,8 @@ if __name__ == "__main__":
             policy.load_state_dict(torch.load(f"{args.resume_from}/lora.pt"), strict=False)
         policy.print_trainable_parameters()
     else:
-        ref_policy = from_pretrained(AutoModelForCausalLM, args.sft_model_path).eval().requires_grad_(False).to(device)
+        ref_policy = from_pretrained(AutoModelForCausalLM, args.sft_model_path, dtype=getattr(torch, args.frozen_dtype))
+        ref_policy = ref_policy.eval().requires_grad_(False).to(device)
         if len(tokenizer) > ref_policy.get_input_embeddings().num_embeddings:
             ref_policy.resize_token_embeddings(len(tokenizer))
     if args.gradient_checkpointing:
@@ -464,7 +505,8 @@ if __name__ == "__main__":
     policy.generation_config.eos_token_id = None  # the EOS trick: sample all response_length tokens, truncate after
     policy.generation_config.bos_token_id = None
     generation_config = GenerationConfig(max_new_tokens=args.response_length, min_new_tokens=args.response_length,
-                                         temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, pad_token_id=pad_id)
+                                         temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, pad_token_id=pad_id,
+                                         suppress_tokens=non_tokens)
     policy, value_model = policy.to(device).train(), value_model.to(device).train()
     if reward_model is not None:
         reward_model = reward_model.to(device).eval().requires_grad_(False)
@@ -503,12 +545,12 @@ if __name__ == "__main__":
                 query = query_batch[i : i + args.local_rollout_forward_batch_size]
                 query_response = policy.generate(input_ids=query, attention_mask=(query != pad_id).long(), generation_config=generation_config)
                 response = query_response[:, context_length:]  # (chunk, response_length)
-                logprobs.append(response_logprobs(policy, query_response, response, pad_id, args.temperature))
+                logprobs.append(response_logprobs(policy, query_response, response, pad_id, args.temperature, non_tokens))
                 if ref_policy is None:
                     with policy.disable_adapter():
-                        ref_logprobs.append(response_logprobs(policy, query_response, response, pad_id, args.temperature))
+                        ref_logprobs.append(response_logprobs(policy, query_response, response, pad_id, args.temperature, non_tokens))
                 else:
-                    ref_logprobs.append(response_logprobs(ref_policy, query_response, response, pad_id, args.temperature))
+                    ref_logprobs.append(response_logprobs(ref_policy, query_response, response, pad_id, args.temperature, non_tokens))
                 values.append(token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1])
                 responses.append(response)
             responses, logprobs, ref_logprobs, values = map(torch.cat, (responses, logprobs, ref_logprobs, values))
@@ -523,7 +565,7 @@ if __name__ == "__main__":
             if reward_fn is None:
                 scores = torch.cat([
                     token_scores(reward_model, chunk, pad_id).gather(1, last_token_index(chunk, pad_id).unsqueeze(1)).squeeze(1)
-                    for chunk in postprocessed_query_responses.split(args.local_rollout_forward_batch_size)])
+                    + reward_offset(reward_model) for chunk in postprocessed_query_responses.split(args.local_rollout_forward_batch_size)])
             else:
                 prompts = tokenizer.batch_decode(batch_queries)
                 texts = tokenizer.batch_decode(postprocessed, skip_special_tokens=True)
@@ -558,7 +600,7 @@ if __name__ == "__main__":
                     mb_mask = mask[idx]
                     mb_query_responses = torch.cat((query_batch[idx], responses[idx]), 1)
                     with autocast:
-                        new_logprobs = response_logprobs(policy, mb_query_responses, responses[idx], pad_id, args.temperature)
+                        new_logprobs = response_logprobs(policy, mb_query_responses, responses[idx], pad_id, args.temperature, non_tokens)
                         vpred = token_scores(value_model, mb_query_responses, pad_id)[:, context_length - 1 : -1]
                     pg_loss, vf_loss, mb_stats = ppo_losses(new_logprobs, logprobs[idx], advantages[idx], vpred, values[idx],
                                                             returns[idx], mb_mask, args.cliprange, args.cliprange_value)

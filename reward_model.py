@@ -1,6 +1,7 @@
 # Bradley-Terry reward model for RLHF (TL;DR comparisons or HH), saved as a standard
 # AutoModelForSequenceClassification. Docs: README.md#reward_modelpy
 import json
+import math
 import os
 import random
 import time
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 
 @dataclass
@@ -23,6 +24,9 @@ class Args:
     """seed of the experiment"""
     cuda: bool = True
     """use CUDA when available (bf16 autocast there); CPU otherwise"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the trained weights, whatever the checkpoint stores: Pythia is stored in fp16, where AdamW's second moment
+    underflows. bfloat16 halves their memory and loses small updates; bf16 autocast runs on CUDA either way"""
     task: Literal["tldr", "hh"] = "tldr"
     """tldr: OpenAI's TL;DR comparisons; hh: Anthropic HH chosen/rejected transcripts"""
     sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
@@ -109,12 +113,19 @@ def check_row(row: dict, i: int, schema: dict, source: str):
             raise SystemExit(f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}")
 
 
+def encode(tokenizer, text: str, special: bool = True):
+    """Token ids of a data text. A special token's string inside the text (a Reddit post can hold `<|endoftext|>`)
+    is encoded as plain text, never as that token. `special` adds the tokenizer's own special tokens (Llama's BOS):
+    prompts get them; responses and pieces of text do not."""
+    return tokenizer.encode(text, add_special_tokens=special, split_special_tokens=True)
+
+
 def tldr_query(tokenizer, row: dict, query_length: int):
     """OpenAI's TL;DR query. A post that does not fit is cut back at its last newline, then hard-truncated.
     Returns (token ids, whether the post was truncated); None when even an empty post does not fit."""
     post, truncated = row["post"], False
     while True:
-        ids = tokenizer.encode(TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))
+        ids = encode(tokenizer, TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))
         if len(ids) <= query_length:
             return ids, truncated
         if not post:
@@ -123,7 +134,7 @@ def tldr_query(tokenizer, row: dict, query_length: int):
         if "\n" in post:  # OpenAI's "smart truncation": drop the last paragraph or line
             post = post[: post.rfind("\n")].rstrip()
         else:
-            post_ids = tokenizer.encode(post)
+            post_ids = encode(tokenizer, post, special=False)
             post = tokenizer.decode(post_ids[: max(0, len(post_ids) - (len(ids) - query_length))])
 
 
@@ -136,9 +147,18 @@ def hh_split(chosen: str, rejected: str):
     return chosen[:end], chosen[end:], rejected[end:]
 
 
+def hh_prompt(tokenizer, prompt: str, query_length: int):
+    """HH prompt ids: a long conversation keeps its end (left truncation) and the tokenizer's leading special tokens
+    (Llama's BOS). Returns (ids, whether the prompt was truncated)."""
+    head = tokenizer.encode("")  # what the tokenizer puts before any text: [BOS], or nothing
+    ids = encode(tokenizer, prompt, special=False)
+    cut = max(0, len(head) + len(ids) - query_length)
+    return head + ids[cut:], cut > 0
+
+
 def response_ids(tokenizer, text: str):
     """A response gets one leading space and the EOS token (the EOS is appended as an id, never as text)."""
-    return tokenizer.encode(" " + text.strip()) + [tokenizer.eos_token_id]
+    return encode(tokenizer, " " + text.strip(), special=False) + [tokenizer.eos_token_id]
 
 
 def load_tokenizer(path: str):
@@ -184,9 +204,7 @@ def build_pairs(args: Args, tokenizer, split: str, limit: Optional[int]):
             if split_ is None:
                 counts["dropped_no_shared_prompt"] += 1
                 continue
-            query_ids, chosen, rejected = tokenizer.encode(split_[0]), split_[1], split_[2]
-            truncated = len(query_ids) > args.query_length
-            query_ids = query_ids[-args.query_length :]  # HH keeps the end of a long conversation
+            (query_ids, truncated), chosen, rejected = hh_prompt(tokenizer, split_[0], args.query_length), split_[1], split_[2]
         counts["query_truncated"] += truncated
         if not chosen.strip() or not rejected.strip():
             counts["dropped_empty_response"] += 1
@@ -266,14 +284,16 @@ def normalisation_sequences(args: Args, tokenizer, train_pairs):
 
 
 def fold_bias(model, bias: float):
-    """Adds `bias` to every reward inside the weights, so that loading needs no extra code.
-    GPT-NeoX's score head has no bias, so shift the final LayerNorm's bias along the head's direction:
-    score(h + d) = score(h) + w.d, and d = bias * w / |w|^2 gives exactly `bias`."""
-    if model.score.bias is not None:
-        model.score.bias.data += bias
-        return
-    w = model.score.weight.data[0]
-    model.base_model.final_layer_norm.bias.data += bias * w / w.dot(w)
+    """Adds `bias` to every reward inside the weights, so that plain transformers (and TRL) load a normalised model.
+    No sequence-classification head has a bias, so shift the final norm's bias along the head's direction:
+    score(h + d) = score(h) + w.d, and d = bias * w / |w|^2 gives exactly `bias`. Returns False, changing nothing, where
+    the final norm has no bias (the RMSNorm of Llama, Qwen2, Mistral): no weight can add a constant there."""
+    norms = [m for name, m in model.base_model.named_children() if name in ("final_layer_norm", "ln_f", "norm")]  # NeoX, GPT-2, Llama
+    if len(norms) != 1 or getattr(norms[0], "bias", None) is None:
+        return False
+    w = model.score.weight.data[0].float()
+    norms[0].bias.data += (bias * w / w.dot(w)).to(norms[0].bias.dtype)
+    return True
 
 
 def from_pretrained(cls, path: str, **kwargs):
@@ -302,6 +322,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    print(f"dtypes: trained weights {args.dtype}, bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type})")
 
     tokenizer = load_tokenizer(args.sft_model_path)
     pad_id = tokenizer.pad_token_id
@@ -312,7 +333,8 @@ if __name__ == "__main__":
         raise SystemExit(f"{len(train_pairs)} pairs are fewer than one batch of {args.batch_size}")
     print(json.dumps(vars(args), indent=1))
 
-    model = from_pretrained(AutoModelForSequenceClassification, args.sft_model_path, num_labels=1, pad_token_id=pad_id).to(device)
+    model = from_pretrained(AutoModelForSequenceClassification, args.sft_model_path, num_labels=1, pad_token_id=pad_id,
+                            dtype=getattr(torch, args.dtype)).to(device)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     hidden_size = model.score.weight.shape[1]
@@ -322,7 +344,9 @@ if __name__ == "__main__":
             module.p = 0.0
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, args.num_updates)
+    # cosine decay to 0, no warmup: transformers' get_cosine_schedule_with_warmup to the last bit, without the seconds its
+    # import costs at start-up
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (step / args.num_updates))))
     os.makedirs(f"runs/{args.run_name}", exist_ok=True)
     log = open(f"runs/{args.run_name}/metrics.jsonl", "a")
 
@@ -352,16 +376,21 @@ if __name__ == "__main__":
         log.write(json.dumps(metrics) + "\n")
         log.flush()
 
+    model.save_pretrained(args.output_dir)  # saved before the normalisation: nothing below can lose the trained model
+    tokenizer.save_pretrained(args.output_dir)
+
     # N+ normalisation: shift the reward so that the reference responses score 0 on average
     model.eval()
     sequences = normalisation_sequences(args, tokenizer, train_pairs)
     with torch.no_grad(), autocast:
         rewards = torch.cat([get_reward(model, pad_right(sequences[i : i + args.local_micro_batch_size], pad_id, device), pad_id).float()
                              for i in range(0, len(sequences), args.local_micro_batch_size)])
-    fold_bias(model, -rewards.mean().item())
-    model.config.reward_bias = -rewards.mean().item()  # recorded for information; the shift already lives in the weights
+    shift = -rewards.mean().item()
+    model.config.reward_bias = shift  # the shift itself; the scripts add it to the score unless it lives in the weights
+    model.config.reward_bias_in_weights = fold_bias(model, shift)
+    where = ("folded into the final norm's bias: plain transformers gives normalised rewards" if model.config.reward_bias_in_weights else
+             "kept in config.reward_bias (this architecture's final norm has no bias); our scripts add it, plain transformers does not")
     print(f"normalisation: mean reward of {len(sequences)} reference responses was {rewards.mean().item():.4f} "
-          f"(std {rewards.std().item():.4f}); folded a bias of {-rewards.mean().item():.4f} into the model")
+          f"(std {rewards.std().item():.4f}); a shift of {shift:.4f} is {where}")
     model.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
     print(f"saved the reward model and tokenizer to {args.output_dir}")

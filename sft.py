@@ -1,5 +1,6 @@
 # Supervised fine-tuning for RLHF (TL;DR summaries or HH chosen responses). Docs: README.md#sftpy
 import json
+import math
 import os
 import random
 import time
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 @dataclass
@@ -22,6 +23,9 @@ class Args:
     """seed of the experiment"""
     cuda: bool = True
     """use CUDA when available (bf16 autocast there); CPU otherwise"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the trained weights, whatever the checkpoint stores: Pythia is stored in fp16, where AdamW's second moment
+    underflows. bfloat16 halves their memory and loses small updates; bf16 autocast runs on CUDA either way"""
     task: Literal["tldr", "hh"] = "tldr"
     """tldr: Reddit TL;DR summaries; hh: Anthropic HH chosen responses"""
     base_model: str = "EleutherAI/pythia-1b-deduped"
@@ -102,12 +106,19 @@ def check_row(row: dict, i: int, schema: dict, source: str):
             raise SystemExit(f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}")
 
 
+def encode(tokenizer, text: str, special: bool = True):
+    """Token ids of a data text. A special token's string inside the text (a Reddit post can hold `<|endoftext|>`)
+    is encoded as plain text, never as that token. `special` adds the tokenizer's own special tokens (Llama's BOS):
+    prompts get them; responses and pieces of text do not."""
+    return tokenizer.encode(text, add_special_tokens=special, split_special_tokens=True)
+
+
 def tldr_query(tokenizer, row: dict, query_length: int):
     """OpenAI's TL;DR query. A post that does not fit is cut back at its last newline, then hard-truncated.
     Returns (token ids, whether the post was truncated); None when even an empty post does not fit."""
     post, truncated = row["post"], False
     while True:
-        ids = tokenizer.encode(TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))
+        ids = encode(tokenizer, TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))
         if len(ids) <= query_length:
             return ids, truncated
         if not post:
@@ -116,7 +127,7 @@ def tldr_query(tokenizer, row: dict, query_length: int):
         if "\n" in post:  # OpenAI's "smart truncation": drop the last paragraph or line
             post = post[: post.rfind("\n")].rstrip()
         else:
-            post_ids = tokenizer.encode(post)
+            post_ids = encode(tokenizer, post, special=False)
             post = tokenizer.decode(post_ids[: max(0, len(post_ids) - (len(ids) - query_length))])
 
 
@@ -129,9 +140,18 @@ def hh_split(chosen: str, rejected: str):
     return chosen[:end], chosen[end:], rejected[end:]
 
 
+def hh_prompt(tokenizer, prompt: str, query_length: int):
+    """HH prompt ids: a long conversation keeps its end (left truncation) and the tokenizer's leading special tokens
+    (Llama's BOS). Returns (ids, whether the prompt was truncated)."""
+    head = tokenizer.encode("")  # what the tokenizer puts before any text: [BOS], or nothing
+    ids = encode(tokenizer, prompt, special=False)
+    cut = max(0, len(head) + len(ids) - query_length)
+    return head + ids[cut:], cut > 0
+
+
 def response_ids(tokenizer, text: str):
     """A response gets one leading space and the EOS token (the EOS is appended as an id, never as text)."""
-    return tokenizer.encode(" " + text.strip()) + [tokenizer.eos_token_id]
+    return encode(tokenizer, " " + text.strip(), special=False) + [tokenizer.eos_token_id]
 
 
 def load_tokenizer(path: str):
@@ -167,9 +187,7 @@ def build_examples(args: Args, tokenizer, split: str, limit: Optional[int]):
             if split_ is None:
                 counts["dropped_no_shared_prompt"] += 1
                 continue
-            query_ids, response = tokenizer.encode(split_[0]), split_[1]
-            truncated = len(query_ids) > args.query_length
-            query_ids = query_ids[-args.query_length :]  # HH keeps the end of a long conversation
+            (query_ids, truncated), response = hh_prompt(tokenizer, split_[0], args.query_length), split_[1]
         counts["query_truncated"] += truncated
         if not response.strip():
             counts["dropped_empty_response"] += 1
@@ -251,6 +269,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    print(f"dtypes: trained weights {args.dtype}, bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type})")
 
     tokenizer = load_tokenizer(args.base_model)
     train_examples = build_examples(args, tokenizer, args.train_split, args.max_train_samples)
@@ -260,14 +279,16 @@ if __name__ == "__main__":
         raise SystemExit(f"{len(train_examples)} examples are fewer than one batch of {args.batch_size}")
     print(json.dumps(vars(args), indent=1))
 
-    model = from_pretrained(AutoModelForCausalLM, args.base_model).to(device)
+    model = from_pretrained(AutoModelForCausalLM, args.base_model, dtype=getattr(torch, args.dtype)).to(device)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)  # RLHF fine-tuning runs with dropout off (N+ detail)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, args.num_updates)
+    # cosine decay to 0, no warmup: transformers' get_cosine_schedule_with_warmup to the last bit, without the seconds its
+    # import costs at start-up
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (step / args.num_updates))))
     os.makedirs(f"runs/{args.run_name}", exist_ok=True)
     log = open(f"runs/{args.run_name}/metrics.jsonl", "a")
 
@@ -297,9 +318,11 @@ if __name__ == "__main__":
         log.flush()
 
     model.eval()
+    # never write the pad token, nor an embedding row past the tokenizer (no text encodes to it), as the RL scripts
+    non_tokens = [tokenizer.pad_token_id] + list(range(len(tokenizer), model.get_input_embeddings().num_embeddings))
     for query_ids, reference in eval_examples[:3]:  # a glance at what the model learnt
         out = model.generate(torch.tensor([query_ids], device=device), max_new_tokens=args.response_length, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, suppress_tokens=non_tokens)
         print(f"--- query: ...{tokenizer.decode(query_ids[-60:])!r}\n    sample: {tokenizer.decode(out[0, len(query_ids):], skip_special_tokens=True)!r}"
               f"\n    reference: {tokenizer.decode(reference, skip_special_tokens=True)!r}")
     model.save_pretrained(args.output_dir)

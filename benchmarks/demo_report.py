@@ -47,7 +47,7 @@ for spec in args.policies:
     torch.manual_seed(0)
     with torch.no_grad():
         out = policy.generate(**batch, max_new_tokens=args.response_length, do_sample=True, temperature=args.temperature, top_k=0,
-                              pad_token_id=pad, eos_token_id=eos)
+                              pad_token_id=pad, eos_token_id=eos, suppress_tokens=[pad])  # the pad token is never written
         out = torch.cat([out, torch.full((len(out), width + args.response_length - out.shape[1]), pad)], 1)
         responses = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         mask = out != pad
@@ -57,7 +57,8 @@ for spec in args.policies:
                                                                 position_ids=(mask.cumsum(1) - 1).clamp(min=0)).last_hidden_state)[:, :, 0]
             score = f"{scores.gather(1, (torch.arange(out.shape[1]) * mask).argmax(1, keepdim=True))[:, 0].mean().item():.3f}"
         kl = (logprob_sum(policy, out) - logprob_sum(sft, out)).mean().item()
-        greedy = policy.generate(**batch, max_new_tokens=args.response_length, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+        greedy = policy.generate(**batch, max_new_tokens=args.response_length, do_sample=False, pad_token_id=pad, eos_token_id=eos,
+                                 suppress_tokens=[pad])
     greedy_gold = sum(tiny_world.gold_reward(prompts, tokenizer.batch_decode(greedy[:, width:], skip_special_tokens=True))) / len(prompts)
     gold = tiny_world.gold_reward(prompts, responses)
     gold_ref = tiny_world.gold_reward(prompts, references)

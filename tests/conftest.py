@@ -42,7 +42,7 @@ def policy_gold(model_dir, data, n, seed=0, **generate_kwargs):
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     torch.manual_seed(seed)
     out = model.generate(**batch, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         **generate_kwargs)
+                         suppress_tokens=[tokenizer.pad_token_id], **generate_kwargs)  # as the scripts: pad is never written
     answers = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
     return tiny_world.gold_reward(prompts, answers), answers
 

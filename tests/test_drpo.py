@@ -86,10 +86,10 @@ def test_prefill_equals_forcing(sft_model):
     with torch.no_grad():
         prefilled = drpo_tldr.left_pad([query + prefix, [30, 31] + prefix], PAD)  # a batch of two reset states
         cont = torch.tensor([continuation, continuation])
-        from_state = drpo_tldr.response_logprobs(model, torch.cat((prefilled, cont), 1), cont, PAD, 0.7)
+        from_state = drpo_tldr.response_logprobs(model, torch.cat((prefilled, cont), 1), cont, PAD, 0.7, [PAD])
         forced_batch = drpo_tldr.left_pad([query, [30, 31]], PAD)
         responses = torch.tensor([prefix + continuation] * 2)
-        forced = drpo_tldr.response_logprobs(model, torch.cat((forced_batch, responses), 1), responses, PAD, 0.7)
+        forced = drpo_tldr.response_logprobs(model, torch.cat((forced_batch, responses), 1), responses, PAD, 0.7, [PAD])
     torch.testing.assert_close(forced[:, len(prefix):], from_state, atol=1e-5, rtol=0)
 
 

@@ -79,17 +79,23 @@ def test_batch_indices_cover_the_data_and_are_pure():
     assert a == [ppo.batch_indices(u, 4, 10, seed=3) for u in range(1, 6)]
 
 
-def test_response_logprobs_match_a_manual_temperature_softmax(sft_model):
+def test_response_logprobs_match_a_manual_temperature_softmax_without_the_pad_token(sft_model):
     model = AutoModelForCausalLM.from_pretrained(sft_model).eval()
     qr = torch.tensor([[PAD, PAD, 30, 31, 32, 40, 41, 42], [20, 21, 22, 23, 24, 50, 51, 52]])
     responses = qr[:, 5:]
     with torch.no_grad():
-        ours = ppo.response_logprobs(model, qr, responses, PAD, temperature=0.7)
-        # reference: no padding trick needed for the row without padding
+        ours = ppo.response_logprobs(model, qr, responses, PAD, 0.7, [PAD])
+        # reference: no padding trick needed for the row without padding; the pad token is not an action (probability 0)
         logits = model(input_ids=qr[1:]).logits[0, 4:7] / (0.7 + 1e-7)
+        logits[:, PAD] = float("-inf")
         manual = logits.log_softmax(-1).gather(1, responses[1].unsqueeze(1)).squeeze(1)
         # the left-padded row equals the same tokens without padding
-        unpadded = ppo.response_logprobs(model, qr[:1, 2:], responses[:1], PAD, temperature=0.7)
+        unpadded = ppo.response_logprobs(model, qr[:1, 2:], responses[:1], PAD, 0.7, [PAD])
+        # the pad token's own log-prob is -inf, and the other tokens' probabilities sum to 1
+        vocab = model.config.vocab_size  # row v asks for the log-prob of token v at each of the 3 response positions
+        every_token = ppo.response_logprobs(model, qr[1:].repeat(vocab, 1), torch.arange(vocab).unsqueeze(1).repeat(1, 3), PAD, 0.7, [PAD])
+    assert torch.isneginf(every_token[PAD]).all()
+    torch.testing.assert_close(every_token.exp().sum(0), torch.ones(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(ours[1], manual, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours[0], unpadded[0], atol=1e-5, rtol=0)
 
