@@ -25,6 +25,15 @@ def run_script(script, *flags, cwd=None, env=None, check=True):
     return proc
 
 
+# a --reward-fn that records every scored (prompt, response) pair to $RECORD_FILE and scores 0
+RECORDER = '''import json, os
+def record(prompts, responses):
+    with open(os.environ["RECORD_FILE"], "a") as f:
+        f.writelines(json.dumps([p, r]) + "\\n" for p, r in zip(prompts, responses))
+    return [0.0] * len(prompts)
+'''
+
+
 def policy_gold(model_dir, data, n, seed=0, **generate_kwargs):
     """A policy's answers (8 tokens, left-padded batch) to the first n held-out TL;DR prompts of a tiny-world data
     folder, and their gold scores: (scores, answers). generate_kwargs: do_sample, temperature, ..."""

@@ -3,6 +3,11 @@ import json
 
 import pytest
 
+import dpo_baseline
+import drpo_hh
+import drpo_tldr
+import eval_winrate
+import ppo_baseline
 import reward_model
 import sft
 from conftest import SHARED, requires_shared, run_script
@@ -54,6 +59,27 @@ def test_response_gets_space_and_eos_and_pad_is_not_eos(script, world):
     ids = script.response_ids(tokenizer, "cat dog .")
     assert ids == tokenizer.encode(" cat dog .") + [tokenizer.eos_token_id]
     assert script.response_ids(tokenizer, " cat dog .") == ids  # one leading space, never two
+
+
+SPECIAL_TEXT = "my cat <|endoftext|> ate <|padding|> the [PAD] food"  # a Reddit post can hold a special token's string
+
+
+@pytest.mark.parametrize("script", [sft, reward_model, dpo_baseline, ppo_baseline, drpo_tldr, drpo_hh, eval_winrate])
+def test_special_token_strings_in_data_are_plain_text(script, tokenizer):
+    """Never the EOS or the pad token: an EOS inside a post or a reset prefix would end it, a pad would be masked out."""
+    specials = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    if hasattr(script, "response_ids"):  # the EOS is the last id, and only there
+        ids = script.response_ids(tokenizer, SPECIAL_TEXT)
+        assert ids[-1] == tokenizer.eos_token_id and not specials & set(ids[:-1]) and tokenizer.decode(ids[:-1]) == " " + SPECIAL_TEXT
+    if hasattr(script, "tldr_query"):
+        for budget in (512, 60):  # whole, and hard-truncated (the post has no newline)
+            ids, _ = script.tldr_query(tokenizer, dict(ROW, post=SPECIAL_TEXT * 3), budget)
+            assert not specials & set(ids) and "<|endoftext|>" in tokenizer.decode(ids) and len(ids) <= budget
+    if hasattr(script, "hh_prompt"):
+        ids, _ = script.hh_prompt(tokenizer, f"\n\nHuman: {SPECIAL_TEXT}\n\nAssistant:", 512)
+        assert not specials & set(ids) and tokenizer.decode(ids) == f"\n\nHuman: {SPECIAL_TEXT}\n\nAssistant:"
+    ids = script.encode(tokenizer, SPECIAL_TEXT)
+    assert not specials & set(ids) and tokenizer.decode(ids) == SPECIAL_TEXT
 
 
 def test_tokenizer_without_pad_gets_a_dedicated_one(world, tmp_path):

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import drpo_hh
 import drpo_tldr
-from conftest import ROOT, run_script
+from conftest import RECORDER, ROOT, run_script
 from test_ppo import SMALL, metrics_file
 
 SCRIPTS = [drpo_tldr, drpo_hh]
@@ -176,14 +176,6 @@ def test_hard_exploration_drpo_solves_what_ppo_cannot(world, tmp_path):
     assert drpo_evals[-1] >= 0.8, drpo_evals  # DR-PO writes the password from the prompt alone
     assert max(ppo_evals) <= 0.05 and len(logs[0]) >= len(logs[0.5]), ppo_evals  # PPO, with at least as many episodes
     assert max(m["objective/raw_scores"] for m in logs[0]) <= 0.05  # PPO: next to no rewarded episode at all
-
-
-RECORDER = '''import json, os
-def record(prompts, responses):
-    with open(os.environ["RECORD_FILE"], "a") as f:
-        f.writelines(json.dumps([p, r]) + "\\n" for p, r in zip(prompts, responses))
-    return [0.0] * len(prompts)
-'''
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

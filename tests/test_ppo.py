@@ -1,5 +1,6 @@
 """ppo_baseline.py: the N+ details against hand-computed values, then short runs on the tiny world."""
 import json
+import math
 import os
 import re
 
@@ -8,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ppo_baseline as ppo
-from conftest import ROOT, SHARED, policy_gold, requires_shared, run_script
+from conftest import RECORDER, ROOT, SHARED, policy_gold, requires_shared, run_script
 
 PAD, EOS = 1, 0
 
@@ -65,6 +66,67 @@ def test_kl_penalty_and_score_placement():
     rewards, kl, non_score = ppo.per_token_rewards(torch.tensor([4.0]), logprobs, ref_logprobs, mask, torch.tensor([2]), 0.1)
     assert kl.tolist() == [[0.5, -1.0, 0.0, 0.0]]
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1, 4.0, 0.0]]))  # score at the EOS, nothing after
+
+
+def test_masked_statistics_of_an_empty_mask_are_finite():
+    """A batch with no action token (every response cut before its first token) must never produce NaN."""
+    values, empty = torch.randn(2, 4), torch.zeros(2, 4)
+    assert ppo.masked_mean(values, empty).item() == 0.0 and ppo.masked_var(values, empty).item() == 0.0
+    one = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert ppo.masked_var(values, one).item() == 0.0 and torch.isfinite(ppo.whiten(values, one)).all()
+    new = torch.randn(2, 4, requires_grad=True)
+    pg_loss, vf_loss, stats = ppo.ppo_losses(new, new.detach(), values, new, new.detach(), values, empty, 0.2, 0.2)
+    (pg_loss + vf_loss).backward()
+    assert pg_loss.item() == 0.0 and vf_loss.item() == 0.0 and all(math.isfinite(v) for v in stats.values())
+    assert torch.equal(new.grad, torch.zeros(2, 4))
+    # with a non-empty mask nothing changes: the mean over 3 tokens, Bessel's correction
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0] * 4])
+    x = torch.tensor([[1.0, 2.0, 6.0, 50.0], [7.0] * 4])
+    assert ppo.masked_mean(x, mask).item() == 3.0 and ppo.masked_var(x, mask).item() == 7.0
+
+
+def raise_pad_logit(model_dir, out_dir, margin: float = 20.0):
+    """A copy of a tiny-world policy whose pad logit is the largest everywhere: unit 0 of the final LayerNorm becomes
+    a constant 1 and only the pad token's output row reads it, with weight `margin`."""
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.gpt_neox.final_layer_norm.weight[0], model.gpt_neox.final_layer_norm.bias[0] = 0.0, 1.0
+        model.get_output_embeddings().weight[:, 0] = 0.0
+        model.get_output_embeddings().weight[PAD, 0] = margin
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    return model
+
+
+@pytest.mark.parametrize("script", ["ppo_baseline.py", "drpo_tldr.py"])
+def test_a_policy_whose_pad_logit_is_largest_never_writes_it(script, world, sft_model, tmp_path):
+    """The pad token is read as padding, so a sampled one would end the response unseen and untrained (an absorbing
+    action; before the fix such a policy stopped PPO at update 1 with a non-finite loss). It is never sampled and has
+    probability 0 in every log-prob: the rollout writes real tokens, the first ratio is 1, and the run goes on."""
+    policy = raise_pad_logit(sft_model, tmp_path / "pad_policy").eval()
+    batch = ppo.left_pad([ppo.tldr_query(ppo.load_tokenizer(str(sft_model)), r, 512)[0] for r in
+                          map(json.loads, open(world / "tldr_sft" / "validation.jsonl").readlines()[:16])], PAD)
+    with torch.no_grad():  # the premise: sampled as transformers would by default, it writes pad tokens almost only
+        free = policy.generate(input_ids=batch, attention_mask=(batch != PAD).long(), max_new_tokens=8, do_sample=True, pad_token_id=PAD,
+                               eos_token_id=None)[:, batch.shape[1]:]
+    assert (free == PAD).float().mean() > 0.9
+    (tmp_path / "record.py").write_text(RECORDER)
+    dataset = world / ("tldr_sft" if script == "ppo_baseline.py" else "tldr_comparisons")
+    proc = run_script(script, "--sft-model-path", tmp_path / "pad_policy", "--value-model-path", tmp_path / "pad_policy", "--reward-fn",
+                      f"{tmp_path}/record.py:record", "--dataset-name", dataset, "--output-dir", tmp_path / "out", *SMALL, "--total-episodes", 3 * 32,
+                      *(["--reset-prob", 0.5, "--eval-every", 1, "--eval-prompts", 8] if script == "drpo_tldr.py" else []),
+                      cwd=tmp_path, env={"RECORD_FILE": str(tmp_path / "scored.jsonl")})
+    log = [json.loads(x) for x in open(metrics_file(proc.stdout, tmp_path))]
+    assert len(log) == 3
+    for m in log:
+        assert abs(m["policy/first_ratio"] - 1) < 1e-5 and m["policy/first_approxkl"] < 1e-9 and math.isfinite(m["objective/entropy"])
+        assert m["val/response_length"] > 2  # a pad token would end a response before it (length 0)
+    # every scored response (rollout and, for DR-PO, the greedy evaluation) is real text: a pad token decodes to nothing
+    scored = [json.loads(x)[1] for x in open(tmp_path / "scored.jsonl")]
+    assert len(scored) == 3 * 32 + (3 * 8 if script == "drpo_tldr.py" else 0)
+    assert sum(not s.strip() for s in scored) <= 2, scored
 
 
 def test_adaptive_kl_controller():
