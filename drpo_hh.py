@@ -286,7 +286,7 @@ def left_pad(sequences, pad_id: int):
 def non_token_ids(tokenizer, vocab_size: int):
     """Ids the policy must never write. The pad token: the code reads it as padding, so a sampled one would end the
     response unseen, untrained and unpenalised (an absorbing action). And the embedding rows past the tokenizer's
-    vocabulary, which no text encodes to (Pythia-1B has 50304 rows for 50278 tokens)."""
+    vocabulary, which no text encodes to (Pythia-1B: 50304 rows, 50281 tokens)."""
     return [tokenizer.pad_token_id] + list(range(len(tokenizer), vocab_size))
 
 

@@ -1,10 +1,13 @@
 """DR-PO against PPO at Pythia-1B size on one GPU: episodes/s, time per update and peak GPU memory, side by side in
 one run. The policy and the reward model have the shape of EleutherAI/pythia-1b-deduped (hidden 2048, 16 layers,
 50k vocabulary) but random weights, because the machine that ran this cannot reach the Hub; speed and memory depend
-on the shapes, not the weights (the EOS trick makes every response response_length tokens long). Prompts and reset
-states are the real TL;DR posts and reference summaries of ../shared/data (--reset-source sft_reference, so that
-both arms roll out the same prompts).
-Run: python benchmarks/gpu_pythia1b.py [--shared ../shared] [--updates 4] [--batch-size 128]"""
+on the shapes, not the weights (the EOS trick makes every response response_length tokens long). They are stored in
+fp16, as the Hub stores Pythia (the scripts train fp32 master weights). Prompts and reset states are the real TL;DR
+posts and reference summaries of ../shared/data (--reset-source sft_reference, so that both arms roll out the same
+prompts). An arm `ppo:float32` runs with --frozen-dtype float32 (reference and reward model in fp32; the default on
+CUDA is bf16), to measure what the bf16 frozen models save.
+Run: python benchmarks/gpu_pythia1b.py [--shared ../shared] [--updates 4] [--batch-size 128] [--arms ppo,ppo:float32]
+Smaller, on a CPU: --hidden-size 768 --layers 12 (Pythia-160m) --extra "--query-length 128 --response-length 16"."""
 import argparse
 import glob
 import json
@@ -21,6 +24,7 @@ parser.add_argument("--batch-size", type=int, default=128)
 parser.add_argument("--arms", default="ppo,0.5,1.0,ppo,0.5,1.0", help="run in this order; repeats interleave the arms")
 parser.add_argument("--hidden-size", type=int, default=2048, help="2048 and 16 layers: Pythia-1B; smaller for a smoke test")
 parser.add_argument("--layers", type=int, default=16)
+parser.add_argument("--extra", default="", help="more flags for every run, e.g. \"--num-ppo-epochs 1\"")
 args = parser.parse_args()
 args.shared, args.out = os.path.abspath(args.shared), os.path.abspath(args.out)
 
@@ -38,7 +42,7 @@ if not os.path.exists(f"{args.out}/policy/config.json"):
                            bos_token_id=0, eos_token_id=0, pad_token_id=1, num_labels=1)
     torch.manual_seed(0)
     for name, cls in (("policy", GPTNeoXForCausalLM), ("rm", GPTNeoXForSequenceClassification)):
-        model = cls(config)
+        model = cls(config).half()  # stored as the Hub stores Pythia
         model.save_pretrained(f"{args.out}/{name}")
         tokenizer.save_pretrained(f"{args.out}/{name}")
         print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B parameters", flush=True)
@@ -47,25 +51,31 @@ if not os.path.exists(f"{args.out}/policy/config.json"):
 common = ["--sft-model-path", f"{args.out}/policy", "--reward-model-path", f"{args.out}/rm",
           "--dataset-name", f"{args.shared}/data/tldr/sft_posts_dev.jsonl", "--batch-size", str(args.batch_size),
           "--total-episodes", str(args.updates * args.batch_size), "--local-rollout-forward-batch-size", "64",
-          "--local-micro-batch-size", "8", "--print-sample-every", "0", "--save-every", "0", "--output-dir", f"{args.out}/trained"]
+          "--local-micro-batch-size", "8", "--print-sample-every", "0", "--save-every", "0", "--output-dir", f"{args.out}/trained",
+          *args.extra.split()]
 arms = {"ppo": [sys.executable, f"{ROOT}/ppo_baseline.py"],
         "0.5": [sys.executable, f"{ROOT}/drpo_tldr.py", "--reset-prob", "0.5", "--reset-source", "sft_reference"],
         "1.0": [sys.executable, f"{ROOT}/drpo_tldr.py", "--reset-prob", "1.0", "--reset-source", "sft_reference"]}
 order = args.arms.split(",")
 for k, arm in enumerate(order):
     print(f"running {arm}", flush=True)
-    subprocess.run(arms[arm] + common + ["--exp-name", f"gpu_{arm}_{k}"], cwd=args.out, check=True)
+    script, _, frozen = arm.partition(":")  # `ppo:float32`: the frozen models in fp32
+    subprocess.run(arms[script] + common + (["--frozen-dtype", frozen] if frozen else []) + ["--exp-name", f"gpu_{arm.replace(':', '-')}_{k}"],
+                   cwd=args.out, check=True)
 
-print(f"\n{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; batch {args.batch_size}, response length 53, "
+print(f"\n{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; batch {args.batch_size}, {args.extra or 'default flags'}, "
       f"updates 2-{args.updates} (the first is warm-up)")
-print("| arm | episodes/s | s/update | rollout | scoring | update | mean h | peak GPU memory |\n|---|---|---|---|---|---|---|---|")
+print("| arm | episodes/s | s/update | rollout | scoring | update | mean h | peak memory (GPU allocated; on CPU the process's RSS) |\n"
+      "|---|---|---|---|---|---|---|---|")
 base = None
 for arm in dict.fromkeys(order):  # every run of the arm, updates after the first
-    runs = [glob.glob(f"{args.out}/runs/*__gpu_{a}_{k}__*/metrics.jsonl")[-1] for k, a in enumerate(order) if a == arm]
+    runs = [glob.glob(f"{args.out}/runs/*__gpu_{a.replace(':', '-')}_{k}__*/metrics.jsonl")[-1] for k, a in enumerate(order) if a == arm]
     rows = [json.loads(line) for path in runs for line in open(path).readlines()[1:]]
     t = {k: sum(r[f"time/{k}"] for r in rows) / len(rows) for k in ("rollout", "scoring", "update")}
     per_update = sum(t.values())
     base = base or per_update
-    print(f"| {'PPO' if arm == 'ppo' else 'DR-PO ' + arm} | {args.batch_size / per_update:.2f} | {per_update:.2f} "
+    script, _, frozen = arm.partition(":")
+    name = ("PPO" if script == "ppo" else "DR-PO " + script) + (f", frozen {frozen}" if frozen else "")
+    print(f"| {name} | {args.batch_size / per_update:.2f} | {per_update:.2f} "
           f"({per_update / base:.3f}x) | {t['rollout']:.2f} | {t['scoring']:.2f} | {t['update']:.2f} | "
-          f"{sum(r.get('reset/mean_h', 0) for r in rows) / len(rows):.1f} | {rows[-1]['peak_memory_gb']:.1f} GB |")
+          f"{sum(r.get('reset/mean_h', 0) for r in rows) / len(rows):.1f} | {rows[-1]['peak_memory_gb']:.2f} GB |")

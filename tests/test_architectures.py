@@ -3,6 +3,7 @@
 a padded vocabulary), GPT-2 saved in fp32 (learned absolute positions, tied embeddings, no pad token). Cheap checks
 run on all three in-process; the whole pipeline (SFT, reward model, PPO, both DR-PO scripts, DPO, eval_winrate)
 runs on each, a few updates per stage."""
+import concurrent.futures
 import json
 import math
 
@@ -16,7 +17,7 @@ import drpo_hh
 import ppo_baseline
 import reward_model
 import sft
-from conftest import run_script
+from conftest import run_script as run_one
 from test_ppo import SMALL, metrics_file
 
 ARCHS = ["gpt_neox", "llama", "gpt2"]
@@ -55,16 +56,23 @@ def build_model(arch, tokenizer):
     return GPT2LMHeadModel(GPT2Config(vocab_size=rows, n_embd=32, n_layer=2, n_head=4, n_positions=512, **ids))
 
 
-@pytest.fixture(scope="session", params=ARCHS)
-def arch(request, world, tmp_path_factory):
-    """(name, folder): {folder}/base holds the tokenizer and the model, saved in the family's Hub dtype."""
-    out = tmp_path_factory.mktemp(request.param)
+@pytest.fixture(scope="session")
+def arch_folders(world, tmp_path_factory):
+    """{name: folder}: {folder}/base holds the family's tokenizer and model, saved in the family's Hub dtype."""
     rows = [json.loads(x) for x in open(world / "tldr_sft" / "train.jsonl")]
     texts = [sft.TLDR_FORMAT.format(**r) + " " + r["summary"] for r in rows] + [json.loads(x)["chosen"] for x in open(world / "hh" / "train.jsonl")]
-    tokenizer = build_tokenizer(request.param, texts)
-    build_model(request.param, tokenizer).to(STORED[request.param]).save_pretrained(out / "base")
-    tokenizer.save_pretrained(out / "base")
-    return request.param, out
+    folders = {}
+    for name in ARCHS:
+        folders[name] = tmp_path_factory.mktemp(name)
+        tokenizer = build_tokenizer(name, texts)
+        build_model(name, tokenizer).to(STORED[name]).save_pretrained(folders[name] / "base")
+        tokenizer.save_pretrained(folders[name] / "base")
+    return folders
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request, arch_folders):
+    return request.param, arch_folders[request.param]
 
 
 def stored_dtypes(folder):
@@ -167,9 +175,22 @@ def test_lora_targets_the_architectures_linear_layers(arch):
 
 # ---- the whole pipeline on each family ----
 
-def test_the_pipeline_runs_on_every_architecture(arch, world, tmp_path):
-    name, out = arch
+def test_the_pipeline_runs_on_every_architecture(arch_folders, world, tmp_path):
+    """The three families side by side, two at a time: a run is mostly single-threaded start-up."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(pipeline, name, folder, world, tmp_path / name) for name, folder in arch_folders.items()}
+    for name, future in futures.items():
+        if future.exception():
+            raise AssertionError(f"the pipeline on {name}: {future.exception()!r}") from future.exception()
+
+
+def pipeline(name, out, world, tmp_path):
+    tmp_path.mkdir()
     data = dict(tldr=world / "tldr_sft", comparisons=world / "tldr_comparisons", hh=world / "hh")
+
+    def run_script(*args, **kwargs):  # one thread each: two pipelines share the two cores
+        return run_one(*args, env={"OMP_NUM_THREADS": "1"}, **kwargs)
+
     few = ["--lr", 1e-3, "--batch-size", 32, "--local-micro-batch-size", 32, "--response-length", 16, "--max-eval-samples", 64]
 
     # SFT from the stored dtype: fp32 master weights, they move and the loss falls; the saved config says float32
