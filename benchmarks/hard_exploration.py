@@ -4,7 +4,8 @@ Success is measured from the prompt alone (greedy, no reset) every 10 updates. T
 each. Writes docs/hard_exploration.png (needs matplotlib, a benchmark-only dependency) and prints a table.
 Run: python benchmarks/hard_exploration.py
 More seeds or fewer arms: SEEDS=1,2,3,4,5,6 ARMS="DR-PO" python benchmarks/hard_exploration.py (ARMS: a substring of
-the arm names; the plot is written only when every arm runs). UPDATES=500 sets the number of updates."""
+the arm names; the plot is written only when every arm runs). UPDATES=500 sets the number of updates. PLOT_ONLY=1 reads
+the runs already in $OUT (default /tmp/hard_exploration) and redraws the table and the plot without running."""
 import json
 import os
 import subprocess
@@ -23,18 +24,21 @@ def sh(*cmd, **kw):
     subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
 
 
+PLOT_ONLY = os.environ.get("PLOT_ONLY") == "1"
 os.makedirs(OUT, exist_ok=True)
-sh(sys.executable, f"{ROOT}/tiny_world.py", "--out", f"{OUT}/world", "--tokenizer", "bpe")
+if not PLOT_ONLY:
+    sh(sys.executable, f"{ROOT}/tiny_world.py", "--out", f"{OUT}/world", "--tokenizer", "bpe")
 pw = f"{OUT}/world/password"
-sh(sys.executable, f"{ROOT}/sft.py", "--base-model", f"{pw}/base", "--dataset-name", f"{pw}/tldr_sft", "--eval-split", "train[:5%]",
-   "--output-dir", f"{pw}/sft", "--lr", "1e-3", "--num-train-epochs", "3", "--batch-size", "32", "--local-micro-batch-size", "32",
-   "--response-length", "8", cwd=OUT)
+if not PLOT_ONLY:
+    sh(sys.executable, f"{ROOT}/sft.py", "--base-model", f"{pw}/base", "--dataset-name", f"{pw}/tldr_sft", "--eval-split", "train[:5%]",
+       "--output-dir", f"{pw}/sft", "--lr", "1e-3", "--num-train-epochs", "3", "--batch-size", "32", "--local-micro-batch-size", "32",
+       "--response-length", "8", cwd=OUT)
 common = ["--sft-model-path", f"{pw}/sft", "--value-model-path", f"{pw}/sft", "--dataset-name", f"{pw}/tldr_comparisons",
           "--reward-fn", f"{ROOT}/tiny_world.py:password_reward", "--response-length", "8", "--batch-size", "64",
           "--local-rollout-forward-batch-size", "64", "--local-micro-batch-size", "32", "--num-mini-batches", "2", "--lr", "1e-3",
           "--kl-coef", "0.01", "--temperature", "1", "--total-episodes", str(UPDATES * 64), "--eval-every", "10", "--eval-prompts", "1",
           "--print-sample-every", "0", "--save-every", "0"]
-jobs = [(arm, seed) for arm in ARMS for seed in SEEDS]
+jobs = [] if PLOT_ONLY else [(arm, seed) for arm in ARMS for seed in SEEDS]
 for i in range(0, len(jobs), 2):
     procs = []
     for arm, seed in jobs[i : i + 2]:
