@@ -15,6 +15,11 @@ SFT_FLAGS = ["--lr", "1e-3", "--num-train-epochs", "6", "--batch-size", "32", "-
 RM_FLAGS = ["--lr", "1e-3", "--num-train-epochs", "2", "--batch-size", "32", "--local-micro-batch-size", "32", "--eval-every", "50"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long run (learning runs, the pipeline on every architecture); "
+                                       "`pytest -m 'not slow'` skips them for a quick check")
+
+
 def run_script(script, *flags, cwd=None, env=None, check=True):
     """Runs a top-level script as a user would, returns the completed process (stdout+stderr in .stdout)."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
