@@ -175,6 +175,7 @@ def test_lora_targets_the_architectures_linear_layers(arch):
 
 # ---- the whole pipeline on each family ----
 
+@pytest.mark.slow
 def test_the_pipeline_runs_on_every_architecture(arch_folders, world, tmp_path):
     """The three families side by side, two at a time: a run is mostly single-threaded start-up."""
     with concurrent.futures.ThreadPoolExecutor(2) as pool:

@@ -51,6 +51,7 @@ def last_log(cwd):
     return [json.loads(x) for x in open(sorted(glob.glob(f"{cwd}/runs/*/metrics.jsonl"), key=os.path.getmtime)[-1])]
 
 
+@pytest.mark.slow
 def test_dpo_learns_on_the_tiny_world(world, bland_sft_model, tmp_path):
     # The DPO task of the tiny world (bland/): half the SFT references are one bland answer, so the SFT policy's
     # greedy answer is that answer (gold 0); the comparisons prefer specific on-topic answers to it.

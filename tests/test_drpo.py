@@ -145,6 +145,7 @@ def test_script_runs_alone(script, tmp_path):
     assert "--reset-prob" in run_script(script, "--help", cwd=tmp_path).stdout
 
 
+@pytest.mark.slow
 def test_hard_exploration_drpo_solves_what_ppo_cannot(world, tmp_path):
     """The paper's theorem at CPU scale: the gold reward needs an exact 6-word answer (probability about e^-17 under
     the SFT policy) that the chosen responses of the offline data contain. With the same episodes, DR-PO

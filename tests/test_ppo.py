@@ -180,6 +180,7 @@ def metrics_file(stdout, cwd):
     return os.path.join(cwd, "runs", run_name, "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_first_ratio_is_one_and_gold_reward_rises(world, sft_model, reward_run, tmp_path):
     # the gold rule scores in [-1, 1]: the value model starts from the SFT model with a fresh head, not from the RM
     proc, metrics = ppo_run(world, sft_model, tmp_path / "ppo", "--reward-fn", GOLD, "--value-model-path", sft_model, "--lr", 1e-3,
