@@ -67,7 +67,8 @@ print("|---|---|---|---|---|")
 for p, seed in jobs:
     model = AutoModelForCausalLM.from_pretrained(f"{OUT}/rm_model_{p}_{seed}").eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    answer = tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:],
+    answer = tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                             suppress_tokens=[tokenizer.pad_token_id])[0, ids.shape[1]:],
                               skip_special_tokens=True)
     gold = tiny_world.password_reward([prompt], [answer])[0]
     log = [json.loads(x) for x in open(glob.glob(f"{OUT}/runs/*__rm_{p}_{seed}__*/metrics.jsonl")[-1])]

@@ -24,7 +24,7 @@ rows = [json.loads(line) for line in open(f"{ROOT}/../shared/data/tldr/compariso
 queries = [drpo_tldr.tldr_query(tokenizer, r["info"], 512)[0] for r in rows]
 chosens = [drpo_tldr.response_ids(tokenizer, r["summaries"][r["choice"]]["text"]) for r in rows]
 states, h, _ = drpo_tldr.reset_states(queries, chosens, 1.0, 1, R, torch.Generator().manual_seed(0))
-sampling = dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, pad_token_id=pad)
+sampling = dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, pad_token_id=pad, suppress_tokens=[pad])  # as the scripts
 
 
 class ForcePrefix(LogitsProcessor):
