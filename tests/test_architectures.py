@@ -213,6 +213,11 @@ def pipeline(name, out, world, tmp_path):
         from32 = AutoModelForCausalLM.from_pretrained(tmp_path / "sft32").state_dict()
         assert all(torch.equal(tuned[k], from32[k]) for k in tuned)
 
+    if name == "gpt2":  # --dtype bfloat16 trains and saves bf16 weights, whatever the checkpoint stores (fp32 here)
+        proc = run_script("sft.py", "--base-model", out / "base", *sft_flags, "--max-train-samples", 16, "--dtype", "bfloat16",
+                          "--output-dir", tmp_path / "sft_bf16", cwd=tmp_path)
+        assert "dtypes: trained weights bfloat16" in proc.stdout and stored_dtypes(tmp_path / "sft_bf16") == {"BF16"}
+
     # reward model: saved, loadable by plain transformers, normalised (in the weights, or in the config for Llama)
     proc = run_script("reward_model.py", "--sft-model-path", tmp_path / "sft", "--dataset-name", data["comparisons"], "--norm-dataset-name",
                       data["tldr"], "--output-dir", tmp_path / "rm", *few, "--max-train-samples", 256, "--max-norm-samples", 256, cwd=tmp_path)
