@@ -243,9 +243,9 @@ def load_examples(args: Args, tokenizer):
     examples = []
     for i, row in enumerate(ds.select(range(min(args.num_examples, len(ds))))):
         if args.task == "tldr":
-            post = row["post"]
-            while len(encode(tokenizer, TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))) > args.query_length and "\n" in post:
-                post = post[: post.rfind("\n")].rstrip()  # OpenAI's smart truncation, as in training
+            post = row["post"]  # cut as in training (N+): at the last newline, nothing stripped, then character by character
+            while post and len(encode(tokenizer, TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))) > args.query_length:
+                post = post[: post.rfind("\n")]
             examples.append((TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post), " " + row["summary"].strip()))
         else:
             end = os.path.commonprefix([row["chosen"], row["rejected"]]).rfind(HH_TAG)

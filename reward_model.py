@@ -121,8 +121,10 @@ def encode(tokenizer, text: str, special: bool = True):
 
 
 def tldr_query(tokenizer, row: dict, query_length: int):
-    """OpenAI's TL;DR query. A post that does not fit is cut back at its last newline, then hard-truncated.
-    Returns (token ids, whether the post was truncated); None when even an empty post does not fit."""
+    """OpenAI's TL;DR query. A post that does not fit is cut exactly as the N+ code cut it for the public SFT and
+    reward checkpoints (summarize_from_feedback_details/tldr_dataset.py, process_query): at its last newline (that
+    newline and what follows go, nothing is stripped), again and again, and once no newline is left, one character at
+    a time. Returns (token ids, whether the post was truncated); None when even an empty post does not fit."""
     post, truncated = row["post"], False
     while True:
         ids = encode(tokenizer, TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post))
@@ -131,11 +133,7 @@ def tldr_query(tokenizer, row: dict, query_length: int):
         if not post:
             return None
         truncated = True
-        if "\n" in post:  # OpenAI's "smart truncation": drop the last paragraph or line
-            post = post[: post.rfind("\n")].rstrip()
-        else:
-            post_ids = encode(tokenizer, post, special=False)
-            post = tokenizer.decode(post_ids[: max(0, len(post_ids) - (len(ids) - query_length))])
+        post = post[: post.rfind("\n")]  # with no newline left rfind is -1: the last character goes
 
 
 def hh_split(chosen: str, rejected: str):

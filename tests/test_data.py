@@ -153,6 +153,64 @@ def test_unreachable_hub_gives_a_one_paragraph_hint(world):
     assert "Could not load 'nobody/not-a-model'" in proc.stdout and "point --sft-model-path" in proc.stdout
 
 
+def nplus_process_query(tokenizer, info, length):
+    """summarize_from_feedback_details/tldr_dataset.py, process_query (TL;DR parameters), transcribed line by line.
+    Special-token strings are encoded as text: the Pythia tokenizer.json in ../shared marks `assistant` and `RWKV` as
+    special tokens, which the tokenizer the public checkpoints were trained with did not."""
+    info = dict(info)
+    query_tokens = tokenizer.encode(FMT_NPLUS.format(**info), split_special_tokens=True)
+    while len(query_tokens) > length:
+        if not len(info["post"]):
+            raise ValueError("Could not truncate enough!")
+        i = -1  # default to just remove one character
+        try:
+            i = info["post"].rindex("\n")
+        except ValueError:
+            pass
+        info["post"] = info["post"][:i]
+        query_tokens = tokenizer.encode(FMT_NPLUS.format(**info), split_special_tokens=True)
+    return query_tokens
+
+
+FMT_NPLUS = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+
+
+@pytest.fixture(scope="module")
+def nplus_queries():
+    """Real TL;DR posts with their N+ queries at 512 tokens (all 945) and 256 tokens (the first 100)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(f"{SHARED}/tokenizers/pythia")
+    rows = [json.loads(x) for x in open(f"{SHARED}/data/tldr/sft_posts_dev.jsonl")]
+    cases = [(row, length, nplus_process_query(tokenizer, row, length)) for length, subset in ((512, rows), (256, rows[:100])) for row in subset]
+    return tokenizer, cases
+
+
+@requires_shared
+@pytest.mark.parametrize("script", [sft, reward_model, dpo_baseline, ppo_baseline, drpo_tldr])
+def test_tldr_truncation_is_the_n_plus_rule_token_for_token_on_real_posts(script, nplus_queries):
+    """The public TL;DR SFT and reward checkpoints were trained on queries cut by the N+ code; ours must be the same
+    tokens (before: 5 of 945 real posts differed at 512 tokens, 701 at 256, from stripping after each cut)."""
+    tokenizer, cases = nplus_queries
+    truncated = {512: 0, 256: 0}
+    for row, length, expected in cases:
+        ids, was_truncated = script.tldr_query(tokenizer, row, length)
+        assert ids == expected, (length, row["id"])
+        truncated[length] += was_truncated
+    assert truncated == {512: 6, 256: 84}  # the rule is exercised: 6 real posts are too long at 512
+
+
+def test_eval_winrate_cuts_tldr_posts_as_training_does(tokenizer, tmp_path):
+    row = {"id": "x", "subreddit": "pets", "title": "my cat", "post": "line one .  \n\nline two .\nthree words here", "summary": "s"}
+    write(tmp_path / "d.jsonl", [row])
+    empty = len(sft.tldr_query(tokenizer, dict(row, post=""), 512)[0])
+    for length in (empty + 1, empty + 4, empty + 9, empty + 14, 512):  # cut character by character, at newlines, not at all
+        expected, _ = sft.tldr_query(tokenizer, row, length)
+        args = eval_winrate.Args(dataset_name=str(tmp_path / "d.jsonl"), split="train", query_length=length, num_examples=1)
+        (prompt, _), = eval_winrate.load_examples(args, tokenizer)
+        assert eval_winrate.encode(tokenizer, prompt) == expected
+
+
 @requires_shared
 def test_real_data_loads_unchanged(capsys, tmp_path):
     """The Hub-schema slices in ../shared/data go through the same code path (Pythia tokenizer)."""
