@@ -198,7 +198,11 @@ def load_tokenizer(path: str):
 
 
 def comparison_texts(row: dict, i: int, source: str):
-    """TL;DR comparison row -> (query fields, chosen text, rejected text), with a clear error on a malformed row."""
+    """TL;DR comparison row -> (query fields, chosen text, rejected text); None for a CNN/DailyMail row, which
+    openai/summarize_from_feedback mixes into its validation split (the N+ code drops them too). A malformed TL;DR row
+    stops the run with a clear error."""
+    if row["info"].get("article") is not None and all(row["info"].get(k) is None for k in ("post", "title", "subreddit")):
+        return None  # a CNN/DailyMail comparison (batches batch0_cnndm, cnndm0, cnndm2 of the validation split): an article, no post
     for key in ("post", "title", "subreddit"):
         if not isinstance(row["info"].get(key), str):
             raise SystemExit(f"{source} row {i}, column 'info.{key}': expected str, got {type(row['info'].get(key)).__name__}")
@@ -215,11 +219,15 @@ def build_pairs(args: Args, tokenizer, split: str, limit: Optional[int]):
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
     pairs, counts = [], {"rows": len(ds), "query_truncated": 0, "dropped_query_too_long": 0, "dropped_empty_response": 0,
-                         "dropped_identical_pair": 0, "dropped_response_too_long": 0, "dropped_no_shared_prompt": 0}
+                         "dropped_identical_pair": 0, "dropped_response_too_long": 0, "dropped_no_shared_prompt": 0, "dropped_cnndm": 0}
     for i, row in enumerate(ds):
         check_row(row, i, schema, f"{name} ({split})")
         if args.task == "tldr":
-            info, chosen, rejected = comparison_texts(row, i, f"{name} ({split})")
+            texts = comparison_texts(row, i, f"{name} ({split})")
+            if texts is None:
+                counts["dropped_cnndm"] += 1
+                continue
+            info, chosen, rejected = texts
             query = tldr_query(tokenizer, info, args.query_length)
             if query is None:
                 counts["dropped_query_too_long"] += 1

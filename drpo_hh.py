@@ -198,11 +198,13 @@ def response_ids(tokenizer, text: str):
 
 def build_episodes(args: Args, tokenizer):
     """(prompt ids, chosen response ids incl. EOS) pairs: the prompts to roll out and the offline states to reset to.
-    A row with an empty chosen response keeps its prompt and is never reset (counted)."""
+    A row whose chosen response is empty, or longer than an episode (the policy would have a few tokens left to end a
+    response that runs on), keeps its prompt and is never reset (counted)."""
     name = args.dataset_name
     ds = load_rows(name, args.train_split, SCHEMA)
     queries, chosens = [], []
-    counts = {"rows": len(ds), "query_truncated": 0, "dropped_no_shared_prompt": 0, "empty_chosen_never_reset": 0}
+    counts = {"rows": len(ds), "query_truncated": 0, "dropped_no_shared_prompt": 0, "empty_chosen_never_reset": 0,
+              "long_chosen_never_reset": 0}
     for i, row in enumerate(ds):
         check_row(row, i, SCHEMA, f"{name} ({args.train_split})")
         split = hh_split(row["chosen"], row["rejected"])
@@ -211,9 +213,13 @@ def build_episodes(args: Args, tokenizer):
             continue
         ids, truncated = hh_prompt(tokenizer, split[0], args.query_length)
         counts["query_truncated"] += truncated
+        chosen = response_ids(tokenizer, split[1]) if split[1].strip() else []
         counts["empty_chosen_never_reset"] += not split[1].strip()
+        if len(chosen) > args.response_length:
+            counts["long_chosen_never_reset"] += 1
+            chosen = []
         queries.append(ids)
-        chosens.append(response_ids(tokenizer, split[1]) if split[1].strip() else [])
+        chosens.append(chosen)
     print(f"{name} ({args.train_split}): {len(queries)} prompts kept; {counts}")
     if not queries:
         raise SystemExit(f"no usable prompt in {name} ({args.train_split}); see the counts above")

@@ -199,7 +199,11 @@ def tldr_query(tokenizer, row: dict, query_length: int):
 
 
 def comparison_texts(row: dict, i: int, source: str):
-    """TL;DR comparison row -> (query fields, chosen text), with a clear error on a malformed row."""
+    """TL;DR comparison row -> (query fields, chosen text); None for a CNN/DailyMail row, which
+    openai/summarize_from_feedback mixes into its validation split (the N+ code drops them too). A malformed TL;DR row
+    stops the run with a clear error."""
+    if row["info"].get("article") is not None and all(row["info"].get(k) is None for k in ("post", "title", "subreddit")):
+        return None  # a CNN/DailyMail comparison (batches batch0_cnndm, cnndm0, cnndm2 of the validation split): an article, no post
     for key in ("post", "title", "subreddit"):
         if not isinstance(row["info"].get(key), str):
             raise SystemExit(f"{source} row {i}, column 'info.{key}': expected str, got {type(row['info'].get(key)).__name__}")
@@ -216,22 +220,32 @@ def response_ids(tokenizer, text: str):
 
 def build_episodes(args: Args, tokenizer):
     """(prompt ids, chosen response ids incl. EOS) pairs: the prompts to roll out and the offline states to reset to.
-    A row with an empty chosen response keeps its prompt and is never reset (counted)."""
+    A row whose chosen response is empty, or longer than an episode (the policy would have a few tokens left to end a
+    response that runs on), keeps its prompt and is never reset (counted)."""
     name, schema = args.dataset_name, SCHEMAS[args.reset_source]
     ds = load_rows(name, args.train_split, schema, args.dataset_config)
     queries, chosens = [], []
-    counts = {"rows": len(ds), "query_truncated": 0, "dropped_query_too_long": 0, "empty_chosen_never_reset": 0}
+    counts = {"rows": len(ds), "query_truncated": 0, "dropped_query_too_long": 0, "dropped_cnndm": 0, "empty_chosen_never_reset": 0,
+              "long_chosen_never_reset": 0}
     for i, row in enumerate(ds):
         check_row(row, i, schema, f"{name} ({args.train_split})")
-        info, chosen = comparison_texts(row, i, name) if args.reset_source == "chosen" else (row, row["summary"])
+        texts = comparison_texts(row, i, name) if args.reset_source == "chosen" else (row, row["summary"])
+        if texts is None:
+            counts["dropped_cnndm"] += 1
+            continue
+        info, chosen = texts
         query = tldr_query(tokenizer, info, args.query_length)
         if query is None:
             counts["dropped_query_too_long"] += 1
             continue
         counts["query_truncated"] += query[1]
+        ids = response_ids(tokenizer, chosen) if chosen.strip() else []
         counts["empty_chosen_never_reset"] += not chosen.strip()
+        if len(ids) > args.response_length:
+            counts["long_chosen_never_reset"] += 1
+            ids = []
         queries.append(query[0])
-        chosens.append(response_ids(tokenizer, chosen) if chosen.strip() else [])
+        chosens.append(ids)
     print(f"{name} ({args.train_split}): {len(queries)} prompts kept; {counts}")
     if not queries:
         raise SystemExit(f"no usable prompt in {name} ({args.train_split}); see the counts above")

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import dpo_baseline
 import drpo_hh
@@ -173,6 +174,55 @@ def nplus_process_query(tokenizer, info, length):
 
 
 FMT_NPLUS = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+
+
+def hub_comparison(chosen, rejected, choice=0, post="my cat is old .\nhelp", article=None, batch="batch3"):
+    """A row of openai/summarize_from_feedback (config comparisons) with every column of the Hub schema. A CNN/DailyMail
+    row (batches batch0_cnndm, cnndm0, cnndm2 of the validation split) has an article and no post, title or subreddit."""
+    info = {"id": "t3_abc", "post": post, "title": "my cat", "subreddit": "pets", "site": None, "article": None}
+    if article is not None:
+        info |= {"id": "dm-1", "post": None, "title": None, "subreddit": None, "site": "dailymail", "article": article}
+    texts = [chosen, rejected] if choice == 0 else [rejected, chosen]
+    return {"info": info, "summaries": [{"text": x, "policy": "sup2", "note": None} for x in texts], "choice": choice,
+            "worker": "w7", "batch": batch, "split": "valid1", "extra": {"confidence": 8}}
+
+
+@pytest.mark.parametrize("script", [reward_model, dpo_baseline, drpo_tldr])
+def test_cnndm_rows_of_the_hub_comparisons_are_skipped_and_counted(script, tokenizer, tmp_path, capsys):
+    rows = [hub_comparison(" cat vet .", " pizza ."), hub_comparison(" a story .", " another .", article="(CNN) a story", batch="cnndm0"),
+            hub_comparison(" vet .", " soup .", choice=1), hub_comparison(" x .", " y .", article="(CNN) more", batch="batch0_cnndm")]
+
+    def build(path):
+        if script is drpo_tldr:
+            return drpo_tldr.build_episodes(drpo_tldr.Args(dataset_name=path, reset_source="chosen", response_length=16), tokenizer)[0]
+        return script.build_pairs(script.Args(task="tldr", dataset_name=path, response_length=16), tokenizer, "train", None)
+
+    kept = build(write(tmp_path / "valid.jsonl", rows))
+    assert len(kept) == 2 and "'dropped_cnndm': 2" in capsys.readouterr().out
+    # a TL;DR row with a null post (no article) is not a CNN/DailyMail row: it still stops with the row and the column
+    rows.append(hub_comparison(" a .", " b .", post=None))
+    with pytest.raises(SystemExit, match=r"row 4, column 'info.post': expected str, got NoneType"):
+        build(write(tmp_path / "bad.jsonl", rows))
+
+
+@pytest.mark.parametrize("script", [drpo_tldr, drpo_hh])
+def test_chosen_responses_longer_than_an_episode_are_never_reset(script, tokenizer, tmp_path, capsys):
+    """From a chosen response longer than the episode the policy would have a few tokens to end a response that runs
+    on (the missing-EOS penalty, almost always): its prompt is rolled out, never reset from."""
+    long = " " + " ".join(["cat", "vet", "dog"] * 6) + " ."  # far more than 8 tokens
+    if script is drpo_tldr:
+        path = write(tmp_path / "c.jsonl", [hub_comparison(" cat vet .", " no ."), hub_comparison(long, " no .")])
+        args = drpo_tldr.Args(dataset_name=path, reset_source="chosen", response_length=8)
+    else:
+        prompt = "\n\nHuman: my cat ?\n\nAssistant:"
+        path = write(tmp_path / "h.jsonl", [{"chosen": prompt + " cat vet .", "rejected": prompt + " no ."},
+                                            {"chosen": prompt + long, "rejected": prompt + " no ."}])
+        args = drpo_hh.Args(dataset_name=path, response_length=8)
+    queries, chosens = script.build_episodes(args, tokenizer)
+    assert len(queries) == 2 and chosens[0] == script.response_ids(tokenizer, "cat vet .") and chosens[1] == []
+    assert "'long_chosen_never_reset': 1" in capsys.readouterr().out
+    _, h, reset = script.reset_states(queries, chosens, 1.0, 1, 8, torch.Generator().manual_seed(0))
+    assert reset.tolist() == [True, False] and h[1] == 0
 
 
 @pytest.fixture(scope="module")
