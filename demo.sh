@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 W=${W:-tiny}            # where the tiny world and its models go
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# the tiny world's recipe, next to its high learning rates: clip the gradient norm at 1 and do not whiten the rewards
+# (the defaults follow the paper's runs: no clipping, whitened rewards)
+TINY_RL="--max-grad-norm 1 --no-whiten-rewards"
 
 python tiny_world.py --out $W
 python sft.py --base-model $W/base --dataset-name $W/tldr_sft --output-dir $W/sft \
@@ -13,12 +16,13 @@ python reward_model.py --sft-model-path $W/sft --dataset-name $W/tldr_comparison
   --output-dir $W/rm --lr 1e-3 --num-train-epochs 2 --batch-size 32 --local-micro-batch-size 32 --eval-every 50
 python ppo_baseline.py --sft-model-path $W/sft --reward-model-path $W/rm --dataset-name $W/tldr_sft --output-dir $W/ppo \
   --response-length 8 --total-episodes 1280 --batch-size 64 --local-rollout-forward-batch-size 64 \
-  --local-micro-batch-size 16 --num-mini-batches 2 --lr 1e-3 --kl-coef 0.05 --print-sample-every 10
+  --local-micro-batch-size 16 --num-mini-batches 2 --lr 1e-3 --kl-coef 0.05 --print-sample-every 10 $TINY_RL
 python drpo_tldr.py --reset-prob 0.5 --sft-model-path $W/sft --reward-model-path $W/rm --dataset-name $W/tldr_comparisons \
-  --output-dir $W/drpo --response-length 8 --total-episodes 1280 --batch-size 64 --local-rollout-forward-batch-size 64 \
-  --local-micro-batch-size 16 --num-mini-batches 2 --lr 1e-3 --kl-coef 0.05 --print-sample-every 10
+  --reset-source chosen --output-dir $W/drpo --response-length 8 --total-episodes 1280 --batch-size 64 \
+  --local-rollout-forward-batch-size 64 --local-micro-batch-size 16 --num-mini-batches 2 --lr 1e-3 --kl-coef 0.05 \
+  --print-sample-every 10 $TINY_RL
 python dpo_baseline.py --sft-model-path $W/sft --dataset-name $W/tldr_comparisons --output-dir $W/dpo \
-  --lr 3e-4 --beta 0.1 --batch-size 32 --local-micro-batch-size 16 --eval-every 20
+  --lr 3e-4 --beta 0.1 --batch-size 32 --local-micro-batch-size 16 --eval-every 20 --max-grad-norm 1
 
 echo; echo "== results on 200 held-out tiny-world prompts (sampled at temperature 0.7) =="
 python benchmarks/demo_report.py --world $W --policies sft=$W/sft ppo=$W/ppo drpo=$W/drpo dpo=$W/dpo
@@ -27,7 +31,7 @@ echo; echo "== the DPO task (bland/: SFT's greedy answer is a bland one; the pai
 python sft.py --base-model $W/base --dataset-name $W/bland/tldr_sft --output-dir $W/bland/sft \
   --lr 1e-3 --num-train-epochs 6 --batch-size 32 --local-micro-batch-size 32 --eval-every 100
 python dpo_baseline.py --sft-model-path $W/bland/sft --dataset-name $W/bland/tldr_comparisons --output-dir $W/bland/dpo \
-  --lr 3e-4 --beta 0.1 --batch-size 32 --local-micro-batch-size 16 --eval-every 20
+  --lr 3e-4 --beta 0.1 --batch-size 32 --local-micro-batch-size 16 --eval-every 20 --max-grad-norm 1
 python benchmarks/demo_report.py --world $W/bland --policies sft=$W/bland/sft dpo=$W/bland/dpo
 
 echo; echo "== win rates against the reference summaries: reward-model judge, then the tiny SFT model as an hf judge =="

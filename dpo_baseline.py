@@ -72,8 +72,8 @@ class Args:
     """pairs per optimizer step"""
     local_micro_batch_size: int = 8
     """pairs per forward pass (chosen and rejected share it); batch_size / this is the gradient accumulation"""
-    max_grad_norm: Optional[float] = 1.0
-    """clip the gradient norm of each optimizer step (None: no clipping)"""
+    max_grad_norm: Optional[float] = None
+    """clip the gradient norm of each optimizer step (None: no clipping, as the authors' and the N+ code)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     use_lora: bool = False

@@ -70,8 +70,8 @@ class Args:
     """anneal the learning rate linearly to 0"""
     eps: float = 1e-5
     """AdamW epsilon"""
-    max_grad_norm: Optional[float] = 1.0
-    """clip the gradient norm of each optimizer step (None: no clipping)"""
+    max_grad_norm: Optional[float] = None
+    """clip the gradient norm of each optimizer step (None: no clipping, as the authors' and the N+ code)"""
     kl_coef: float = 0.05
     """coefficient of the per-token KL penalty -kl_coef * (logp - ref_logp)"""
     adaptive_kl: bool = False
@@ -84,8 +84,8 @@ class Args:
     """discount factor"""
     gae_lambda: float = 0.95
     """GAE lambda"""
-    whiten_rewards: bool = False
-    """whiten the per-token rewards (no mean shift) before GAE"""
+    whiten_rewards: bool = True
+    """whiten the per-token rewards (no mean shift) before GAE, as the paper's PPO and DR-PO runs (the N+ code does not)"""
     cliprange: float = 0.2
     """PPO policy clip range"""
     cliprange_value: float = 0.2
@@ -102,6 +102,12 @@ class Args:
     """LoRA rank"""
     lora_alpha: int = 32
     """LoRA alpha"""
+    lora_target_modules: str = "all-linear"
+    """layers that get adapters: `all-linear` (every linear layer but the LM head) or names, comma-separated (the
+    authors': query_key_value)"""
+    lora_value: bool = False
+    """with --use-lora, adapters on the value model too, its backbone and head frozen (the authors' setup); otherwise the
+    value model is trained in full"""
     print_sample_every: int = 10
     """print a table of sample query / response / score every N updates"""
     save_every: int = 50
@@ -468,7 +474,8 @@ if __name__ == "__main__":
     queries = build_queries(args, tokenizer)
     policy_path = args.resume_from if args.resume_from and not args.use_lora else args.sft_model_path  # LoRA keeps the base frozen
     policy = from_pretrained(AutoModelForCausalLM, policy_path, dtype=getattr(torch, args.dtype))
-    value_model = from_pretrained(AutoModelForSequenceClassification, f"{args.resume_from}/value" if args.resume_from else args.value_model_path,
+    value_path = f"{args.resume_from}/value" if args.resume_from and not (args.use_lora and args.lora_value) else args.value_model_path
+    value_model = from_pretrained(AutoModelForSequenceClassification, value_path,
                                   num_labels=1, dtype=getattr(torch, args.dtype))
     reward_model = None if reward_fn else from_pretrained(AutoModelForSequenceClassification, args.reward_model_path, num_labels=1,
                                                           dtype=getattr(torch, args.frozen_dtype))
@@ -482,13 +489,20 @@ if __name__ == "__main__":
                 module.p = 0.0
     non_tokens = non_token_ids(tokenizer, policy.get_input_embeddings().num_embeddings)  # never sampled, probability 0
     if args.use_lora:
-        from peft import LoraConfig, get_peft_model  # only imported when asked for
+        from peft import LoraConfig, get_peft_model, inject_adapter_in_model  # only imported when asked for
 
+        targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
+        lora_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=targets)
         # no second copy of the model: the reference policy is the policy with the adapter switched off
-        policy, ref_policy = get_peft_model(policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                               target_modules="all-linear")), None
+        policy, ref_policy = get_peft_model(policy, lora_config), None
+        if args.lora_value:  # adapters put in place: the value model stays a sequence classifier that token_scores reads
+            value_model = inject_adapter_in_model(lora_config, value_model)
+            for name, param in value_model.named_parameters():
+                param.requires_grad = "lora_" in name
         if args.resume_from:
             policy.load_state_dict(torch.load(f"{args.resume_from}/lora.pt"), strict=False)
+            if args.lora_value:
+                value_model.load_state_dict(torch.load(f"{args.resume_from}/value_lora.pt"), strict=False)
         policy.print_trainable_parameters()
     else:
         ref_policy = from_pretrained(AutoModelForCausalLM, args.sft_model_path, dtype=getattr(torch, args.frozen_dtype))
@@ -500,6 +514,8 @@ if __name__ == "__main__":
         value_model.gradient_checkpointing_enable()
         if args.use_lora:
             policy.enable_input_require_grads()
+        if args.use_lora and args.lora_value:
+            value_model.enable_input_require_grads()
     policy.generation_config.eos_token_id = None  # the EOS trick: sample all response_length tokens, truncate after
     policy.generation_config.bos_token_id = None
     generation_config = GenerationConfig(max_new_tokens=args.response_length, min_new_tokens=args.response_length,
@@ -661,7 +677,10 @@ if __name__ == "__main__":
                 torch.save({k: v for k, v in policy.state_dict().items() if "lora_" in k}, f"{folder}/lora.pt")
             else:
                 policy.save_pretrained(folder)
-            value_model.save_pretrained(f"{folder}/value")
+            if args.use_lora and args.lora_value:
+                torch.save({k: v for k, v in value_model.state_dict().items() if "lora_" in k}, f"{folder}/value_lora.pt")
+            else:
+                value_model.save_pretrained(f"{folder}/value")
             tokenizer.save_pretrained(folder)
             # the data position is a pure function of the update index (batch_indices), so the index is enough
             torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states(), "update": update, "kl_coef": kl_coef,

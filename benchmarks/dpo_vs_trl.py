@@ -29,7 +29,7 @@ start = time.time()
 proc = subprocess.run([sys.executable, f"{ROOT}/dpo_baseline.py", "--sft-model-path", MODEL, "--dataset-name", DATA,
                        "--train-split", f"train[:{N}]", "--eval-split", "train[:8]", "--batch-size", str(BATCH),
                        "--local-micro-batch-size", str(BATCH), "--query-length", "331", "--response-length", "53",
-                       "--eval-every", "1000", "--save-every", "0", "--output-dir", f"{work}/ours"],
+                       "--eval-every", "1000", "--save-every", "0", "--max-grad-norm", "1", "--output-dir", f"{work}/ours"],  # as TRL
                       cwd=work, capture_output=True, text=True)
 assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 ref_time = float(re.search(r"computed the reference log-probs in ([\d.]+)s", proc.stdout).group(1))

@@ -8,7 +8,7 @@ W=${W:-$ROOT/tiny}
 OUT=/tmp/drpo_speed; rm -rf $OUT; mkdir -p $OUT; cd $OUT
 FLAGS="--sft-model-path $W/sft --reward-model-path $W/rm --dataset-name $W/tldr_sft --response-length 8 --total-episodes 640
   --batch-size 64 --local-rollout-forward-batch-size 16 --local-micro-batch-size 16 --num-mini-batches 2 --lr 1e-3
-  --print-sample-every 0 --save-every 0 --output-dir $OUT/model"
+  --print-sample-every 0 --save-every 0 --output-dir $OUT/model --max-grad-norm 1 --no-whiten-rewards"
 for rep in 1 2; do
   python $ROOT/ppo_baseline.py --exp-name ppo_$rep $FLAGS > /dev/null 2>&1
   python $ROOT/drpo_tldr.py --exp-name drpo0.5_$rep --reset-prob 0.5 --reset-source sft_reference $FLAGS > /dev/null 2>&1

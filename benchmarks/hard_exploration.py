@@ -36,7 +36,8 @@ if not PLOT_ONLY:
 common = ["--sft-model-path", f"{pw}/sft", "--value-model-path", f"{pw}/sft", "--dataset-name", f"{pw}/tldr_comparisons",
           "--reward-fn", f"{ROOT}/tiny_world.py:password_reward", "--response-length", "8", "--batch-size", "64",
           "--local-rollout-forward-batch-size", "64", "--local-micro-batch-size", "32", "--num-mini-batches", "2", "--lr", "1e-3",
-          "--kl-coef", "0.01", "--temperature", "1", "--total-episodes", str(UPDATES * 64), "--eval-every", "10", "--eval-prompts", "1",
+          "--kl-coef", "0.01", "--temperature", "1", "--reset-source", "chosen",
+          "--max-grad-norm", "1", "--no-whiten-rewards", "--total-episodes", str(UPDATES * 64), "--eval-every", "10", "--eval-prompts", "1",
           "--print-sample-every", "0", "--save-every", "0"]
 jobs = [] if PLOT_ONLY else [(arm, seed) for arm in ARMS for seed in SEEDS]
 for i in range(0, len(jobs), 2):

@@ -50,7 +50,8 @@ print(f"reward model: held-out accuracy {[m for m in rm_log if 'eval_accuracy' i
 
 common = ["--sft-model-path", f"{pw}/sft", "--reward-model-path", f"{OUT}/rm_password", "--dataset-name", f"{pw}/tldr_comparisons",
           "--response-length", "8", "--batch-size", "64", "--local-rollout-forward-batch-size", "64", "--local-micro-batch-size", "32",
-          "--num-mini-batches", "2", "--lr", "1e-3", "--kl-coef", "0.01", "--temperature", "1", "--total-episodes", str(300 * 64),
+          "--num-mini-batches", "2", "--lr", "1e-3", "--kl-coef", "0.01", "--temperature", "1", "--reset-source", "chosen",
+          "--max-grad-norm", "1", "--no-whiten-rewards", "--total-episodes", str(300 * 64),
           "--print-sample-every", "0", "--save-every", "0"]
 jobs = [(p, seed) for seed in SEEDS for p in ("0.5", "0")]
 for i in range(0, len(jobs), 2):

@@ -235,7 +235,7 @@ def pipeline(name, out, world, tmp_path):
 
     # PPO, DR-PO on TL;DR and on HH: the first ratio is 1 (rollout and training agree), trained weights are fp32
     rl = ["--sft-model-path", tmp_path / "sft", "--reward-model-path", tmp_path / "rm", *SMALL, "--total-episodes", 64]
-    for script, dataset, flags in (("ppo_baseline.py", data["tldr"], []), ("drpo_tldr.py", data["comparisons"], ["--reset-prob", 0.5]),
+    for script, dataset, flags in (("ppo_baseline.py", data["tldr"], []), ("drpo_tldr.py", data["tldr"], ["--reset-prob", 0.5]),
                                    ("drpo_hh.py", data["hh"], ["--reset-prob", 0.5])):
         proc = run_script(script, *rl, *flags, "--dataset-name", dataset, "--output-dir", tmp_path / script[:-3], cwd=tmp_path)
         assert "dtypes: policy and value model float32 (trained), reference and reward model float32 (frozen)" in proc.stdout
@@ -248,7 +248,7 @@ def pipeline(name, out, world, tmp_path):
     lora = ["--use-lora", "--lora-r", 4] if name == "gpt2" else []
     proc = run_script("dpo_baseline.py", "--sft-model-path", tmp_path / "sft", "--dataset-name", data["comparisons"], "--output-dir",
                       tmp_path / "dpo", "--max-train-samples", 64, "--max-eval-samples", 16, "--batch-size", 32, "--local-micro-batch-size", 16,
-                      "--lr", 1e-3, "--response-length", 16, *lora, cwd=tmp_path)
+                      "--lr", 1e-3, "--max-grad-norm", 1.0, "--response-length", 16, *lora, cwd=tmp_path)
     first = [x for x in proc.stdout.splitlines() if x.startswith("update=1 ")][0]
     assert float(first.split(" loss=")[1].split()[0]) == pytest.approx(math.log(2), abs=1e-4)
     dpo, sft_weights = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (tmp_path / "dpo", tmp_path / "sft"))

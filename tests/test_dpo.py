@@ -44,7 +44,7 @@ def test_sequence_logprobs_mask_prompt_and_padding_exactly(sft_model):
                 assert got.item() == pytest.approx(logp[len(q) - 1 :].sum().item(), abs=1e-4)
 
 
-FLAGS = ["--lr", "1e-3", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "16", "--eval-every", "20"]
+FLAGS = ["--lr", "1e-3", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "16", "--eval-every", "20", "--max-grad-norm", "1"]
 
 
 def last_log(cwd):

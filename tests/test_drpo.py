@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import drpo_hh
 import drpo_tldr
+import ppo_baseline as ppo
 from conftest import RECORDER, ROOT, run_script
 from test_ppo import SMALL, metrics_file
 
@@ -93,6 +94,32 @@ def test_prefill_equals_forcing(sft_model):
     torch.testing.assert_close(forced[:, len(prefix):], from_state, atol=1e-5, rtol=0)
 
 
+def resolved_defaults(module, **fields):
+    """An Args with its defaults, and the defaults the script resolves at start-up (per task, per reset source)."""
+    import dataclasses
+
+    args = module.Args(**fields)
+    if module is ppo:
+        args.sft_model_path, args.reward_model_path = ppo.DEFAULT_MODELS[args.task]
+        args.dataset_name, args.response_length = ppo.DEFAULT_DATASETS[args.task], ppo.DEFAULT_RESPONSE_LENGTH[args.task]
+    elif module is drpo_tldr:
+        args.dataset_name, args.dataset_config = drpo_tldr.DEFAULT_DATASETS[args.reset_source]
+    return {k: v for k, v in dataclasses.asdict(args).items() if k not in ("exp_name", "output_dir", "task")}
+
+
+@pytest.mark.parametrize("task", ["tldr", "hh"])
+def test_ppo_and_drpo_share_every_default(task):
+    """At their defaults the two scripts roll out the same prompts with the same settings: a default-against-default
+    comparison measures the reset and nothing else (test_reset_prob_zero_is_ppo runs them)."""
+    ours, theirs = resolved_defaults(ppo, task=task), resolved_defaults(drpo_tldr if task == "tldr" else drpo_hh)
+    shared = [k for k in theirs if k in ours]
+    assert len(shared) >= 40 and {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
+    assert set(theirs) - set(ours) <= {"reset_prob", "reset_min_prefix", "reset_source", "dataset_config", "eval_every", "eval_prompts",
+                                       "early_stop_score"}
+    if task == "tldr":
+        assert theirs["reset_source"] == "sft_reference" and theirs["dataset_config"] is None
+
+
 NOT_COMPARED = ("time/", "episodes_per_s", "peak_memory_gb")
 
 
@@ -102,8 +129,7 @@ def test_reset_prob_zero_is_ppo(task, world, sft_model, reward_run, tmp_path):
               "--total-episodes", 64, *SMALL]
     dataset = world / ("tldr_sft" if task == "tldr" else "hh")
     ppo = run_script("ppo_baseline.py", "--task", task, "--dataset-name", dataset, *common, cwd=tmp_path)
-    extra = ["--reset-source", "sft_reference"] if task == "tldr" else []
-    drpo = run_script(f"drpo_{task}.py", "--reset-prob", 0, "--dataset-name", dataset, *extra, *common, cwd=tmp_path)
+    drpo = run_script(f"drpo_{task}.py", "--reset-prob", 0, "--dataset-name", dataset, *common, cwd=tmp_path)  # no other flag
     a = [json.loads(x) for x in open(metrics_file(ppo.stdout, tmp_path))]
     b = [json.loads(x) for x in open(metrics_file(drpo.stdout, tmp_path))]
     assert len(a) == len(b) == 2
@@ -115,7 +141,7 @@ def test_reset_prob_zero_is_ppo(task, world, sft_model, reward_run, tmp_path):
 
 def test_drpo_resume_equals_straight_run(world, sft_model, reward_run, tmp_path):
     flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / "tldr_comparisons",
-             *SMALL, "--total-episodes", 4 * 32, "--save-every", 2]
+             "--reset-source", "chosen", *SMALL, "--total-episodes", 4 * 32, "--save-every", 2]
     os.makedirs(tmp_path / "a")
     proc = run_script("drpo_tldr.py", *flags, "--output-dir", tmp_path / "a" / "out", cwd=tmp_path / "a")
     log = metrics_file(proc.stdout, tmp_path / "a")
@@ -132,7 +158,7 @@ def test_drpo_resume_equals_straight_run(world, sft_model, reward_run, tmp_path)
 
 def test_reset_prob_one_warns_and_logs(world, sft_model, reward_run, tmp_path):
     proc = run_script("drpo_tldr.py", "--reset-prob", 1, "--sft-model-path", sft_model, "--reward-model-path", world / "rm",
-                      "--dataset-name", world / "tldr_comparisons", "--output-dir", tmp_path / "o", *SMALL, "--total-episodes", 32,
+                      "--dataset-name", world / "tldr_comparisons", "--reset-source", "chosen", "--output-dir", tmp_path / "o", *SMALL, "--total-episodes", 32,
                       cwd=tmp_path)
     assert "WARNING: --reset-prob 1 with --reset-min-prefix >= 1" in proc.stdout
     m = json.loads(open(metrics_file(proc.stdout, tmp_path)).readline())
@@ -160,7 +186,8 @@ def test_hard_exploration_drpo_solves_what_ppo_cannot(world, tmp_path):
              "--reward-fn", f"{ROOT}/tiny_world.py:password_reward", "--response-length", 8, "--batch-size", 64,
              "--local-rollout-forward-batch-size", 64, "--local-micro-batch-size", 32, "--num-mini-batches", 2, "--lr", 1e-3,
              "--kl-coef", 0.01, "--temperature", 1, "--total-episodes", 300 * 64, "--eval-every", 25, "--eval-prompts", 1,
-             "--early-stop-score", 0.9, "--print-sample-every", 0, "--save-every", 0, "--seed", 6]
+             "--early-stop-score", 0.9, "--print-sample-every", 0, "--save-every", 0, "--seed", 6,
+             "--reset-source", "chosen", "--max-grad-norm", 1.0, "--no-whiten-rewards"]  # the password is in the comparisons
     procs = {}
     for p in (0.5, 0):  # two processes side by side, one thread each (the thread count changes trajectories)
         os.makedirs(tmp_path / str(p))
@@ -188,7 +215,7 @@ def test_rollout_keeps_each_episode_with_its_own_reset_state(script, world, sft_
     dataset = world / ("tldr_comparisons" if tldr else "hh")
     run_script(f"{script.__name__}.py", "--reset-prob", 1, "--reset-min-prefix", 2, "--sft-model-path", sft_model, "--value-model-path",
                sft_model, "--reward-fn", f"{tmp_path}/record.py:record", "--dataset-name", dataset, "--output-dir", tmp_path / "o",
-               *SMALL, "--local-rollout-forward-batch-size", 8, "--total-episodes", 32,
+               *(["--reset-source", "chosen"] if tldr else []), *SMALL, "--local-rollout-forward-batch-size", 8, "--total-episodes", 32,
                cwd=tmp_path, env={"RECORD_FILE": str(tmp_path / "scored.jsonl")})
     tokenizer = script.load_tokenizer(str(sft_model))
     prefixes = {}  # prompt -> the first 2 tokens of its chosen response(s), as text

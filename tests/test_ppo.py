@@ -113,9 +113,8 @@ def test_a_policy_whose_pad_logit_is_largest_never_writes_it(script, world, sft_
                                eos_token_id=None)[:, batch.shape[1]:]
     assert (free == PAD).float().mean() > 0.9
     (tmp_path / "record.py").write_text(RECORDER)
-    dataset = world / ("tldr_sft" if script == "ppo_baseline.py" else "tldr_comparisons")
     proc = run_script(script, "--sft-model-path", tmp_path / "pad_policy", "--value-model-path", tmp_path / "pad_policy", "--reward-fn",
-                      f"{tmp_path}/record.py:record", "--dataset-name", dataset, "--output-dir", tmp_path / "out", *SMALL, "--total-episodes", 3 * 32,
+                      f"{tmp_path}/record.py:record", "--dataset-name", world / "tldr_sft", "--output-dir", tmp_path / "out", *SMALL, "--total-episodes", 3 * 32,
                       *(["--reset-prob", 0.5, "--eval-every", 1, "--eval-prompts", 8] if script == "drpo_tldr.py" else []),
                       cwd=tmp_path, env={"RECORD_FILE": str(tmp_path / "scored.jsonl")})
     log = [json.loads(x) for x in open(metrics_file(proc.stdout, tmp_path))]
@@ -164,7 +163,8 @@ def test_response_logprobs_match_a_manual_temperature_softmax_without_the_pad_to
 
 GOLD = f"{ROOT}/tiny_world.py:gold_reward"
 SMALL = ["--response-length", 8, "--batch-size", 32, "--local-rollout-forward-batch-size", 32, "--local-micro-batch-size", 16,
-         "--num-mini-batches", 2, "--lr", 3e-4, "--kl-coef", 0.01, "--temperature", 1.0, "--print-sample-every", 0]
+         "--num-mini-batches", 2, "--lr", 3e-4, "--kl-coef", 0.01, "--temperature", 1.0, "--print-sample-every", 0,
+         "--max-grad-norm", 1.0, "--no-whiten-rewards"]  # the tiny world's recipe (the defaults follow the paper: no clip, whitening)
 
 
 def ppo_run(world, sft_model, out, *flags, task="tldr", dataset=None, script="ppo_baseline.py"):
