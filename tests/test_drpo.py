@@ -120,6 +120,27 @@ def test_ppo_and_drpo_share_every_default(task):
         assert theirs["reset_source"] == "sft_reference" and theirs["dataset_config"] is None
 
 
+def test_the_readme_command_line_is_the_authors_tldr_run():
+    """The README's command for the authors' run parses into their settings (Cornell-RL/drpo, src/tldr/drpo.py),
+    together with the defaults it relies on."""
+    import re
+    import shlex
+
+    import tyro
+
+    readme = open(f"{ROOT}/README.md").read()
+    block = readme[readme.index("**The authors' TL;DR run.**"):]
+    command = re.search(r"python drpo_tldr.py (.*?)\n```", block, re.S).group(1).replace("\\\n", " ")
+    args = tyro.cli(drpo_tldr.Args, args=shlex.split(command))
+    authors = dict(reset_prob=1.0, reset_min_prefix=1, reset_source="sft_reference", seed=555134, sft_model_path="jdchang/tldr_sft_pythia_2.8",
+                   use_lora=True, lora_r=1024, lora_alpha=2048, lora_target_modules="query_key_value", lora_value=True, whiten_rewards=True,
+                   max_grad_norm=None, total_episodes=1_000_000, batch_size=512, num_mini_batches=1, num_ppo_epochs=4, lr=3e-6, anneal_lr=True,
+                   eps=1e-5, kl_coef=0.05, adaptive_kl=False, gamma=1.0, gae_lambda=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
+                   response_length=53, temperature=0.7, missing_eos_penalty=-1.0, query_length=512, local_micro_batch_size=4,
+                   local_rollout_forward_batch_size=32)
+    assert {k: getattr(args, k) for k in authors} == authors
+
+
 NOT_COMPARED = ("time/", "episodes_per_s", "peak_memory_gb")
 
 

@@ -240,6 +240,29 @@ def test_lora_reference_is_the_adapter_off(world, sft_model, reward_run, tmp_pat
     assert set(merged) == set(base) and any(not torch.equal(merged[k], base[k]) for k in base)  # a plain, merged model
 
 
+def test_lora_on_the_value_model_as_the_authors_checkpoints_and_resumes(world, sft_model, reward_run, tmp_path):
+    """The authors' setup: adapters on query_key_value only, on the policy and on the value model (its head frozen).
+    Only the adapters are checkpointed, and a resumed run equals a straight one."""
+    pytest.importorskip("peft")
+    flags = ["--use-lora", "--lora-r", 4, "--lora-target-modules", "query_key_value", "--lora-value", "--lr", 3e-3,
+             "--total-episodes", 3 * 32, "--save-every", 2]
+    os.makedirs(tmp_path / "a")
+    proc, straight = ppo_run(world, sft_model, tmp_path / "a" / "ppo", *flags)
+    checkpoint = os.path.join(tmp_path / "a", "runs", re.search(r'"run_name": "([^"]+)"', proc.stdout).group(1), "checkpoint")
+    policy_lora, value_lora = (torch.load(f"{checkpoint}/{name}") for name in ("lora.pt", "value_lora.pt"))
+    assert not os.path.exists(f"{checkpoint}/value") and len(value_lora) == len(policy_lora) == 2 * 2  # A and B, 2 layers
+    assert all("query_key_value.lora_" in k for k in [*policy_lora, *value_lora])  # nothing else, the value head included
+    assert any(v.abs().sum() > 0 for k, v in value_lora.items() if "lora_B" in k)  # the value adapters were trained
+    resumed = run_script("ppo_baseline.py", "--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name",
+                         world / "tldr_sft", "--output-dir", tmp_path / "b" / "ppo", *SMALL, *flags, "--resume-from", checkpoint,
+                         cwd=tmp_path / "a")
+    assert "resumed from" in resumed.stdout
+    log = [json.loads(line) for line in open(metrics_file(proc.stdout, tmp_path / "a"))]
+    assert len(log) == 4 and log[3]["loss/value"] == straight[2]["loss/value"] and log[3]["objective/kl"] == straight[2]["objective/kl"]
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d / "ppo").state_dict() for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_reward_fn_and_copy_alone(tmp_path):
     proc = run_script("ppo_baseline.py", "--reward-fn", "nowhere.py:f", "--sft-model-path", "x", check=False, cwd=tmp_path)
     assert proc.returncode != 0 and "--reward-fn nowhere.py:f: no file 'nowhere.py'" in proc.stdout
