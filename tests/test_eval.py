@@ -24,6 +24,16 @@ def test_parse_choice_is_strict():
     assert ev.parse_choice("Preferred: B\nComparison: later text") is None  # the choice must be the last line
 
 
+def test_the_answer_key_comes_from_the_template():
+    assert ev.parse_choice("Comparison: x\nMore helpful: B", "More helpful") == "B"
+    assert ev.parse_choice("Comparison: x\nPreferred: B", "More helpful") is None  # another key is not guessed
+    assert ev.answer_key(open(f"{ROOT}/judge_prompts/dpo_hh.txt").read()) == "More helpful"
+    assert ev.answer_key(open(f"{ROOT}/judge_prompts/dpo_tldr.txt").read()) == "Preferred"
+    assert all(ev.answer_key(p) == "Preferred" for p in ev.PROMPTS.values())
+    with pytest.raises(SystemExit, match="does not show the answer format"):
+        ev.answer_key("Which is better?\n{prompt}\n{response_a}\n{response_b}")
+
+
 def test_outcome_maps_both_orders_back_to_the_policy():
     assert ev.outcome("A", "B") == "win"     # policy first and chosen; reference first, policy (B) chosen
     assert ev.outcome("B", "A") == "loss"
@@ -66,10 +76,12 @@ class Judge(BaseHTTPRequestHandler):
             self.send_response(status)
             self.end_headers()
             return
-        a = text.split("Summary A:\n")[1].split("\n\nSummary B:")[0]
-        b = text.split("Summary B:\n")[1]
+        label = "Response" if "Response A:\n" in text else "Summary"  # the DPO paper's HH prompt, or a TL;DR one
+        a = text.split(f"{label} A:\n")[1].split(f"\n\n{label} B:")[0]
+        b = text.split(f"{label} B:\n")[1]
         choice = "A" if "good" in a or ("good" not in b and "plain" in a) else "B"  # good > plain > bad
-        reply = {"choices": [{"message": {"content": f"Comparison: {choice} names the point.\nPreferred: {choice}"}}]}
+        key = server.answer_key or text.strip().splitlines()[-1].split(":")[0]  # the format the prompt asks for
+        reply = {"choices": [{"message": {"content": f"Comparison: {choice} names the point.\n{key}: {choice}"}}]}
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -84,7 +96,7 @@ class Judge(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
-    httpd.calls, httpd.script, httpd.delay, httpd.lock = [], [], 0.0, threading.Lock()
+    httpd.calls, httpd.script, httpd.delay, httpd.lock, httpd.answer_key = [], [], 0.0, threading.Lock(), None
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -215,3 +227,23 @@ def test_judge_prompt_file_is_used_and_part_of_the_cache_key(server, tmp_path):
     judge_run(server, tmp_path, "--judge-prompt-file", template)
     assert len(server.calls) - calls == 20 and server.calls[-1].startswith("PAPER PROMPT")  # another template: new calls
     assert json.load(open(tmp_path / "out" / "summary.json"))["judge_prompt"].startswith("PAPER PROMPT")
+
+
+@pytest.mark.parametrize("prompt_file", ["dpo_hh.txt", "dpo_tldr.txt"])
+def test_the_dpo_papers_prompts_are_parsed(server, tmp_path, prompt_file):
+    """The DPO paper's HH prompt asks for `More helpful: A`; parsing only `Preferred:` made every pair a tie (0.500)."""
+    judge_run(server, tmp_path, "--judge-prompt-file", f"{ROOT}/judge_prompts/{prompt_file}")
+    s = json.load(open(tmp_path / "out" / "summary.json"))["models"]["policy"]
+    assert (s["wins"], s["losses"], s["ties"], s["unparseable"]) == (6, 4, 0, 0) and s["win_rate"] == 0.6
+
+
+def test_mostly_unparseable_judgements_stop_with_an_error_not_a_table(server, tmp_path):
+    server.answer_key = "Verdict"  # a judge answering in another format than the prompt asks for
+    proc = judge_run(server, tmp_path, check=False)
+    assert proc.returncode != 0 and "20 of 20 judgements could not be parsed" in proc.stdout and "`Preferred: A`" in proc.stdout
+    assert "Verdict: " in proc.stdout and "win rate" not in proc.stdout and "Traceback" not in proc.stdout
+    assert len(open(tmp_path / "cache.jsonl").readlines()) == 20  # the replies are kept
+    calls = len(server.calls)
+    judge_run(server, tmp_path, "--judge-answer-key", "Verdict")  # read with the right key: from the cache, no call
+    s = json.load(open(tmp_path / "out" / "summary.json"))["models"]["policy"]
+    assert len(server.calls) == calls and (s["wins"], s["losses"]) == (6, 4)
