@@ -308,15 +308,28 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return losses.mean(), beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
 
 
+def hub_revision(model_id: str):
+    """The commit a Hub id resolves to now (online), or in the local Hub cache (offline): the folder its config.json
+    lies in is snapshots/<commit>. None when it cannot be resolved (the model cannot be loaded either, then)."""
+    from huggingface_hub import hf_hub_download  # comes with transformers
+
+    try:
+        return os.path.basename(os.path.dirname(hf_hub_download(model_id, "config.json")))
+    except Exception:
+        return None
+
+
 def cache_key(model_path: str, settings: str, pairs_by_split: dict):
-    """Hash of the reference model (for a local folder: its files' names, sizes and times), of the settings it runs
-    with (dtype, device) and of the exact token ids of every pair, so a change to the model, its precision, the data
-    or the tokenisation settings misses the cache."""
+    """Hash of the reference model (a local folder: its files' names, sizes and times; a Hub id: the commit it resolves
+    to, so that a model updated on the Hub is another model), of the settings it runs with (dtype, device) and of the
+    exact token ids of every pair: a change to the model, its precision, the data or the tokenisation misses the cache."""
     h = hashlib.sha256(f"{model_path}|{settings}".encode())
     if os.path.isdir(model_path):
         for name in sorted(os.listdir(model_path)):
             stat = os.stat(os.path.join(model_path, name))
             h.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    else:
+        h.update(f"revision:{hub_revision(model_path)}".encode())
     for split, pairs in sorted(pairs_by_split.items()):
         h.update(split.encode())
         h.update(json.dumps(pairs).encode())

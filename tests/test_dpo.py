@@ -93,6 +93,29 @@ def test_reference_cache_is_reused_and_invalidated(world, sft_model, tmp_path):
     assert len(os.listdir(tmp_path / "cache" / "ref_logprobs")) == 4
 
 
+def test_reference_cache_misses_when_the_hub_model_or_its_dtype_changes(world, sft_model, tmp_path):
+    """A Hub id is keyed on the commit it resolves to: here an offline Hub cache whose refs/main moves to a new commit,
+    as when the model is updated on the Hub. And on the dtype the reference runs in (fp32 on CPU, bf16 on CUDA)."""
+    repo = tmp_path / "hub" / "models--tiny--sft"
+
+    def publish(commit):
+        shutil.copytree(sft_model, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    def run(*extra):
+        return run_script("dpo_baseline.py", "--sft-model-path", "tiny/sft", "--dataset-name", world / "tldr_comparisons", "--max-train-samples",
+                          32, "--max-eval-samples", 8, "--output-dir", tmp_path / "o", *FLAGS, *extra, cwd=tmp_path,
+                          env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}).stdout
+
+    publish("a" * 40)
+    assert "computed the reference log-probs" in run() and "from the cache" in run()
+    publish("b" * 40)  # the same name, another commit
+    assert "computed the reference log-probs" in run()
+    assert "computed the reference log-probs" in run("--frozen-dtype", "bfloat16")  # another precision
+    assert len(os.listdir(tmp_path / "cache" / "ref_logprobs")) == 3
+
+
 def test_dpo_resume_equals_straight_run(world, sft_model, tmp_path):
     base = ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--max-train-samples", 128,
             "--max-eval-samples", 16, *FLAGS, "--save-every", 2]
