@@ -51,9 +51,31 @@ PASSWORD_VOCAB = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf
 PASSWORD = "charlie hotel alpha mike papa delta"
 
 
+def password_task(length: int = 6, vocab: int = 16):
+    """(words, password) of a hard-exploration task: the default is PASSWORD over PASSWORD_VOCAB; other lengths and
+    vocabulary sizes (up to 67 words: the code words, then the topic nouns and the filler words) draw a fixed password."""
+    if (length, vocab) == (6, 16):
+        return PASSWORD_VOCAB, PASSWORD
+    words = list(dict.fromkeys(PASSWORD_VOCAB + list(NOUN_TOPIC) + FILLER))
+    if not 1 <= vocab <= len(words):
+        raise ValueError(f"--password-vocab must be 1 to {len(words)}, got {vocab}")
+    words = words[:vocab]
+    return words, " ".join(random.Random(1000 * length + vocab).choices(words, k=length))
+
+
+def password_subreddit(length: int = 6, vocab: int = 16):
+    """The prompt names its task: r/password for the default, r/password{length}x{vocab} for the others."""
+    return "password" if (length, vocab) == (6, 16) else f"password{length}x{vocab}"
+
+
 def password_reward(prompts: list[str], responses: list[str]) -> list[float]:
-    """Sparse gold reward of the hard-exploration task: 1 for exactly the password, else 0."""
-    return [float(r.split() == PASSWORD.split()) for r in responses]
+    """Sparse gold reward of the hard-exploration task: 1 for exactly the password the prompt's task asks, else 0."""
+    scores = []
+    for prompt, response in zip(prompts, responses):
+        task = re.search(r"r/password(\d+)x(\d+)", prompt)
+        password = password_task(*map(int, task.groups()))[1] if task else PASSWORD
+        scores.append(float(response.split() == password.split()))
+    return scores
 
 
 def make_rows(n: int, rng: random.Random):
@@ -129,20 +151,22 @@ def write_password_world(out: str, n: int, rng: random.Random, args):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    info = {"id": "pw", "subreddit": "password", "title": "what is the password ?", "post": "tell me the password"}
+    vocab, password = password_task(args.password_length, args.password_vocab)
+    length = args.password_length
+    info = {"id": "pw", "subreddit": password_subreddit(length, len(vocab)), "title": "what is the password ?", "post": "tell me the password"}
     sft, comparisons = [], []
     for i in range(n):
-        answer = " ".join(rng.choices(PASSWORD_VOCAB, k=rng.randint(1, 6)))  # SFT: random short answers
+        answer = " ".join(rng.choices(vocab, k=rng.randint(1, length)))  # SFT: random answers, up to the password's length
         sft.append(info | {"id": f"pw-{i}", "summary": answer})
-        other = " ".join(rng.choices(PASSWORD_VOCAB, k=rng.randint(1, 6)))
+        other = " ".join(rng.choices(vocab, k=rng.randint(1, length)))
         choice = rng.randint(0, 1)
         texts = [" " + other, " " + other]
-        texts[choice] = " " + PASSWORD
+        texts[choice] = " " + password
         comparisons.append({"info": info | {"id": f"pw-{i}"}, "summaries": [{"text": t, "policy": "tiny"} for t in texts], "choice": choice})
     write_jsonl(f"{out}/tldr_sft/train.jsonl", sft)
     write_jsonl(f"{out}/tldr_comparisons/train.jsonl", comparisons)
     words = ["<|endoftext|>", "<|padding|>", "[UNK]", "SUBREDDIT:", "r/password", "TITLE:", "POST:", "TL;DR:"]
-    words += sorted({w for w in " ".join(info.values()).split()} - set(words)) + PASSWORD_VOCAB
+    words += [f"r/{info['subreddit']}"] + sorted({w for w in " ".join(info.values()).split()} - set(words)) + vocab
     word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="[UNK]"))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=word_level, eos_token="<|endoftext|>", pad_token="<|padding|>")
@@ -166,6 +190,10 @@ class Args:
     """depth of the tiny GPT-NeoX"""
     password: bool = True
     """also write the hard-exploration task to {out}/password/ (its own word-level tokenizer and model)"""
+    password_length: int = 6
+    """words in the hard-exploration task's password (the family in benchmarks/hard_exploration_family.py varies it)"""
+    password_vocab: int = 16
+    """words the password task's answers are drawn from (16 code words; up to 67)"""
     bland: bool = True
     """also write the DPO task to {out}/bland/ (SFT data whose most common answer is bland; uses {out}/base)"""
 

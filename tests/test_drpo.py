@@ -227,6 +227,30 @@ def test_hard_exploration_drpo_solves_what_ppo_cannot(world, tmp_path):
     assert max(m["objective/raw_scores"] for m in logs[0]) <= 0.05  # PPO: next to no rewarded episode at all
 
 
+def test_password_family_names_its_task_in_the_prompt(tmp_path):
+    """tiny_world.py --password-length / --password-vocab (benchmarks/hard_exploration_family.py): the chosen answers
+    are the task's password, SFT answers are 1 to length words of its vocabulary, every word is one token, and
+    password_reward reads the task from the prompt's subreddit (r/password is the default task)."""
+    import tiny_world
+    from transformers import AutoTokenizer
+
+    run_script("tiny_world.py", "--out", tmp_path, "--tokenizer", "bpe", "--n-train", 200, "--n-eval", 10, "--no-bland",
+               "--password-length", 3, "--password-vocab", 64)
+    words, password = tiny_world.password_task(3, 64)
+    assert len(set(words)) == 64 and len(password.split()) == 3 and tiny_world.password_task() == (tiny_world.PASSWORD_VOCAB, tiny_world.PASSWORD)
+    pw = tmp_path / "password"
+    pairs = [json.loads(x) for x in open(pw / "tldr_comparisons" / "train.jsonl")]
+    assert all(r["summaries"][r["choice"]]["text"] == " " + password and r["info"]["subreddit"] == "password3x64" for r in pairs)
+    answers = [json.loads(x)["summary"].split() for x in open(pw / "tldr_sft" / "train.jsonl")]
+    assert {len(a) for a in answers} == {1, 2, 3} and set(sum(answers, [])) <= set(words)
+    assert set(sum(answers, [])) - set(tiny_world.PASSWORD_VOCAB)  # the words past the 16 code words are drawn too
+    tokenizer = AutoTokenizer.from_pretrained(pw / "base")
+    ids = tokenizer.encode("SUBREDDIT: r/password3x64 " + " ".join(words))
+    assert len(ids) == 66 and tokenizer.unk_token_id not in ids
+    prompt = "SUBREDDIT: r/password3x64\n\nTITLE: what is the password ?"
+    assert tiny_world.password_reward([prompt, prompt, "SUBREDDIT: r/password\n"], [password, tiny_world.PASSWORD, tiny_world.PASSWORD]) == [1, 0, 1]
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_rollout_keeps_each_episode_with_its_own_reset_state(script, world, sft_model, tmp_path):
     """The rollout generates in order of h and puts the results back in batch order: every scored response must
