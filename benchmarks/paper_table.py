@@ -11,7 +11,7 @@ of episodes. Every policy then answers the 200 held-out prompts, sampled (temper
 - gold: the mean gold score in [-1, 1]; RM: the mean score of the seed's reward model (normalised: references ~0);
 - KL to SFT: mean over samples of log pi(y|x) - log pi_SFT(y|x) at the sampling temperature (samples only).
 Runs two jobs at a time, one thread each. Writes docs/paper_table.png (matplotlib, a benchmark-only dependency),
-prints the tables in Markdown and keeps every seed's figures in $OUT/results_*.json.
+prints the tables in Markdown (and each arm's difference to PPO, paired by seed) and keeps every seed's figures in $OUT/results_*.json.
 Run: python benchmarks/paper_table.py          (SEEDS=1,2,3,4,5 by default; OUT=/tmp/paper_table)
      REPORT_ONLY=1 python benchmarks/paper_table.py   redraws the tables and the plot from $OUT."""
 import concurrent.futures
@@ -155,6 +155,12 @@ def report():
         print("|---" * (len(columns) + 1) + "|")
         for arm in ARMS:
             cells = [interval([results[task, s][arm][m][c] for s in SEEDS]) for m, c in columns]
+            print(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
+        print(f"\n{'TL;DR' if task == 'tldr' else 'HH'}: each arm minus PPO, paired by seed (same world, SFT and reward model)\n")
+        print("| arm - PPO | " + " | ".join(f"{m} {c}".replace("_", " ") for m, c in columns) + " |")
+        print("|---" * (len(columns) + 1) + "|")
+        for arm in ("drpo_0.5", "drpo_1.0", "dpo"):
+            cells = [interval([results[task, s][arm][m][c] - results[task, s]["ppo"][m][c] for s in SEEDS]) for m, c in columns]
             print(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
     try:
         import matplotlib
