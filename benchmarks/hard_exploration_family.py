@@ -40,7 +40,7 @@ def prepare(length, vocab):
                     "--password-length", str(length), "--password-vocab", str(vocab)], **run)
     subprocess.run([sys.executable, f"{ROOT}/sft.py", "--base-model", f"{d}/password/base", "--dataset-name", f"{d}/password/tldr_sft",
                     "--eval-split", "train[:5%]", "--output-dir", f"{d}/password/sft", "--lr", "1e-3", "--num-train-epochs", "3",
-                    "--batch-size", "32", "--local-micro-batch-size", "32", "--response-length", str(length + 2)], **run)
+                    "--batch-size", "32", "--local-micro-batch-size", "32", "--response-length", str(length + 2), "--exp-name", f"sft_L{length}_V{vocab}"], **run)
 
 
 def train(length, vocab, arm, seed):

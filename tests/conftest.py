@@ -97,3 +97,76 @@ def tokenizer(world):
 
 
 requires_shared = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "data")), reason="../shared/data is absent")
+
+
+TIMING = ("episodes_per_s", "tokens_per_s", "pairs_per_s", "peak_memory_gb", "time/")
+
+
+def untimed(rows):
+    """Metrics lines without the keys that measure time or memory (the rest is deterministic on CPU)."""
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+
+
+def newest_run(cwd):
+    """The newest run folder under cwd/runs (run names end in their start time)."""
+    import glob
+
+    runs = glob.glob(os.path.join(cwd, "runs", "*__*"))
+    return max(runs, key=lambda r: int(r.rsplit("__", 1)[1])) if runs else None
+
+
+def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow_save=0.6):
+    """Fault injection: runs `script *flags --resume-from auto` and SIGKILLs it `kills` times, resuming each time, then
+    lets it finish. Even kills land while a checkpoint is being written (SLOW_SAVE_S holds the save open between the
+    weights and state.pt), the others at a random moment 1-3 updates past the checkpoint the process resumed from
+    (`updates` and `save_every` are the run's, so that a kill never comes too late). After every kill the run must
+    still hold its newest complete checkpoint, and the updates lost (logged but not checkpointed) are returned, one
+    dict per kill."""
+    import glob
+    import random
+    import signal
+    import time
+
+    rng, report = random.Random(seed), []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLOW_SAVE_S": str(slow_save)}
+    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags), "--resume-from", "auto"]
+
+    def log_file():
+        run = newest_run(cwd)
+        path = os.path.join(run, "metrics.jsonl") if run else None
+        return (path, os.stat(path).st_ino) if path and os.path.exists(path) else None
+
+    def logged():
+        return sum(1 for line in open(log_file()[0]) if line.endswith("\n")) if log_file() else 0
+
+    def complete():
+        run = newest_run(cwd)
+        return sorted(int(c.rsplit("_", 1)[1]) for c in glob.glob(os.path.join(run, "checkpoints", "update_*"))) if run else []
+
+    for k in range(kills + 1):
+        resumed_at, log_at_start, started = (complete() or [0])[-1], log_file(), time.time()
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        if k == kills:
+            out = proc.communicate()[0]
+            assert proc.returncode == 0, out[-3000:]
+            return report
+        during_save = k % 2 == 0 and resumed_at + save_every < updates  # a save is still to come
+        target = min(resumed_at + rng.randint(1, 3), updates - 1)
+        while proc.poll() is None:
+            if during_save and glob.glob(os.path.join(cwd, "runs", "*", "checkpoints", "incomplete", "*")):
+                time.sleep(rng.uniform(0, slow_save))
+                break
+            # the log this process writes (a resumed run rewrites it up to its checkpoint: a new file)
+            if not during_save and log_file() != log_at_start and logged() >= target:
+                time.sleep(rng.uniform(0, 0.5))
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before kill {k}:\n{proc.communicate()[0][-3000:]}"
+        before = complete()
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        after = complete()
+        assert not before or (after and after[-1] >= before[-1]), (before, after)  # the kill took no complete checkpoint away
+        unfinished = glob.glob(os.path.join(cwd, "runs", "*", "checkpoints", "incomplete"))  # this process's save, cut short
+        report.append({"during_save": any(os.path.getmtime(u) >= started for u in unfinished), "lost": logged() - (after or [0])[-1]})
+    return report

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ppo_baseline as ppo
-from conftest import RECORDER, ROOT, SHARED, policy_gold, requires_shared, run_script
+from conftest import RECORDER, ROOT, SHARED, kill_and_resume, newest_run, policy_gold, requires_shared, run_script, untimed
 
 PAD, EOS = 1, 0
 
@@ -196,22 +196,76 @@ def test_first_ratio_is_one_and_gold_reward_rises(world, sft_model, reward_run, 
 
 
 def test_resume_equals_straight_run(world, sft_model, reward_run, tmp_path):
+    """Resuming needs only the checkpoint (its flags are stored in it); the log holds each update once."""
     flags = ["--total-episodes", 4 * 32, "--save-every", 2]
     os.makedirs(tmp_path / "a")
     proc, straight = ppo_run(world, sft_model, tmp_path / "a" / "ppo", *flags)
-    checkpoint = os.path.join(tmp_path / "a", "runs", re.search(r'"run_name": "([^"]+)"', proc.stdout).group(1), "checkpoint")
-    os.makedirs(tmp_path / "b")
-    proc2 = run_script("ppo_baseline.py", "--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name",
-                       world / "tldr_sft", "--output-dir", tmp_path / "b" / "ppo", *SMALL, *flags, "--resume-from", checkpoint,
+    run = os.path.join(tmp_path / "a", "runs", re.search(r'"run_name": "([^"]+)"', proc.stdout).group(1))
+    assert sorted(os.listdir(f"{run}/checkpoints")) == ["update_0000002"]  # not at the last update: the model is saved then
+    proc2 = run_script("ppo_baseline.py", "--resume-from", f"{run}/checkpoints/update_0000002", "--output-dir", tmp_path / "b" / "ppo",
                        cwd=tmp_path / "a")
     assert "resumed from" in proc2.stdout and "update=3 " in proc2.stdout and "update=1 " not in proc2.stdout
-    resumed = [json.loads(line) for line in open(metrics_file(proc.stdout, tmp_path / "a"))]  # appended to the same log
-    assert len(resumed) == 6
-    for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value"):
-        assert [m[key] for m in resumed[4:]] == [m[key] for m in straight[2:4]]
+    resumed = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    assert [m["update"] for m in resumed] == [1, 2, 3, 4] and untimed(resumed) == untimed(straight)
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "ppo").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "ppo").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_killed_anywhere_the_run_resumes_to_the_straight_run(world, sft_model, reward_run, tmp_path):
+    """Fault injection: SIGKILL four times (twice while a checkpoint is being written), resume with --resume-from auto
+    each time; the final model, the last checkpoint's optimizer state and the log equal a straight run's, bit for bit."""
+    flags = ["--task", "tldr", "--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / "tldr_sft",
+             *SMALL, "--total-episodes", 9 * 32, "--save-every", 2, "--keep-checkpoints", 1, "--output-dir", "ppo"]
+    for d in ("straight", "killed"):
+        os.makedirs(tmp_path / d)
+    run_script("ppo_baseline.py", *flags, cwd=tmp_path / "straight", env={"OMP_NUM_THREADS": "1"})
+    kills = kill_and_resume("ppo_baseline.py", flags, tmp_path / "killed", seed=0, updates=9, save_every=2)
+    assert sum(k["during_save"] for k in kills) >= 1 and all(k["lost"] <= 2 for k in kills), kills
+    print(kills)
+    a_run, b_run = (newest_run(tmp_path / d) for d in ("straight", "killed"))
+    a_log, b_log = ([json.loads(x) for x in open(f"{r}/metrics.jsonl")] for r in (a_run, b_run))
+    assert [m["update"] for m in b_log] == list(range(1, 10)) and untimed(a_log) == untimed(b_log)
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d / "ppo").state_dict() for d in ("straight", "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert os.listdir(f"{a_run}/checkpoints") == os.listdir(f"{b_run}/checkpoints") == ["update_0000008"]  # --keep-checkpoints 1
+    a_opt, b_opt = (torch.load(f"{r}/checkpoints/update_0000008/state.pt", weights_only=True)["optimizer"]["state"] for r in (a_run, b_run))
+    assert all(torch.equal(a_opt[i][k], b_opt[i][k]) for i in a_opt for k in a_opt[i])
+
+
+def test_a_damaged_or_foreign_checkpoint_is_refused(world, sft_model, reward_run, tmp_path):
+    """A truncated weights file: named, and the previous checkpoint is used. A state.pt that would run code on load is
+    refused (weights_only). A checkpoint of a run with other flags is refused before any model is loaded."""
+    os.makedirs(tmp_path / "a")
+    proc, _ = ppo_run(world, sft_model, tmp_path / "a" / "ppo", "--total-episodes", 5 * 32, "--save-every", 2)
+    run = os.path.join(tmp_path / "a", "runs", re.search(r'"run_name": "([^"]+)"', proc.stdout).group(1))
+    weights = f"{run}/checkpoints/update_0000004/model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    proc = run_script("ppo_baseline.py", "--resume-from", run, "--total-episodes", 4 * 32, cwd=tmp_path / "a")
+    assert f"checkpoint {run}/checkpoints/update_0000004 does not load (SafetensorError" in proc.stdout
+    assert "resumed from" in proc.stdout and "at update 3" in proc.stdout
+    assert [json.loads(x)["update"] for x in open(f"{run}/metrics.jsonl")] == [1, 2, 3, 4]
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    state = f"{run}/checkpoints/update_0000002/state.pt"
+    torch.save({"config": {}, "x": Exploit()}, state)
+    proc = run_script("ppo_baseline.py", "--resume-from", state[:-9], check=False, cwd=tmp_path / "a")
+    assert proc.returncode != 0 and "UnpicklingError" in proc.stdout and "no checkpoint loads" in proc.stdout
+    assert not os.path.exists(tmp_path / "pwned")
+
+    os.makedirs(tmp_path / "c")
+    proc, _ = ppo_run(world, sft_model, tmp_path / "c" / "ppo", "--total-episodes", 3 * 32, "--save-every", 2)
+    run = os.path.join(tmp_path / "c", "runs", re.search(r'"run_name": "([^"]+)"', proc.stdout).group(1))
+    proc = run_script("ppo_baseline.py", "--resume-from", run, "--batch-size", 64, check=False, cwd=tmp_path / "c")
+    assert proc.returncode != 0 and "is a checkpoint of a run with other flags: --batch-size 64 (checkpoint: 32)" in proc.stdout
+    assert "dtypes:" not in proc.stdout  # refused before any model was loaded
+    proc = run_script("ppo_baseline.py", "--resume-from", run, "--output-dir", "/proc/no", check=False, cwd=tmp_path / "c")
+    assert proc.returncode != 0 and "cannot write to /proc/no" in proc.stdout and "dtypes:" not in proc.stdout
 
 
 def test_hh_runs_on_the_tiny_world(world, sft_model, reward_run, tmp_path):
@@ -248,17 +302,16 @@ def test_lora_on_the_value_model_as_the_authors_checkpoints_and_resumes(world, s
              "--total-episodes", 3 * 32, "--save-every", 2]
     os.makedirs(tmp_path / "a")
     proc, straight = ppo_run(world, sft_model, tmp_path / "a" / "ppo", *flags)
-    checkpoint = os.path.join(tmp_path / "a", "runs", re.search(r'"run_name": "([^"]+)"', proc.stdout).group(1), "checkpoint")
+    run = os.path.join(tmp_path / "a", "runs", re.search(r'"run_name": "([^"]+)"', proc.stdout).group(1))
+    checkpoint = f"{run}/checkpoints/update_0000002"
     policy_lora, value_lora = (torch.load(f"{checkpoint}/{name}") for name in ("lora.pt", "value_lora.pt"))
     assert not os.path.exists(f"{checkpoint}/value") and len(value_lora) == len(policy_lora) == 2 * 2  # A and B, 2 layers
     assert all("query_key_value.lora_" in k for k in [*policy_lora, *value_lora])  # nothing else, the value head included
     assert any(v.abs().sum() > 0 for k, v in value_lora.items() if "lora_B" in k)  # the value adapters were trained
-    resumed = run_script("ppo_baseline.py", "--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name",
-                         world / "tldr_sft", "--output-dir", tmp_path / "b" / "ppo", *SMALL, *flags, "--resume-from", checkpoint,
-                         cwd=tmp_path / "a")
+    resumed = run_script("ppo_baseline.py", "--output-dir", tmp_path / "b" / "ppo", "--resume-from", checkpoint, cwd=tmp_path / "a")
     assert "resumed from" in resumed.stdout
-    log = [json.loads(line) for line in open(metrics_file(proc.stdout, tmp_path / "a"))]
-    assert len(log) == 4 and log[3]["loss/value"] == straight[2]["loss/value"] and log[3]["objective/kl"] == straight[2]["objective/kl"]
+    log = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    assert [m["update"] for m in log] == [1, 2, 3] and untimed(log) == untimed(straight)
     a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d / "ppo").state_dict() for d in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
