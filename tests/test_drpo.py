@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import drpo_hh
 import drpo_tldr
 import ppo_baseline as ppo
-from conftest import RECORDER, ROOT, run_script
+from conftest import RECORDER, ROOT, kill_and_resume, newest_run, run_script, untimed
 from test_ppo import SMALL, metrics_file
 
 SCRIPTS = [drpo_tldr, drpo_hh]
@@ -160,20 +160,42 @@ def test_reset_prob_zero_is_ppo(task, world, sft_model, reward_run, tmp_path):
         assert len(compared) >= 20 and {k: ma[k] for k in compared} == {k: mb[k] for k in compared}
 
 
-def test_drpo_resume_equals_straight_run(world, sft_model, reward_run, tmp_path):
-    flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / "tldr_comparisons",
-             "--reset-source", "chosen", *SMALL, "--total-episodes", 4 * 32, "--save-every", 2]
+@pytest.mark.parametrize("script", ["drpo_tldr.py", "drpo_hh.py"])
+def test_drpo_resume_equals_straight_run(script, world, sft_model, reward_run, tmp_path):
+    """Resuming from a checkpoint alone (its flags are stored in it) gives the same coin flips, prefixes and updates."""
+    tldr = script == "drpo_tldr.py"
+    flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / ("tldr_comparisons" if tldr else "hh"),
+             *(["--reset-source", "chosen"] if tldr else []), *SMALL, "--total-episodes", 4 * 32, "--save-every", 2]
     os.makedirs(tmp_path / "a")
-    proc = run_script("drpo_tldr.py", *flags, "--output-dir", tmp_path / "a" / "out", cwd=tmp_path / "a")
+    proc = run_script(script, *flags, "--output-dir", tmp_path / "a" / "out", cwd=tmp_path / "a")
     log = metrics_file(proc.stdout, tmp_path / "a")
-    checkpoint = os.path.join(os.path.dirname(log), "checkpoint")
-    run_script("drpo_tldr.py", *flags, "--output-dir", tmp_path / "b", "--resume-from", checkpoint, cwd=tmp_path / "a")
+    straight = [json.loads(x) for x in open(log)]
+    run_script(script, "--resume-from", os.path.join(os.path.dirname(log), "checkpoints", "update_0000002"), "--output-dir", tmp_path / "b",
+               cwd=tmp_path / "a")
     rows = [json.loads(x) for x in open(log)]
-    assert len(rows) == 6 and rows[2]["reset/fraction"] > 0
-    keep = lambda m: {k: v for k, v in m.items() if not k.startswith(NOT_COMPARED)}  # noqa: E731
-    assert [keep(m) for m in rows[4:]] == [keep(m) for m in rows[2:4]]  # same coin flips, same prefixes, same updates
+    assert [m["update"] for m in rows] == [1, 2, 3, 4] and rows[2]["reset/fraction"] > 0
+    assert untimed(rows) == untimed(straight)  # same coin flips, same prefixes, same updates; each update logged once
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "out").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["drpo_tldr.py", "drpo_hh.py"])
+def test_drpo_killed_anywhere_resumes_to_the_straight_run(script, world, sft_model, reward_run, tmp_path):
+    """Fault injection (tests/conftest.py, kill_and_resume): one SIGKILL during a checkpoint's save, one at random,
+    each resumed with --resume-from auto; the log and the final policy equal a straight run's, bit for bit."""
+    tldr = script == "drpo_tldr.py"
+    flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / ("tldr_comparisons" if tldr else "hh"),
+             *(["--reset-source", "chosen"] if tldr else []), *SMALL, "--total-episodes", 7 * 32, "--save-every", 2, "--output-dir", "out"]
+    for d in ("straight", "killed"):
+        os.makedirs(tmp_path / d)
+    run_script(script, *flags, cwd=tmp_path / "straight", env={"OMP_NUM_THREADS": "1"})
+    kills = kill_and_resume(script, flags, tmp_path / "killed", seed=1, updates=7, save_every=2, kills=2)
+    assert kills[0]["during_save"] and all(k["lost"] <= 2 for k in kills), kills
+    a_log, b_log = ([json.loads(x) for x in open(f"{newest_run(tmp_path / d)}/metrics.jsonl")] for d in ("straight", "killed"))
+    assert [m["update"] for m in b_log] == list(range(1, 8)) and untimed(a_log) == untimed(b_log)
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d / "out").state_dict() for d in ("straight", "killed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
