@@ -1,10 +1,14 @@
 # DR-PO (Chang et al. 2024, arXiv 2404.08495) on TL;DR: PPO in which a fraction of the episodes is reset to a state
 # of the offline preference dataset, a prefix of the summary the labelers preferred. Docs: README.md#drpo_tldrpy-and-drpo_hhpy
+import glob
 import importlib.util
 import json
 import os
 import random
 import resource
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
@@ -127,9 +131,14 @@ class Args:
     print_sample_every: int = 10
     """print a table of sample query / response / score every N updates"""
     save_every: int = 50
-    """write a checkpoint every N updates (0: never)"""
+    """write a checkpoint every N updates (0: never), to runs/{run_name}/checkpoints/update_N"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep (older ones are deleted once a new one is complete)"""
     resume_from: Optional[str] = None
-    """a checkpoint folder (runs/{run_name}/checkpoint) to continue from"""
+    """`auto`: the newest checkpoint of the newest run under runs/ with this --exp-name and --seed (a new run
+    when there is none); a run folder runs/{run_name}: its newest checkpoint; or one checkpoint folder. The run's flags
+    come from the checkpoint; only those in RESUMABLE may be given anew (--total-episodes extends a run)"""
+
     output_dir: str = "models/drpo_tldr"
     """where the final policy and tokenizer are saved"""
 
@@ -478,7 +487,10 @@ def peak_memory_gb(device):
 
 
 def rng_states():
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state, as tensors, numbers and strings only (so that state.pt loads with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -486,14 +498,105 @@ def rng_states():
 
 def set_rng_states(states):
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+# ---- checkpoints: written whole, made current by one rename; a resumed run is the run it continues ----
+RESUMABLE = {"resume_from", "total_episodes", "save_every", "keep_checkpoints", "print_sample_every", "output_dir"}
+
+
+def save_checkpoint(run_dir: str, update: int, keep: int, write):
+    """write(folder) fills a temporary folder; one atomic rename then makes it checkpoint `update`. A kill at any
+    instant leaves the previous complete checkpoint; the oldest beyond `keep` are deleted only after the rename."""
+    folder, tmp = f"{run_dir}/checkpoints/update_{update:07d}", f"{run_dir}/checkpoints/incomplete"
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)  # a damaged checkpoint of this update, passed over when resuming
+    os.replace(tmp, folder)
+    for old in sorted(glob.glob(f"{run_dir}/checkpoints/update_*"))[:-keep]:
+        shutil.rmtree(old)
+    return folder
+
+
+def checkpoint_candidates(args):
+    """Checkpoint folders that --resume-from points to, newest first."""
+    where = args.resume_from.rstrip("/")
+    if where == "auto":
+        runs = sorted(glob.glob(f"runs/tldr__{args.exp_name}__{args.seed}__*"), key=lambda r: int(r.rsplit("__", 1)[1]))
+        return next((found for run in reversed(runs) if (found := sorted(glob.glob(f"{run}/checkpoints/update_*"), reverse=True))), [])
+    if os.path.isdir(f"{where}/checkpoints"):
+        return sorted(glob.glob(f"{where}/checkpoints/update_*"), reverse=True)
+    if os.path.isdir(where):  # one checkpoint, then the older ones beside it
+        return [where] + sorted((c for c in glob.glob(f"{os.path.dirname(where)}/update_*") if c < where), reverse=True)
+    raise SystemExit(f"--resume-from {where}: no such folder")
+
+
+def load_checkpoint(candidates):
+    """The newest checkpoint that loads: (folder, state). One that does not (a missing or truncated file, a state.pt
+    holding anything but tensors and numbers) is named and passed over. Nothing is unpickled but plain data."""
+    from safetensors import safe_open
+
+    for folder in candidates:
+        try:
+            state = torch.load(f"{folder}/state.pt", weights_only=True)  # runs no code, whatever the file holds
+            lora = state["config"]["use_lora"]
+            needed = ["lora.pt"] if lora else ["config.json", "model.safetensors"]
+            needed += ["value_lora.pt"] if lora and state["config"]["lora_value"] else ["value/config.json", "value/model.safetensors"]
+            for name in needed:
+                if not os.path.exists(f"{folder}/{name}"):
+                    raise FileNotFoundError(f"{name} is missing")
+                if name.endswith(".safetensors"):
+                    with safe_open(f"{folder}/{name}", "pt"):  # checks the header against the file's size
+                        pass
+                elif name.endswith(".pt"):
+                    torch.load(f"{folder}/{name}", weights_only=True)
+            return folder, state
+        except Exception as e:  # noqa: BLE001 (any damage: name it and try the previous checkpoint)
+            print(f"WARNING: checkpoint {folder} does not load ({type(e).__name__}: {str(e)[:300]}); trying the previous one")
+    raise SystemExit(f"--resume-from: no checkpoint loads among {candidates}")
+
+
+def given_flags():
+    """The Args fields the command line sets explicitly (--no-x sets x)."""
+    names = {a.split("=")[0][2:].replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
+    return {n for n in names | {n[3:] for n in names if n.startswith("no_")} if n in Args.__dataclass_fields__}
+
+
+def resume_config(args):
+    """(args, checkpoint state) for --resume-from: the checkpoint's flags, with the RESUMABLE ones given anew. A flag
+    given with another value than the checkpoint's is refused here, before any model is loaded."""
+    candidates = checkpoint_candidates(args)
+    if not candidates:  # --resume-from auto with nothing to resume: a new run
+        print("--resume-from auto: no checkpoint of this run under runs/, starting a new run")
+        args.resume_from = None
+        return args, None
+    folder, state = load_checkpoint(candidates)
+    saved, given = state["config"], given_flags()
+    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})" for k in sorted(given - RESUMABLE)
+             if getattr(args, k) != saved[k]]
+    if clash:
+        raise SystemExit(f"{folder} is a checkpoint of a run with other flags: {'; '.join(clash)}. Only "
+                         f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE))} may change on resume.")
+    return Args(**{**saved, **{k: getattr(args, k) for k in given & RESUMABLE}, "resume_from": folder}), state
+
+
+def writable(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise SystemExit(f"cannot write to {folder}: {e}")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    checkpoint = None
+    if args.resume_from:  # the run's flags come from its checkpoint
+        args, checkpoint = resume_config(args)
     args.value_model_path = args.value_model_path or args.reward_model_path
     if args.dataset_name is None:
         args.dataset_name, args.dataset_config = DEFAULT_DATASETS[args.reset_source]
@@ -509,11 +612,10 @@ if __name__ == "__main__":
         raise SystemExit("--batch-size must be a multiple of --local-rollout-forward-batch-size")
     if args.num_updates == 0:
         raise SystemExit("--total-episodes is smaller than --batch-size: no update would run")
-    args.run_name = f"tldr__{args.exp_name}__{args.seed}__{int(time.time())}"
-    checkpoint = None
-    if args.resume_from:
-        checkpoint = torch.load(f"{args.resume_from}/state.pt", weights_only=False)
-        args.run_name = checkpoint["run_name"]  # a resumed run appends to the same log
+    if checkpoint is None:
+        args.run_name = f"tldr__{args.exp_name}__{args.seed}__{int(time.time())}"
+    writable(args.output_dir)  # fail now, not after hours of training
+    writable(f"runs/{args.run_name}")
     print(json.dumps(asdict(args), indent=1))
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -592,8 +694,19 @@ if __name__ == "__main__":
         kl_coef, start_update = checkpoint["kl_coef"], checkpoint["update"] + 1
         print(f"resumed from {args.resume_from} at update {start_update}")
 
-    os.makedirs(f"runs/{args.run_name}", exist_ok=True)
-    log = open(f"runs/{args.run_name}/metrics.jsonl", "a")
+    log_path = f"runs/{args.run_name}/metrics.jsonl"
+    if checkpoint and os.path.exists(log_path):  # each update logged once: drop what followed the checkpoint
+        kept = []
+        for line in open(log_path):
+            try:
+                if json.loads(line)["update"] < start_update:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                break
+        with open(f"{log_path}.tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(f"{log_path}.tmp", log_path)
+    log = open(log_path, "a")
     if args.track:
         import wandb  # only imported when asked for
 
@@ -758,21 +871,24 @@ if __name__ == "__main__":
 
         # ---- checkpoint: models, optimizer, RNG states, update index and KL controller ----
         if args.save_every and update % args.save_every == 0 and update < args.num_updates:
-            folder = f"runs/{args.run_name}/checkpoint"
-            if args.use_lora:  # the base stays the SFT model: only the adapter is saved
-                os.makedirs(folder, exist_ok=True)
-                torch.save({k: v for k, v in policy.state_dict().items() if "lora_" in k}, f"{folder}/lora.pt")
-            else:
-                policy.save_pretrained(folder)
-            if args.use_lora and args.lora_value:
-                torch.save({k: v for k, v in value_model.state_dict().items() if "lora_" in k}, f"{folder}/value_lora.pt")
-            else:
-                value_model.save_pretrained(f"{folder}/value")
-            tokenizer.save_pretrained(folder)
-            # the data position is a pure function of the update index (batch_indices), so the index is enough
-            torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states(), "update": update, "kl_coef": kl_coef,
-                        "reset_rng": reset_generator.get_state(), "run_name": args.run_name}, f"{folder}/state.pt")
-            print(f"checkpoint written to {folder} (resume with --resume-from {folder})")
+            def write(folder):
+                os.makedirs(folder)
+                if args.use_lora:  # the base stays the SFT model: only the adapter is saved
+                    torch.save({k: v for k, v in policy.state_dict().items() if "lora_" in k}, f"{folder}/lora.pt")
+                else:
+                    policy.save_pretrained(folder)
+                if args.use_lora and args.lora_value:
+                    torch.save({k: v for k, v in value_model.state_dict().items() if "lora_" in k}, f"{folder}/value_lora.pt")
+                else:
+                    value_model.save_pretrained(f"{folder}/value")
+                tokenizer.save_pretrained(folder)
+                time.sleep(float(os.environ.get("SLOW_SAVE_S", 0)))  # a test hook: widens the window a kill can land in
+                # the data position is a pure function of the update index (batch_indices), so the index is enough
+                torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states(), "update": update, "kl_coef": kl_coef,
+                            "reset_rng": reset_generator.get_state(), "config": asdict(args)}, f"{folder}/state.pt")
+
+            folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
+            print(f"checkpoint written to {folder} (resume with --resume-from {folder}, or --resume-from auto)")
         if args.early_stop_score is not None and metrics.get("eval/score", float("-inf")) >= args.early_stop_score:
             print(f"eval/score {metrics['eval/score']:.4g} >= --early-stop-score {args.early_stop_score}: stopping at update {update}")
             break
