@@ -138,7 +138,6 @@ class Args:
     """`auto`: the newest checkpoint of the newest run under runs/ with this --exp-name and --seed (a new run
     when there is none); a run folder runs/{run_name}: its newest checkpoint; or one checkpoint folder. The run's flags
     come from the checkpoint; only those in RESUMABLE may be given anew (--total-episodes extends a run)"""
-
     output_dir: str = "models/drpo_tldr"
     """where the final policy and tokenizer are saved"""
 
