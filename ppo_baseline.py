@@ -484,9 +484,13 @@ def load_checkpoint(candidates):
         try:
             state = torch.load(f"{folder}/state.pt", weights_only=True)  # runs no code, whatever the file holds
             lora = state["config"]["use_lora"]
-            needed = ["lora.pt"] if lora else ["config.json", "model.safetensors"]
-            needed += ["value_lora.pt"] if lora and state["config"]["lora_value"] else ["value/config.json", "value/model.safetensors"]
-            for name in needed:
+            needed = ["lora.pt"] if lora else ["config.json"]
+            needed += ["value_lora.pt"] if lora and state["config"]["lora_value"] else ["value/config.json"]
+            shards = [os.path.relpath(f, folder) for f in glob.glob(f"{folder}/**/*.safetensors", recursive=True)]  # sharded or not
+            for part in ([] if lora else ["."]) + ([] if lora and state["config"]["lora_value"] else ["value"]):
+                if not any(os.path.dirname(f) == part.strip(".") for f in shards):
+                    raise FileNotFoundError(f"no weights (*.safetensors) in {part}")
+            for name in needed + shards:
                 if not os.path.exists(f"{folder}/{name}"):
                     raise FileNotFoundError(f"{name} is missing")
                 if name.endswith(".safetensors"):
