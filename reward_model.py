@@ -1,11 +1,15 @@
 # Bradley-Terry reward model for RLHF (TL;DR comparisons or HH), saved as a standard
 # AutoModelForSequenceClassification. Docs: README.md#reward_modelpy
+import glob
 import json
 import math
 import os
 import random
+import shutil
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
 import numpy as np
@@ -63,6 +67,14 @@ class Args:
     """pairs per forward pass (chosen and rejected share it); batch_size / this is the gradient accumulation"""
     eval_every: int = 100
     """eval accuracy every N optimizer steps (and at the end)"""
+    save_every: int = 100
+    """write a checkpoint every N optimizer steps (0: never), to runs/{run_name}/checkpoints/update_N"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep (older ones are deleted once a new one is complete)"""
+    resume_from: Optional[str] = None
+    """`auto`: the newest checkpoint of the newest run under runs/ with this --task, --exp-name and --seed (a new run
+    when there is none); a run folder runs/{run_name}: its newest checkpoint; or one checkpoint folder. The run's flags
+    come from the checkpoint; only those in RESUMABLE may be given anew"""
     output_dir: str = "models/reward"
     """where the reward model and tokenizer are saved"""
 
@@ -313,8 +325,113 @@ def from_pretrained(cls, path: str, **kwargs):
                          "saved with save_pretrained (sft.py writes one).") from None
 
 
+def rng_states():
+    """Every RNG state, as tensors, numbers and strings only (so that state.pt loads with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---- checkpoints: written whole, made current by one rename; a resumed run is the run it continues ----
+RESUMABLE = {"resume_from", "save_every", "keep_checkpoints", "eval_every", "output_dir"}
+
+
+def save_checkpoint(run_dir: str, update: int, keep: int, write):
+    """write(folder) fills a temporary folder; one atomic rename then makes it checkpoint `update`. A kill at any
+    instant leaves the previous complete checkpoint; the oldest beyond `keep` are deleted only after the rename."""
+    folder, tmp = f"{run_dir}/checkpoints/update_{update:07d}", f"{run_dir}/checkpoints/incomplete"
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)  # a damaged checkpoint of this update, passed over when resuming
+    os.replace(tmp, folder)
+    for old in sorted(glob.glob(f"{run_dir}/checkpoints/update_*"))[:-keep]:
+        shutil.rmtree(old)
+    return folder
+
+
+def checkpoint_candidates(args):
+    """Checkpoint folders that --resume-from points to, newest first."""
+    where = args.resume_from.rstrip("/")
+    if where == "auto":
+        runs = sorted(glob.glob(f"runs/{args.task}__{args.exp_name}__{args.seed}__*"), key=lambda r: int(r.rsplit("__", 1)[1]))
+        return next((found for run in reversed(runs) if (found := sorted(glob.glob(f"{run}/checkpoints/update_*"), reverse=True))), [])
+    if os.path.isdir(f"{where}/checkpoints"):
+        return sorted(glob.glob(f"{where}/checkpoints/update_*"), reverse=True)
+    if os.path.isdir(where):  # one checkpoint, then the older ones beside it
+        return [where] + sorted((c for c in glob.glob(f"{os.path.dirname(where)}/update_*") if c < where), reverse=True)
+    raise SystemExit(f"--resume-from {where}: no such folder")
+
+
+def load_checkpoint(candidates):
+    """The newest checkpoint that loads: (folder, state). One that does not (a missing or truncated file, a state.pt
+    holding anything but tensors and numbers) is named and passed over. Nothing is unpickled but plain data."""
+    from safetensors import safe_open
+
+    for folder in candidates:
+        try:
+            state = torch.load(f"{folder}/state.pt", weights_only=True)  # runs no code, whatever the file holds
+            weights = sorted(os.path.basename(f) for f in glob.glob(f"{folder}/*.safetensors"))  # one file, or a large model's shards
+            for name in ["config.json"] + (weights or ["model.safetensors"]):
+                if not os.path.exists(f"{folder}/{name}"):
+                    raise FileNotFoundError(f"{name} is missing")
+                if name.endswith(".safetensors"):
+                    with safe_open(f"{folder}/{name}", "pt"):  # checks the header against the file's size
+                        pass
+            return folder, state
+        except Exception as e:  # noqa: BLE001 (any damage: name it and try the previous checkpoint)
+            print(f"WARNING: checkpoint {folder} does not load ({type(e).__name__}: {str(e)[:300]}); trying the previous one")
+    raise SystemExit(f"--resume-from: no checkpoint loads among {candidates}")
+
+
+def given_flags():
+    """The Args fields the command line sets explicitly (--no-x sets x)."""
+    names = {a.split("=")[0][2:].replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
+    return {n for n in names | {n[3:] for n in names if n.startswith("no_")} if n in Args.__dataclass_fields__}
+
+
+def resume_config(args):
+    """(args, checkpoint state) for --resume-from: the checkpoint's flags, with the RESUMABLE ones given anew. A flag
+    given with another value than the checkpoint's is refused here, before any model is loaded."""
+    candidates = checkpoint_candidates(args)
+    if not candidates:  # --resume-from auto with nothing to resume: a new run
+        print("--resume-from auto: no checkpoint of this run under runs/, starting a new run")
+        args.resume_from = None
+        return args, None
+    folder, state = load_checkpoint(candidates)
+    saved, given = state["config"], given_flags()
+    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})" for k in sorted(given - RESUMABLE)
+             if getattr(args, k) != saved[k]]
+    if clash:
+        raise SystemExit(f"{folder} is a checkpoint of a run with other flags: {'; '.join(clash)}. Only "
+                         f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE))} may change on resume.")
+    return Args(**{**saved, **{k: getattr(args, k) for k in given & RESUMABLE}, "resume_from": folder}), state
+
+
+def writable(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise SystemExit(f"cannot write to {folder}: {e}")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    checkpoint = None
+    if args.resume_from:  # the run's flags come from its checkpoint
+        args, checkpoint = resume_config(args)
     if args.dataset_name is None:
         args.dataset_name, args.dataset_config = DEFAULT_DATASETS[args.task]
     args.response_length = args.response_length or DEFAULT_RESPONSE_LENGTH[args.task]
@@ -322,7 +439,10 @@ if __name__ == "__main__":
     if args.batch_size % args.local_micro_batch_size:
         raise SystemExit("--batch-size must be a multiple of --local-micro-batch-size")
     args.gradient_accumulation_steps = args.batch_size // args.local_micro_batch_size
-    args.run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if checkpoint is None:
+        args.run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    writable(args.output_dir)  # fail now, not after hours of training
+    writable(f"runs/{args.run_name}")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -337,14 +457,15 @@ if __name__ == "__main__":
     args.num_updates = args.num_train_epochs * len(train_pairs) // args.batch_size
     if args.num_updates == 0:
         raise SystemExit(f"{len(train_pairs)} pairs are fewer than one batch of {args.batch_size}")
-    print(json.dumps(vars(args), indent=1))
+    print(json.dumps(asdict(args), indent=1))
 
-    model = from_pretrained(AutoModelForSequenceClassification, args.sft_model_path, num_labels=1, pad_token_id=pad_id,
-                            dtype=getattr(torch, args.dtype)).to(device)
+    model = from_pretrained(AutoModelForSequenceClassification, args.resume_from or args.sft_model_path, num_labels=1,
+                            pad_token_id=pad_id, dtype=getattr(torch, args.dtype)).to(device)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    hidden_size = model.score.weight.shape[1]
-    torch.nn.init.normal_(model.score.weight, std=1 / np.sqrt(hidden_size + 1))  # N+ head init
+    if not checkpoint:
+        hidden_size = model.score.weight.shape[1]
+        torch.nn.init.normal_(model.score.weight, std=1 / np.sqrt(hidden_size + 1))  # N+ head init
     for module in model.modules():  # dropout off (N+ detail)
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -353,13 +474,31 @@ if __name__ == "__main__":
     # cosine decay to 0, no warmup: transformers' get_cosine_schedule_with_warmup to the last bit, without the seconds its
     # import costs at start-up
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (step / args.num_updates))))
-    os.makedirs(f"runs/{args.run_name}", exist_ok=True)
-    log = open(f"runs/{args.run_name}/metrics.jsonl", "a")
+    start_update = 1
+    if checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        set_rng_states(checkpoint["rng"])
+        start_update = checkpoint["update"] + 1
+        print(f"resumed from {args.resume_from} at update {start_update}")
+    log_path = f"runs/{args.run_name}/metrics.jsonl"
+    if checkpoint and os.path.exists(log_path):  # each update logged once: drop what followed the checkpoint
+        kept = []
+        for line in open(log_path):
+            try:
+                if json.loads(line)["update"] < start_update:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                break
+        with open(f"{log_path}.tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(f"{log_path}.tmp", log_path)
+    log = open(log_path, "a")
 
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)  # the data order is a function of the seed: resume-safe
     order = torch.cat([torch.randperm(len(train_pairs), generator=generator) for _ in range(args.num_train_epochs)])
     start_time = time.time()
-    for update in range(1, args.num_updates + 1):
+    for update in range(start_update, args.num_updates + 1):
         batch = [train_pairs[i] for i in order[(update - 1) * args.batch_size : update * args.batch_size]]
         loss_sum, accuracy = 0.0, 0.0
         for start in range(0, args.batch_size, args.local_micro_batch_size):
@@ -375,12 +514,25 @@ if __name__ == "__main__":
         scheduler.step()
         optimizer.zero_grad()
         metrics = {"update": update, "loss": loss_sum, "accuracy": accuracy, "lr": scheduler.get_last_lr()[0],
-                   "pairs_per_s": update * args.batch_size / (time.time() - start_time)}
+                   "pairs_per_s": (update - start_update + 1) * args.batch_size / (time.time() - start_time)}
         if update % args.eval_every == 0 or update == args.num_updates:
             metrics["eval_accuracy"], metrics["eval_loss"] = evaluate(model, eval_pairs, args, pad_id, device, autocast)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         log.write(json.dumps(metrics) + "\n")
         log.flush()
+
+        # ---- checkpoint: model, optimizer, schedule, RNG states and update index (the data order is a function of both) ----
+        # the normalisation below runs once, at the end, on the final model: a checkpoint holds the raw reward model
+        if args.save_every and update % args.save_every == 0 and update < args.num_updates:
+            def write(folder):
+                model.save_pretrained(folder)
+                tokenizer.save_pretrained(folder)
+                time.sleep(float(os.environ.get("SLOW_SAVE_S", 0)))  # a test hook: widens the window a kill can land in
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
+                            "update": update, "config": asdict(args)}, f"{folder}/state.pt")
+
+            folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
+            print(f"checkpoint written to {folder} (resume with --resume-from {folder}, or --resume-from auto)")
 
     model.save_pretrained(args.output_dir)  # saved before the normalisation: nothing below can lose the trained model
     tokenizer.save_pretrained(args.output_dir)

@@ -116,20 +116,6 @@ def test_reference_cache_misses_when_the_hub_model_or_its_dtype_changes(world, s
     assert len(os.listdir(tmp_path / "cache" / "ref_logprobs")) == 3
 
 
-def test_dpo_resume_equals_straight_run(world, sft_model, tmp_path):
-    base = ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--max-train-samples", 128,
-            "--max-eval-samples", 16, *FLAGS, "--save-every", 2]
-    proc = run_script("dpo_baseline.py", *base, "--output-dir", tmp_path / "a", cwd=tmp_path)
-    checkpoint = glob.glob(f"{tmp_path}/runs/*/checkpoint")[0]
-    resumed = run_script("dpo_baseline.py", *base, "--output-dir", tmp_path / "b", "--resume-from", checkpoint, cwd=tmp_path)
-    assert "resumed from" in resumed.stdout and "from the cache" in resumed.stdout
-    rows = last_log(tmp_path)
-    assert len(rows) == 6 and [m["loss"] for m in rows[4:]] == [m["loss"] for m in rows[2:4]]
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a) and "update=4 " in proc.stdout
-
-
 def test_bad_input_and_copy_alone(tmp_path, world):
     path = tmp_path / "hh.jsonl"
     path.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b"}) + "\n")
@@ -139,14 +125,23 @@ def test_bad_input_and_copy_alone(tmp_path, world):
     assert "--beta" in run_script("dpo_baseline.py", "--help", cwd=tmp_path).stdout
 
 
-def test_dpo_lora_saves_a_merged_plain_model(world, sft_model, tmp_path):
+def test_dpo_lora_saves_a_merged_plain_model_and_resumes_from_its_adapter(world, sft_model, tmp_path):
+    """With --use-lora a checkpoint holds the adapter alone; a run resumed from it equals the straight run.
+    (The fault injection of dpo_baseline.py without LoRA is in test_checkpoints.py.)"""
     pytest.importorskip("peft")
     proc = run_script("dpo_baseline.py", "--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons",
-                      "--max-train-samples", 64, "--max-eval-samples", 8, "--use-lora", "--lora-r", 4, "--gradient-checkpointing",
-                      "--output-dir", tmp_path / "o", *FLAGS, cwd=tmp_path)
+                      "--max-train-samples", 96, "--max-eval-samples", 8, "--use-lora", "--lora-r", 4, "--gradient-checkpointing",
+                      "--output-dir", tmp_path / "o", *FLAGS, "--save-every", 2, cwd=tmp_path)
     assert "trainable params" in proc.stdout
     log = last_log(tmp_path)
-    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and log[-1]["loss"] < log[0]["loss"]
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and log[-1]["loss"] < log[0]["loss"] and len(log) == 3
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "o").state_dict()
     base = AutoModelForCausalLM.from_pretrained(sft_model).state_dict()
     assert set(merged) == set(base) and any(not torch.equal(merged[k], base[k]) for k in base)
+    checkpoint = glob.glob(f"{tmp_path}/runs/*/checkpoints/update_0000002")[0]
+    assert sorted(os.listdir(checkpoint)) == ["lora.pt", "state.pt", "tokenizer.json", "tokenizer_config.json"]
+    resumed = run_script("dpo_baseline.py", "--resume-from", checkpoint, "--output-dir", tmp_path / "r", cwd=tmp_path)
+    assert f"resumed from {checkpoint} at step 3" in resumed.stdout and "from the cache" in resumed.stdout
+    assert [m["loss"] for m in last_log(tmp_path)] == [m["loss"] for m in log]
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "r").state_dict()
+    assert all(torch.equal(merged[k], again[k]) for k in merged)

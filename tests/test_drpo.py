@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -160,26 +161,6 @@ def test_reset_prob_zero_is_ppo(task, world, sft_model, reward_run, tmp_path):
         assert len(compared) >= 20 and {k: ma[k] for k in compared} == {k: mb[k] for k in compared}
 
 
-@pytest.mark.parametrize("script", ["drpo_tldr.py", "drpo_hh.py"])
-def test_drpo_resume_equals_straight_run(script, world, sft_model, reward_run, tmp_path):
-    """Resuming from a checkpoint alone (its flags are stored in it) gives the same coin flips, prefixes and updates."""
-    tldr = script == "drpo_tldr.py"
-    flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / ("tldr_comparisons" if tldr else "hh"),
-             *(["--reset-source", "chosen"] if tldr else []), *SMALL, "--total-episodes", 4 * 32, "--save-every", 2]
-    os.makedirs(tmp_path / "a")
-    proc = run_script(script, *flags, "--output-dir", tmp_path / "a" / "out", cwd=tmp_path / "a")
-    log = metrics_file(proc.stdout, tmp_path / "a")
-    straight = [json.loads(x) for x in open(log)]
-    run_script(script, "--resume-from", os.path.join(os.path.dirname(log), "checkpoints", "update_0000002"), "--output-dir", tmp_path / "b",
-               cwd=tmp_path / "a")
-    rows = [json.loads(x) for x in open(log)]
-    assert [m["update"] for m in rows] == [1, 2, 3, 4] and rows[2]["reset/fraction"] > 0
-    assert untimed(rows) == untimed(straight)  # same coin flips, same prefixes, same updates; each update logged once
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "out").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["drpo_tldr.py", "drpo_hh.py"])
 def test_drpo_killed_anywhere_resumes_to_the_straight_run(script, world, sft_model, reward_run, tmp_path):
@@ -237,11 +218,15 @@ def test_hard_exploration_drpo_solves_what_ppo_cannot(world, tmp_path):
         cmd = [sys.executable, f"{ROOT}/drpo_tldr.py", "--reset-prob", str(p), *map(str, flags), "--output-dir", str(tmp_path / str(p) / "out")]
         procs[p] = subprocess.Popen(cmd, cwd=tmp_path / str(p), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
-    logs = {}
-    for p, proc in procs.items():
-        out = proc.communicate()[0]
-        assert proc.returncode == 0, out[-3000:]
-        logs[p] = [json.loads(x) for x in open(metrics_file(out, tmp_path / str(p)))]
+    out = procs[0.5].communicate()[0]
+    assert procs[0.5].returncode == 0, out[-3000:]
+    logs = {0.5: [json.loads(x) for x in open(metrics_file(out, tmp_path / "0.5"))]}
+    ppo_log = f"{newest_run(tmp_path / '0')}/metrics.jsonl"
+    while procs[0].poll() is None and sum(1 for _ in open(ppo_log)) < len(logs[0.5]) + 1:  # PPO: as many episodes as DR-PO, then stop
+        time.sleep(1)
+    procs[0].kill()
+    procs[0].communicate()
+    logs[0] = [json.loads(x) for x in open(ppo_log) if x.endswith("\n")]
     drpo_evals = [m["eval/score"] for m in logs[0.5] if "eval/score" in m]
     ppo_evals = [m["eval/score"] for m in logs[0] if "eval/score" in m]
     assert drpo_evals[-1] >= 0.8, drpo_evals  # DR-PO writes the password from the prompt alone

@@ -1,0 +1,98 @@
+"""Checkpoints of sft.py, reward_model.py and dpo_baseline.py: SIGKILLed anywhere (during a save too) and resumed, a
+run equals a straight one bit for bit; a sharded or damaged checkpoint; flags that clash with the checkpoint's.
+(The RL scripts' fault injection is in test_ppo.py and test_drpo.py; the harness, kill_and_resume, in conftest.py.)"""
+import glob
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from conftest import kill_and_resume, newest_run, run_script, untimed
+
+UPDATES = 10  # of 32 examples (or pairs), a checkpoint every 2
+
+
+def short_run(script, world, sft_model):
+    """Flags of a 10-update run of `script` on the tiny world, evaluated every 3 updates."""
+    common = ["--lr", "1e-3", "--batch-size", 32, "--local-micro-batch-size", 16, "--max-train-samples", 32 * UPDATES,
+              "--max-eval-samples", 32, "--eval-every", 3, "--output-dir", "out"]
+    if script == "sft.py":
+        return ["--base-model", world / "base", "--dataset-name", world / "tldr_sft", *common]
+    if script == "reward_model.py":
+        return ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--norm-dataset-name",
+                world / "tldr_sft", "--max-norm-samples", 64, *common]
+    return ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--beta", 0.1, *common]
+
+
+def final_weights(script, folder):
+    cls = AutoModelForSequenceClassification if script == "reward_model.py" else AutoModelForCausalLM
+    return cls.from_pretrained(folder).state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "dpo_baseline.py"])
+def test_killed_anywhere_the_run_resumes_to_the_straight_run(script, world, sft_model, tmp_path):
+    """Fault injection (conftest.py, kill_and_resume): one SIGKILL while a checkpoint is being written, one at random,
+    each resumed with --resume-from auto. The final model (the reward model after its normalisation, which runs once),
+    the last checkpoint's optimizer state and schedule, and the log equal a straight run's, bit for bit; no kill left
+    the run without its newest complete checkpoint, and a kill loses at most one checkpoint interval."""
+    flags = [*short_run(script, world, sft_model), "--save-every", 2, "--keep-checkpoints", 1]
+    for d in ("straight", "killed"):
+        os.makedirs(tmp_path / d)
+    run_script(script, *flags, cwd=tmp_path / "straight", env={"OMP_NUM_THREADS": "1"})
+    kills = kill_and_resume(script, flags, tmp_path / "killed", seed=2, updates=UPDATES, save_every=2, kills=2)
+    print(kills)
+    assert kills[0]["during_save"] and all(k["lost"] <= 2 for k in kills), kills
+    a_run, b_run = (newest_run(tmp_path / d) for d in ("straight", "killed"))
+    a_log, b_log = ([json.loads(x) for x in open(f"{r}/metrics.jsonl")] for r in (a_run, b_run))
+    assert [m["update"] for m in b_log] == list(range(1, UPDATES + 1)) and untimed(a_log) == untimed(b_log)
+    assert sum("eval_loss" in m or "eval/rewards/accuracies" in m for m in b_log) == 4  # updates 3, 6, 9 and the last
+    a, b = (final_weights(script, tmp_path / d / "out") for d in ("straight", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if script == "reward_model.py":  # normalised once, by the same shift
+        a_cfg, b_cfg = (json.load(open(tmp_path / d / "out" / "config.json")) for d in ("straight", "killed"))
+        assert a_cfg["reward_bias"] == b_cfg["reward_bias"] != 0 and a_cfg["reward_bias_in_weights"]
+    assert os.listdir(f"{a_run}/checkpoints") == os.listdir(f"{b_run}/checkpoints") == ["update_0000008"]  # --keep-checkpoints 1
+    a_state, b_state = (torch.load(f"{r}/checkpoints/update_0000008/state.pt", weights_only=True) for r in (a_run, b_run))
+    a_opt, b_opt = a_state["optimizer"]["state"], b_state["optimizer"]["state"]
+    assert len(a_opt) > 0 and all(torch.equal(a_opt[i][k], b_opt[i][k]) for i in a_opt for k in a_opt[i])
+    assert a_state["scheduler"] == b_state["scheduler"]
+
+
+def test_a_sharded_checkpoint_resumes_a_damaged_shard_is_passed_over_and_other_flags_are_refused(world, tmp_path):
+    """A large model is saved in shards: the checkpoint check reads every shard. A truncated shard is named and the
+    previous checkpoint is used; the run still ends where a straight run ends. A flag that differs from the
+    checkpoint's is refused before any model is loaded; one that may change on resume (--output-dir) is not."""
+    flags = ["--base-model", world / "base", "--dataset-name", world / "tldr_sft", "--lr", "1e-3", "--batch-size", 32,
+             "--local-micro-batch-size", 32, "--max-train-samples", 192, "--max-eval-samples", 16, "--eval-every", 100]
+    run_script("sft.py", *flags, "--save-every", 2, "--output-dir", tmp_path / "straight", cwd=tmp_path)
+    run = newest_run(tmp_path)
+    assert sorted(os.listdir(f"{run}/checkpoints")) == ["update_0000002", "update_0000004"]
+    newest = f"{run}/checkpoints/update_0000004"
+    model = AutoModelForCausalLM.from_pretrained(newest)
+    os.remove(f"{newest}/model.safetensors")
+    size = sum(p.numel() * 4 for p in model.parameters())
+    model.save_pretrained(newest, max_shard_size=size // 3)  # as from_pretrained's save of a model past max_shard_size
+    shards = sorted(glob.glob(f"{newest}/model-*.safetensors"))
+    assert len(shards) >= 3 and os.path.exists(f"{newest}/model.safetensors.index.json")
+    straight = final_weights("sft.py", tmp_path / "straight")
+
+    proc = run_script("sft.py", "--resume-from", run, "--output-dir", tmp_path / "sharded", cwd=tmp_path)
+    assert f"resumed from {newest} at update 5" in proc.stdout and "WARNING" not in proc.stdout
+    resumed = final_weights("sft.py", tmp_path / "sharded")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+    with open(shards[-1], "r+b") as f:  # a kill in the middle of the last shard
+        f.truncate(os.path.getsize(shards[-1]) // 2)
+    proc = run_script("sft.py", "--resume-from", run, "--output-dir", tmp_path / "damaged", cwd=tmp_path)
+    assert f"WARNING: checkpoint {newest} does not load (SafetensorError" in proc.stdout
+    assert "at update 3" in proc.stdout
+    resumed = final_weights("sft.py", tmp_path / "damaged")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert [json.loads(x)["update"] for x in open(f"{run}/metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+    proc = run_script("sft.py", "--resume-from", run, "--lr", "1e-4", "--batch-size", 16, check=False, cwd=tmp_path)
+    assert proc.returncode != 0 and "is a checkpoint of a run with other flags: --batch-size 16 (checkpoint: 32); --lr 0.0001" \
+        " (checkpoint: 0.001)" in proc.stdout and "dtypes:" not in proc.stdout
