@@ -61,32 +61,55 @@ def policy_gold(model_dir, data, n, seed=0, **generate_kwargs):
     return tiny_world.gold_reward(prompts, answers), answers
 
 
+def once(tmp_path_factory, key, build):
+    """Runs build(root) once per test run and returns root, a folder every test of the run sees. Under pytest-xdist
+    (`-n 2`, the README's command) each worker is a session of its own: the first to get here builds, under a file
+    lock, and the others wait for it and reuse what it built."""
+    from filelock import FileLock  # comes with datasets and huggingface_hub
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above the workers' own
+    with FileLock(str(root / f"{key}.lock")):
+        if not (root / f"{key}.done").exists():
+            build(root)
+            (root / f"{key}.done").touch()
+    return root
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    run_script("tiny_world.py", "--out", out, "--tokenizer", "bpe", "--n-train", 2000, "--n-eval", 200)
-    return out
+    root = once(tmp_path_factory, "world", lambda root: run_script("tiny_world.py", "--out", root / "tiny", "--tokenizer", "bpe",
+                                                                   "--n-train", 2000, "--n-eval", 200))
+    return root / "tiny"
 
 
 @pytest.fixture(scope="session")
-def sft_model(world):
-    run_script("sft.py", "--base-model", world / "base", "--dataset-name", world / "tldr_sft", "--output-dir", world / "sft", *SFT_FLAGS, cwd=world)
+def sft_model(world, tmp_path_factory):
+    once(tmp_path_factory, "sft", lambda _: run_script("sft.py", "--base-model", world / "base", "--dataset-name", world / "tldr_sft",
+                                                       "--output-dir", world / "sft", *SFT_FLAGS, cwd=world))
     return world / "sft"
 
 
 @pytest.fixture(scope="session")
-def bland_sft_model(world):
+def bland_sft_model(world, tmp_path_factory):
     """The SFT policy of the DPO task (tiny_world.py's bland/): its greedy answer is the bland one."""
-    run_script("sft.py", "--base-model", world / "base", "--dataset-name", world / "bland" / "tldr_sft", "--output-dir",
-               world / "bland" / "sft", *SFT_FLAGS, cwd=world)
+    once(tmp_path_factory, "bland_sft", lambda _: run_script("sft.py", "--base-model", world / "base", "--dataset-name",
+                                                             world / "bland" / "tldr_sft", "--output-dir", world / "bland" / "sft",
+                                                             *SFT_FLAGS, cwd=world / "bland"))
     return world / "bland" / "sft"
 
 
 @pytest.fixture(scope="session")
-def reward_run(world, sft_model):
-    proc = run_script("reward_model.py", "--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons",
-                      "--norm-dataset-name", world / "tldr_sft", "--output-dir", world / "rm", *RM_FLAGS, cwd=world)
-    return world / "rm", proc.stdout
+def reward_run(world, sft_model, tmp_path_factory):
+    """(the reward model's folder, the run's output)."""
+    def build(_):
+        proc = run_script("reward_model.py", "--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons",
+                          "--norm-dataset-name", world / "tldr_sft", "--output-dir", world / "rm", *RM_FLAGS, cwd=world)
+        (world / "rm_output.txt").write_text(proc.stdout)
+
+    once(tmp_path_factory, "reward_model", build)
+    return world / "rm", (world / "rm_output.txt").read_text()
 
 
 @pytest.fixture
@@ -118,17 +141,16 @@ def newest_run(cwd):
 def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow_save=0.6):
     """Fault injection: runs `script *flags --resume-from auto` and SIGKILLs it `kills` times, resuming each time, then
     lets it finish. Even kills land while a checkpoint is being written (SLOW_SAVE_S holds the save open between the
-    weights and state.pt), the others at a random moment 1-3 updates past the checkpoint the process resumed from
-    (`updates` and `save_every` are the run's, so that a kill never comes too late). After every kill the run must
-    still hold its newest complete checkpoint, and the updates lost (logged but not checkpointed) are returned, one
-    dict per kill."""
+    weights and state.pt for `slow_save` seconds), the others at a random moment 1-3 updates past the checkpoint the
+    process resumed from, in a process whose saves are not slowed (`updates` and `save_every` are the run's, so that a
+    kill never comes too late). After every kill the run must still hold its newest complete checkpoint, and the
+    updates lost (logged but not checkpointed) are returned, one dict per kill."""
     import glob
     import random
     import signal
     import time
 
     rng, report = random.Random(seed), []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLOW_SAVE_S": str(slow_save)}
     cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags), "--resume-from", "auto"]
 
     def log_file():
@@ -145,26 +167,27 @@ def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow
 
     for k in range(kills + 1):
         resumed_at, log_at_start, started = (complete() or [0])[-1], log_file(), time.time()
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        during_save = k % 2 == 0 and k < kills and resumed_at + save_every < updates  # a save is still to come
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SLOW_SAVE_S": str(slow_save if during_save else 0)}
+        output = os.path.join(cwd, f"output_{k}.txt")  # a file, not a pipe: a pipe nobody reads fills up and stalls the run
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=open(output, "w"), stderr=subprocess.STDOUT, env=env)
         if k == kills:
-            out = proc.communicate()[0]
-            assert proc.returncode == 0, out[-3000:]
+            assert proc.wait() == 0, open(output).read()[-3000:]
             return report
-        during_save = k % 2 == 0 and resumed_at + save_every < updates  # a save is still to come
-        target = min(resumed_at + rng.randint(1, 3), updates - 1)
+        target = min(resumed_at + rng.randint(1, 3), updates - 2)
         while proc.poll() is None:
             if during_save and glob.glob(os.path.join(cwd, "runs", "*", "checkpoints", "incomplete", "*")):
                 time.sleep(rng.uniform(0, slow_save))
                 break
             # the log this process writes (a resumed run rewrites it up to its checkpoint: a new file)
             if not during_save and log_file() != log_at_start and logged() >= target:
-                time.sleep(rng.uniform(0, 0.5))
+                time.sleep(rng.uniform(0, 0.1))
                 break
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the run ended before kill {k}:\n{proc.communicate()[0][-3000:]}"
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before kill {k}:\n{open(output).read()[-3000:]}"
         before = complete()
         proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+        proc.wait()
         after = complete()
         assert not before or (after and after[-1] >= before[-1]), (before, after)  # the kill took no complete checkpoint away
         unfinished = glob.glob(os.path.join(cwd, "runs", "*", "checkpoints", "incomplete"))  # this process's save, cut short

@@ -216,16 +216,16 @@ def test_hard_exploration_drpo_solves_what_ppo_cannot(world, tmp_path):
     for p in (0.5, 0):  # two processes side by side, one thread each (the thread count changes trajectories)
         os.makedirs(tmp_path / str(p))
         cmd = [sys.executable, f"{ROOT}/drpo_tldr.py", "--reset-prob", str(p), *map(str, flags), "--output-dir", str(tmp_path / str(p) / "out")]
-        procs[p] = subprocess.Popen(cmd, cwd=tmp_path / str(p), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # output to a file, not a pipe: a pipe nobody reads fills up and stalls the process
+        procs[p] = subprocess.Popen(cmd, cwd=tmp_path / str(p), stdout=open(tmp_path / str(p) / "out.txt", "w"), stderr=subprocess.STDOUT,
                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
-    out = procs[0.5].communicate()[0]
-    assert procs[0.5].returncode == 0, out[-3000:]
-    logs = {0.5: [json.loads(x) for x in open(metrics_file(out, tmp_path / "0.5"))]}
+    assert procs[0.5].wait() == 0, (tmp_path / "0.5" / "out.txt").read_text()[-3000:]
+    logs = {0.5: [json.loads(x) for x in open(f"{newest_run(tmp_path / '0.5')}/metrics.jsonl")]}
     ppo_log = f"{newest_run(tmp_path / '0')}/metrics.jsonl"
     while procs[0].poll() is None and sum(1 for _ in open(ppo_log)) < len(logs[0.5]) + 1:  # PPO: as many episodes as DR-PO, then stop
         time.sleep(1)
     procs[0].kill()
-    procs[0].communicate()
+    procs[0].wait()
     logs[0] = [json.loads(x) for x in open(ppo_log) if x.endswith("\n")]
     drpo_evals = [m["eval/score"] for m in logs[0.5] if "eval/score" in m]
     ppo_evals = [m["eval/score"] for m in logs[0] if "eval/score" in m]
