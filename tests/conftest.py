@@ -9,6 +9,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
 sys.path.insert(0, ROOT)  # tests import the scripts' pure functions directly
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"  # two workers on two cores: one thread each (set before torch is imported)
 
 # small, fast settings for the tiny world; the demo (demo.sh) uses the same ones
 SFT_FLAGS = ["--lr", "1e-3", "--num-train-epochs", "6", "--batch-size", "32", "--local-micro-batch-size", "32", "--eval-every", "100"]
@@ -22,7 +24,7 @@ def pytest_configure(config):
 
 def run_script(script, *flags, cwd=None, env=None, check=True):
     """Runs a top-level script as a user would, returns the completed process (stdout+stderr in .stdout)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # one thread a run: two workers, two cores
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, flags)], cwd=cwd or ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     if check and proc.returncode != 0:
