@@ -205,7 +205,7 @@ def test_hard_exploration_drpo_solves_what_ppo_cannot(world, tmp_path):
     pw = world / "password"
     run_script("sft.py", "--base-model", pw / "base", "--dataset-name", pw / "tldr_sft", "--eval-split", "train[:5%]",
                "--output-dir", pw / "sft", "--lr", 1e-3, "--num-train-epochs", 3, "--batch-size", 32, "--local-micro-batch-size", 32,
-               "--response-length", 8, cwd=tmp_path)
+               "--response-length", 8, cwd=tmp_path, env={"OMP_NUM_THREADS": "2"})  # the SFT model of BENCHMARKS.md's seeds
     flags = ["--sft-model-path", pw / "sft", "--value-model-path", pw / "sft", "--dataset-name", pw / "tldr_comparisons",
              "--reward-fn", f"{ROOT}/tiny_world.py:password_reward", "--response-length", 8, "--batch-size", 64,
              "--local-rollout-forward-batch-size", 64, "--local-micro-batch-size", 32, "--num-mini-batches", 2, "--lr", 1e-3,
