@@ -163,6 +163,16 @@ def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow
     def logged():
         return sum(1 for line in open(log_file()[0]) if line.endswith("\n")) if log_file() else 0
 
+    def saving(since):
+        """A save of the running process is under way (not the leftover of a killed one)."""
+        for folder in glob.glob(os.path.join(cwd, "runs", "*", "checkpoints", "incomplete")):
+            try:
+                if os.path.getmtime(folder) >= since and os.listdir(folder):
+                    return True
+            except FileNotFoundError:  # renamed into place meanwhile
+                pass
+        return False
+
     def complete():
         run = newest_run(cwd)
         return sorted(int(c.rsplit("_", 1)[1]) for c in glob.glob(os.path.join(run, "checkpoints", "update_*"))) if run else []
@@ -178,7 +188,7 @@ def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow
             return report
         target = min(resumed_at + rng.randint(1, 3), updates - 2)
         while proc.poll() is None:
-            if during_save and glob.glob(os.path.join(cwd, "runs", "*", "checkpoints", "incomplete", "*")):
+            if during_save and saving(started):
                 time.sleep(rng.uniform(0, slow_save))
                 break
             # the log this process writes (a resumed run rewrites it up to its checkpoint: a new file)
