@@ -10,6 +10,7 @@ Run: python benchmarks/kill_anywhere.py        (KILLS=6, SEED=0, OUT=/tmp/kill_a
      REPORT_ONLY=1 python benchmarks/kill_anywhere.py   prints the table from $OUT/report.json."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,7 +40,7 @@ def flags(script, w):
         return [*rl, "--dataset-name", f"{w}/tldr_sft"]
     if script == "drpo_tldr.py":
         return [*rl, "--dataset-name", f"{w}/tldr_comparisons", "--reset-source", "chosen"]
-    return [*rl, "--task", "hh", "--dataset-name", f"{w}/hh"]
+    return [*rl, "--dataset-name", f"{w}/hh"]  # drpo_hh.py is HH only
 
 
 def same_run(script, a, b):
@@ -66,11 +67,14 @@ def main():
                      f"{w}/tldr_sft", "--output-dir", f"{w}/rm", "--lr", 1e-3, "--num-train-epochs", 2, "--batch-size", 32,
                      "--local-micro-batch-size", 32, "--eval-every", 50]):
             subprocess.run([py, f"{ROOT}/{cmd[0]}", *map(str, cmd[1:])], check=True, cwd=OUT, stdout=subprocess.DEVNULL)
-    report = []
+    report = json.load(open(f"{OUT}/report.json")) if os.path.exists(f"{OUT}/report.json") else []  # a run cut short goes on
     for i, script in enumerate(["sft.py", "reward_model.py", "dpo_baseline.py", "ppo_baseline.py", "drpo_tldr.py", "drpo_hh.py"]):
+        if any(r["script"] == script for r in report):
+            continue
         d, f = f"{OUT}/{script[:-3]}", [*flags(script, w), "--save-every", SAVE_EVERY, "--keep-checkpoints", 1, "--output-dir", "out"]
         for sub in ("straight", "killed"):
-            os.makedirs(f"{d}/{sub}", exist_ok=False)
+            shutil.rmtree(f"{d}/{sub}", ignore_errors=True)
+            os.makedirs(f"{d}/{sub}")
         start = time.time()
         subprocess.run([py, f"{ROOT}/{script}", *map(str, f)], check=True, cwd=f"{d}/straight", stdout=subprocess.DEVNULL,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
