@@ -6,7 +6,7 @@ checkpoint is being written, held open by SLOW_SAVE_S between the weights and st
 1-3 updates past the checkpoint the process resumed from). The harness asserts after each kill that the newest
 complete checkpoint is still there. A run has recovered when it then finishes and its final model and log equal the
 straight run's bit for bit (times aside). Prints the Markdown table of BENCHMARKS.md and keeps it in $OUT/report.json.
-Run: python benchmarks/kill_anywhere.py        (KILLS=6, SEED=0, OUT=/tmp/kill_anywhere; about 25 minutes on 2 cores)
+Run: python benchmarks/kill_anywhere.py        (KILLS=6, SEED=0, OUT=/tmp/kill_anywhere; about 20 minutes on 2 cores)
      REPORT_ONLY=1 python benchmarks/kill_anywhere.py   prints the table from $OUT/report.json."""
 import json
 import os
