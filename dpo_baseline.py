@@ -16,6 +16,7 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
@@ -73,9 +74,9 @@ class Args:
     num_train_epochs: int = 1
     """passes over the training pairs"""
     batch_size: int = 64
-    """pairs per optimizer step"""
+    """pairs per optimizer step, over all processes (under torchrun each takes batch_size / processes of them)"""
     local_micro_batch_size: int = 8
-    """pairs per forward pass (chosen and rejected share it); batch_size / this is the gradient accumulation"""
+    """pairs per forward pass and process (chosen and rejected share it); batch_size / (this x processes) is the gradient accumulation"""
     max_grad_norm: Optional[float] = None
     """clip the gradient norm of each optimizer step (None: no clipping, as the authors' and the N+ code)"""
     gradient_checkpointing: bool = False
@@ -345,16 +346,24 @@ def cache_key(model_path: str, settings: str, pairs_by_split: dict):
 
 
 @torch.no_grad()
-def all_logprobs(model, pairs, args: Args, pad_id: int, device, autocast):
+def all_logprobs(model, pairs, args: Args, pad_id: int, device, autocast, rank: int = 0, world: int = 1):
+    """Summed log-probs of every pair's chosen and rejected response: (chosen (n,), rejected (n,)). Under torchrun each
+    process computes a contiguous share and every process gets the whole (all_gather)."""
     model.eval()
-    chosen, rejected = [], []
-    for start in range(0, len(pairs), args.local_micro_batch_size):
+    share = -(-len(pairs) // world)
+    mine = pairs[rank * share : (rank + 1) * share]
+    logps = torch.zeros(share, 2, device=device)  # the last share may be shorter: its tail stays 0 and is cut below
+    for start in range(0, len(mine), args.local_micro_batch_size):
         with autocast:
-            c, r = sequence_logprobs(model, pairs[start : start + args.local_micro_batch_size], pad_id, device)
-        chosen.append(c.cpu())
-        rejected.append(r.cpu())
+            c, r = sequence_logprobs(model, mine[start : start + args.local_micro_batch_size], pad_id, device)
+        logps[start : start + len(c)] = torch.stack([c, r], 1).float()
     model.train()
-    return torch.cat(chosen), torch.cat(rejected)
+    if world > 1:
+        parts = [torch.empty_like(logps) for _ in range(world)]
+        dist.all_gather(parts, logps)
+        logps = torch.cat(parts)
+    logps = logps[: len(pairs)].cpu()
+    return logps[:, 0], logps[:, 1]
 
 
 def peak_memory_gb(device):
@@ -380,6 +389,48 @@ def set_rng_states(states):
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---- distributed (torchrun): each function is a no-op in one process, where a reader can skip them ----
+def init_distributed(args):
+    """(rank, number of processes, device). Under torchrun every process trains the same model on its share of each
+    batch: NCCL between GPUs, gloo between CPU processes. A rank that dies stops the job (torchrun ends the others)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available() and args.cuda
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if world > 1:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if rank > 0:  # one console: rank 0 prints (errors, on stderr, come from every rank)
+            sys.stdout = open(os.devnull, "w")
+    return rank, world, device
+
+
+def all_sum(tensor):
+    """The sum of a tensor over all processes, in place."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def sum_gradients(model):
+    """Each process holds the gradient of its share of the batch; their sum is the gradient of the whole batch (what
+    DDP does during the backward pass, written out: the loss calls the model's trunk and LM head apart, which DDP's
+    forward wrapper would not see)."""
+    if dist.is_initialized():
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+
+
+def broadcast(value):
+    """Rank 0's value of a Python object (e.g. a run name that holds the start time) on every process."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
 
 
 # ---- checkpoints: written whole, made current by one rename; a resumed run is the run it continues ----
@@ -477,22 +528,22 @@ if __name__ == "__main__":
         args.dataset_name, args.dataset_config = DEFAULT_DATASETS[args.task]
     args.response_length = args.response_length or DEFAULT_RESPONSE_LENGTH[args.task]
     args.eval_split = args.eval_split or {"tldr": "validation", "hh": "test"}[args.task]
-    if args.batch_size % args.local_micro_batch_size:
-        raise SystemExit("--batch-size must be a multiple of --local-micro-batch-size")
-    args.gradient_accumulation_steps = args.batch_size // args.local_micro_batch_size
+    rank, world, device = init_distributed(args)  # under torchrun; (0, 1, cuda or cpu) in one process
+    if args.batch_size % (args.local_micro_batch_size * world):
+        raise SystemExit(f"--batch-size must be a multiple of --local-micro-batch-size x processes ({world})")
+    args.gradient_accumulation_steps = args.batch_size // (args.local_micro_batch_size * world)
     if checkpoint is None:
-        args.run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        args.run_name = broadcast(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
     writable(args.output_dir)  # fail now, not after hours of training
     writable(f"runs/{args.run_name}")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     if args.frozen_dtype == "auto":  # a frozen model needs no fp32 copy on a GPU; on a CPU bf16 is slow
         args.frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
     print(f"dtypes: policy {args.dtype} (trained), reference {args.frozen_dtype} (frozen), "
-          f"bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type})")
+          f"bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type}, {world} process{'es' if world > 1 else ''})")
 
     tokenizer = load_tokenizer(args.sft_model_path)
     pad_id = tokenizer.pad_token_id
@@ -506,7 +557,7 @@ if __name__ == "__main__":
     # ---- reference log-probs: computed once, cached on disk; a cache hit never loads the reference model ----
     key = cache_key(args.sft_model_path, f"{args.frozen_dtype}|{device.type}", {"train": train_pairs, "eval": eval_pairs})
     cache_file = f"{args.ref_cache_dir}/{key}.pt"
-    if os.path.exists(cache_file):
+    if broadcast(os.path.exists(cache_file)):  # rank 0 decides: it alone writes the cache
         ref = torch.load(cache_file)
         print(f"reference log-probs from the cache {cache_file}; the reference model is not loaded")
     else:
@@ -514,12 +565,14 @@ if __name__ == "__main__":
         if len(tokenizer) > ref_model.get_input_embeddings().num_embeddings:
             ref_model.resize_token_embeddings(len(tokenizer))
         start = time.time()
-        ref = {"train": all_logprobs(ref_model, train_pairs, args, pad_id, device, autocast),
-               "eval": all_logprobs(ref_model, eval_pairs, args, pad_id, device, autocast)}
+        # under torchrun each process computes a share and all get the whole: the reference runs once, not once a process
+        ref = {"train": all_logprobs(ref_model, train_pairs, args, pad_id, device, autocast, rank, world),
+               "eval": all_logprobs(ref_model, eval_pairs, args, pad_id, device, autocast, rank, world)}
         del ref_model
-        os.makedirs(args.ref_cache_dir, exist_ok=True)
-        torch.save(ref, cache_file + ".tmp")
-        os.replace(cache_file + ".tmp", cache_file)  # a crash never leaves a half-written cache
+        if rank == 0:
+            os.makedirs(args.ref_cache_dir, exist_ok=True)
+            torch.save(ref, cache_file + ".tmp")
+            os.replace(cache_file + ".tmp", cache_file)  # a crash never leaves a half-written cache
         print(f"computed the reference log-probs in {time.time() - start:.1f}s; cached in {cache_file}")
 
     policy = from_pretrained(AutoModelForCausalLM, args.resume_from if checkpoint and not args.use_lora else args.sft_model_path,
@@ -555,7 +608,7 @@ if __name__ == "__main__":
         start_update = checkpoint["update"] + 1
         print(f"resumed from {args.resume_from} at step {start_update}")
     log_path = f"runs/{args.run_name}/metrics.jsonl"
-    if checkpoint and os.path.exists(log_path):  # each step logged once: drop what followed the checkpoint
+    if checkpoint and os.path.exists(log_path) and rank == 0:  # each step logged once: drop what followed the checkpoint
         kept = []
         for line in open(log_path):
             try:
@@ -566,8 +619,8 @@ if __name__ == "__main__":
         with open(f"{log_path}.tmp", "w") as f:
             f.writelines(kept)
         os.replace(f"{log_path}.tmp", log_path)
-    log = open(log_path, "a")
-    if args.track:
+    log = open(log_path if rank == 0 else os.devnull, "a")  # rank 0 writes the log
+    if args.track and rank == 0:
         import wandb  # only imported when asked for
 
         wandb.init(project="drpo", name=args.run_name, config=asdict(args), resume="allow", id=args.run_name)
@@ -577,9 +630,12 @@ if __name__ == "__main__":
     start_time = time.time()
     for update in range(start_update, args.num_updates + 1):
         idx = order[(update - 1) * args.batch_size : update * args.batch_size]
+        share = args.batch_size // world  # this process's share of the batch (all of it in one process)
+        idx = idx[rank * share : (rank + 1) * share]
+        micro_batches = args.gradient_accumulation_steps * world  # in the whole batch: each mean loss weighs 1 / this
         stats = {k: 0.0 for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                                   "logps/chosen", "logps/rejected")}
-        for start in range(0, args.batch_size, args.local_micro_batch_size):
+        for start in range(0, share, args.local_micro_batch_size):
             mb = idx[start : start + args.local_micro_batch_size]
             with autocast:
                 logp_c, logp_r = sequence_logprobs(policy, [train_pairs[i] for i in mb], pad_id, device)
@@ -588,11 +644,13 @@ if __name__ == "__main__":
                                                 torch.tensor([len(train_pairs[i][1]) for i in mb], device=device))
             if not torch.isfinite(loss):
                 raise SystemExit(f"non-finite loss {loss.item()} at step {update}; lower --lr or check the data")
-            (loss / args.gradient_accumulation_steps).backward()
+            (loss / micro_batches).backward()
             for k, v in (("loss", loss.detach()), ("rewards/chosen", reward_c.mean()), ("rewards/rejected", reward_r.mean()),
                          ("rewards/accuracies", (reward_c > reward_r).float().mean()), ("rewards/margins", (reward_c - reward_r).mean()),
                          ("logps/chosen", logp_c.detach().mean()), ("logps/rejected", logp_r.detach().mean())):
-                stats[k] += v.item() / args.gradient_accumulation_steps
+                stats[k] += v.item() / micro_batches
+        sum_gradients(policy)  # distributed: the gradient of the whole batch on every process, and the statistics
+        stats = dict(zip(stats, all_sum(torch.tensor(list(stats.values()), dtype=torch.float64, device=device)).tolist()))
         if args.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
@@ -602,18 +660,18 @@ if __name__ == "__main__":
                    "pairs_per_s": (update - start_update + 1) * args.batch_size / (time.time() - start_time),
                    "peak_memory_gb": peak_memory_gb(device)}
         if update % args.eval_every == 0 or update == args.num_updates:
-            logp_c, logp_r = all_logprobs(policy, eval_pairs, args, pad_id, device, autocast)
+            logp_c, logp_r = all_logprobs(policy, eval_pairs, args, pad_id, device, autocast, rank, world)
             reward_margin = (logp_c - ref["eval"][0]) - (logp_r - ref["eval"][1])
             metrics["eval/rewards/accuracies"] = (reward_margin > 0).float().mean().item()
             metrics["eval/rewards/margins"] = args.beta * reward_margin.mean().item()
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         log.write(json.dumps(metrics) + "\n")
         log.flush()
-        if args.track:
+        if args.track and rank == 0:
             wandb.log(metrics, step=update)
 
         # ---- checkpoint: policy (or its adapter), optimizer, schedule, RNG states and step index ----
-        if args.save_every and update % args.save_every == 0 and update < args.num_updates:
+        if args.save_every and update % args.save_every == 0 and update < args.num_updates and rank == 0:  # one writer
             def write(folder):
                 os.makedirs(folder)
                 if args.use_lora:  # the base stays the SFT model: only the adapter is saved
@@ -629,7 +687,12 @@ if __name__ == "__main__":
             folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
             print(f"checkpoint written to {folder} (resume with --resume-from {folder}, or --resume-from auto)")
 
+    if rank > 0:  # every process holds the same policy: rank 0 saves it
+        dist.destroy_process_group()
+        sys.exit()
     final = policy.merge_and_unload() if args.use_lora else policy
     final.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     print(f"saved the policy and tokenizer to {args.output_dir}")
+    if world > 1:
+        dist.destroy_process_group()

@@ -14,6 +14,7 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
@@ -62,9 +63,9 @@ class Args:
     num_train_epochs: int = 1
     """passes over the training pairs"""
     batch_size: int = 64
-    """pairs per optimizer step"""
+    """pairs per optimizer step, over all processes (under torchrun each takes batch_size / processes of them)"""
     local_micro_batch_size: int = 8
-    """pairs per forward pass (chosen and rejected share it); batch_size / this is the gradient accumulation"""
+    """pairs per forward pass and process (chosen and rejected share it); batch_size / (this x processes) is the gradient accumulation"""
     eval_every: int = 100
     """eval accuracy every N optimizer steps (and at the end)"""
     save_every: int = 100
@@ -274,16 +275,19 @@ def pair_rewards(model, pairs, pad_id: int, device):
 
 
 @torch.no_grad()
-def evaluate(model, pairs, args: Args, pad_id: int, device, autocast):
+def evaluate(model, pairs, args: Args, pad_id: int, device, autocast, rank: int = 0, world: int = 1):
+    """(accuracy, mean loss) over the eval pairs (each process takes a contiguous share of them)."""
     model.eval()
-    correct, losses = 0, []
-    for start in range(0, len(pairs), args.local_micro_batch_size):
+    share = -(-len(pairs) // world)
+    mine = pairs[rank * share : (rank + 1) * share]
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # correct pairs, summed loss
+    for start in range(0, len(mine), args.local_micro_batch_size):
         with autocast:
-            chosen, rejected = pair_rewards(model, pairs[start : start + args.local_micro_batch_size], pad_id, device)
-        correct += (chosen > rejected).sum().item()
-        losses.append(bt_loss(chosen.float(), rejected.float()).item())
+            chosen, rejected = pair_rewards(model, mine[start : start + args.local_micro_batch_size], pad_id, device)
+        total += torch.stack([(chosen > rejected).sum().double(), bt_loss(chosen.float(), rejected.float()).double() * len(chosen)])
     model.train()
-    return correct / len(pairs), float(np.mean(losses))
+    correct, loss = all_sum(total).tolist()
+    return correct / len(pairs), loss / len(pairs)
 
 
 def normalisation_sequences(args: Args, tokenizer, train_pairs):
@@ -342,6 +346,48 @@ def set_rng_states(states):
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---- distributed (torchrun): each function is a no-op in one process, where a reader can skip them ----
+def init_distributed(args):
+    """(rank, number of processes, device). Under torchrun every process trains the same model on its share of each
+    batch: NCCL between GPUs, gloo between CPU processes. A rank that dies stops the job (torchrun ends the others)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available() and args.cuda
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if world > 1:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if rank > 0:  # one console: rank 0 prints (errors, on stderr, come from every rank)
+            sys.stdout = open(os.devnull, "w")
+    return rank, world, device
+
+
+def all_sum(tensor):
+    """The sum of a tensor over all processes, in place."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def sum_gradients(model):
+    """Each process holds the gradient of its share of the batch; their sum is the gradient of the whole batch (what
+    DDP does during the backward pass, written out: the loss calls the model's trunk and LM head apart, which DDP's
+    forward wrapper would not see)."""
+    if dist.is_initialized():
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+
+
+def broadcast(value):
+    """Rank 0's value of a Python object (e.g. a run name that holds the start time) on every process."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
 
 
 # ---- checkpoints: written whole, made current by one rename; a resumed run is the run it continues ----
@@ -436,19 +482,20 @@ if __name__ == "__main__":
         args.dataset_name, args.dataset_config = DEFAULT_DATASETS[args.task]
     args.response_length = args.response_length or DEFAULT_RESPONSE_LENGTH[args.task]
     args.eval_split = args.eval_split or {"tldr": "validation", "hh": "test"}[args.task]
-    if args.batch_size % args.local_micro_batch_size:
-        raise SystemExit("--batch-size must be a multiple of --local-micro-batch-size")
-    args.gradient_accumulation_steps = args.batch_size // args.local_micro_batch_size
+    rank, world, device = init_distributed(args)  # under torchrun; (0, 1, cuda or cpu) in one process
+    if args.batch_size % (args.local_micro_batch_size * world):
+        raise SystemExit(f"--batch-size must be a multiple of --local-micro-batch-size x processes ({world})")
+    args.gradient_accumulation_steps = args.batch_size // (args.local_micro_batch_size * world)
     if checkpoint is None:
-        args.run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        args.run_name = broadcast(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
     writable(args.output_dir)  # fail now, not after hours of training
     writable(f"runs/{args.run_name}")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    print(f"dtypes: trained weights {args.dtype}, bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type})")
+    print(f"dtypes: trained weights {args.dtype}, bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type}, "
+          f"{world} process{'es' if world > 1 else ''})")
 
     tokenizer = load_tokenizer(args.sft_model_path)
     pad_id = tokenizer.pad_token_id
@@ -482,7 +529,7 @@ if __name__ == "__main__":
         start_update = checkpoint["update"] + 1
         print(f"resumed from {args.resume_from} at update {start_update}")
     log_path = f"runs/{args.run_name}/metrics.jsonl"
-    if checkpoint and os.path.exists(log_path):  # each update logged once: drop what followed the checkpoint
+    if checkpoint and os.path.exists(log_path) and rank == 0:  # each update logged once: drop what followed the checkpoint
         kept = []
         for line in open(log_path):
             try:
@@ -493,37 +540,41 @@ if __name__ == "__main__":
         with open(f"{log_path}.tmp", "w") as f:
             f.writelines(kept)
         os.replace(f"{log_path}.tmp", log_path)
-    log = open(log_path, "a")
+    log = open(log_path if rank == 0 else os.devnull, "a")  # rank 0 writes the log
 
     generator = torch.Generator().manual_seed(args.seed)  # the data order is a function of the seed: resume-safe
     order = torch.cat([torch.randperm(len(train_pairs), generator=generator) for _ in range(args.num_train_epochs)])
     start_time = time.time()
     for update in range(start_update, args.num_updates + 1):
         batch = [train_pairs[i] for i in order[(update - 1) * args.batch_size : update * args.batch_size]]
-        loss_sum, accuracy = 0.0, 0.0
-        for start in range(0, args.batch_size, args.local_micro_batch_size):
+        share = args.batch_size // world  # this process's share of the batch (all of it in one process)
+        batch = batch[rank * share : (rank + 1) * share]
+        micro_batches = args.gradient_accumulation_steps * world  # in the whole batch: each mean loss weighs 1 / this
+        sums = torch.zeros(2, dtype=torch.float64)  # loss, accuracy
+        for start in range(0, share, args.local_micro_batch_size):
             with autocast:
                 chosen, rejected = pair_rewards(model, batch[start : start + args.local_micro_batch_size], pad_id, device)
             loss = bt_loss(chosen.float(), rejected.float())
             if not torch.isfinite(loss):
                 raise SystemExit(f"non-finite loss {loss.item()} at update {update}; lower --lr or check the data")
-            (loss / args.gradient_accumulation_steps).backward()
-            loss_sum += loss.item() / args.gradient_accumulation_steps
-            accuracy += (chosen > rejected).float().mean().item() / args.gradient_accumulation_steps
+            (loss / micro_batches).backward()
+            sums += torch.tensor([loss.item(), (chosen > rejected).float().mean().item()], dtype=torch.float64) / micro_batches
+        sum_gradients(model)  # distributed: the gradient of the whole batch on every process
+        loss_sum, accuracy = all_sum(sums.to(device)).tolist()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
         metrics = {"update": update, "loss": loss_sum, "accuracy": accuracy, "lr": scheduler.get_last_lr()[0],
                    "pairs_per_s": (update - start_update + 1) * args.batch_size / (time.time() - start_time)}
         if update % args.eval_every == 0 or update == args.num_updates:
-            metrics["eval_accuracy"], metrics["eval_loss"] = evaluate(model, eval_pairs, args, pad_id, device, autocast)
+            metrics["eval_accuracy"], metrics["eval_loss"] = evaluate(model, eval_pairs, args, pad_id, device, autocast, rank, world)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         log.write(json.dumps(metrics) + "\n")
         log.flush()
 
         # ---- checkpoint: model, optimizer, schedule, RNG states and update index (the data order is a function of both) ----
         # the normalisation below runs once, at the end, on the final model: a checkpoint holds the raw reward model
-        if args.save_every and update % args.save_every == 0 and update < args.num_updates:
+        if args.save_every and update % args.save_every == 0 and update < args.num_updates and rank == 0:  # one writer
             def write(folder):
                 model.save_pretrained(folder)
                 tokenizer.save_pretrained(folder)
@@ -534,6 +585,9 @@ if __name__ == "__main__":
             folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
             print(f"checkpoint written to {folder} (resume with --resume-from {folder}, or --resume-from auto)")
 
+    if rank > 0:  # every process holds the same model: rank 0 normalises and saves it
+        dist.destroy_process_group()
+        sys.exit()
     model.save_pretrained(args.output_dir)  # saved before the normalisation: nothing below can lose the trained model
     tokenizer.save_pretrained(args.output_dir)
 
@@ -552,3 +606,5 @@ if __name__ == "__main__":
           f"(std {rewards.std().item():.4f}); a shift of {shift:.4f} is {where}")
     model.save_pretrained(args.output_dir)
     print(f"saved the reward model and tokenizer to {args.output_dir}")
+    if world > 1:
+        dist.destroy_process_group()
