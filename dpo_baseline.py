@@ -414,12 +414,12 @@ def all_sum(tensor):
     return tensor
 
 
-def sum_gradients(model):
+def sum_gradients(params):
     """Each process holds the gradient of its share of the batch; their sum is the gradient of the whole batch (what
     DDP does during the backward pass, written out: the loss calls the model's trunk and LM head apart, which DDP's
     forward wrapper would not see)."""
     if dist.is_initialized():
-        for p in model.parameters():
+        for p in params:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
 
@@ -649,7 +649,7 @@ if __name__ == "__main__":
                          ("rewards/accuracies", (reward_c > reward_r).float().mean()), ("rewards/margins", (reward_c - reward_r).mean()),
                          ("logps/chosen", logp_c.detach().mean()), ("logps/rejected", logp_r.detach().mean())):
                 stats[k] += v.item() / micro_batches
-        sum_gradients(policy)  # distributed: the gradient of the whole batch on every process, and the statistics
+        sum_gradients(params)  # distributed: the gradient of the whole batch on every process, and the statistics
         stats = dict(zip(stats, all_sum(torch.tensor(list(stats.values()), dtype=torch.float64, device=device)).tolist()))
         if args.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)

@@ -15,6 +15,7 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import tyro
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -62,13 +63,13 @@ class Args:
     total_episodes: int = 1_000_000
     """episodes (sampled responses) in the whole run"""
     batch_size: int = 512
-    """episodes per update"""
+    """episodes per update, over all processes (under torchrun each rolls out batch_size / processes of them)"""
     local_rollout_forward_batch_size: int = 64
-    """episodes per generate/forward call during the rollout"""
+    """episodes per generate/forward call during the rollout, per process"""
     num_mini_batches: int = 1
     """minibatches per PPO epoch (one optimizer step each)"""
     local_micro_batch_size: int = 8
-    """episodes per forward/backward pass; a minibatch is accumulated from these"""
+    """episodes per forward/backward pass and process; a minibatch is accumulated from these"""
     num_ppo_epochs: int = 4
     """passes over each batch of episodes"""
     lr: float = 3e-6
@@ -478,6 +479,57 @@ def set_rng_states(states):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+# ---- distributed (torchrun): each function is a no-op in one process, where a reader can skip them ----
+def init_distributed(args):
+    """(rank, number of processes, device). Under torchrun every process trains the same model on its share of each
+    batch: NCCL between GPUs, gloo between CPU processes. A rank that dies stops the job (torchrun ends the others)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available() and args.cuda
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if world > 1:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if rank > 0:  # one console: rank 0 prints (errors, on stderr, come from every rank)
+            sys.stdout = open(os.devnull, "w")
+    return rank, world, device
+
+
+def all_sum(tensor):
+    """The sum of a tensor over all processes, in place."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def sum_gradients(params):
+    """Each process holds the gradient of its share of the batch; their sum is the gradient of the whole batch (what
+    DDP does during the backward pass, written out: the loss calls the model's trunk and LM head apart, which DDP's
+    forward wrapper would not see)."""
+    if dist.is_initialized():
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+
+
+def gather(tensor):
+    """Every process's rows, concatenated in rank order: each process rolls out its share, and all get the whole batch."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast(value):
+    """Rank 0's value of a Python object (e.g. a run name that holds the start time) on every process."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
 # ---- checkpoints: written whole, made current by one rename; a resumed run is the run it continues ----
 RESUMABLE = {"resume_from", "total_episodes", "save_every", "keep_checkpoints", "print_sample_every", "output_dir"}
 
@@ -580,27 +632,28 @@ if __name__ == "__main__":
               "so the policy never generates (and is never trained on) the first response token. See README.md.")
     args.num_updates = args.total_episodes // args.batch_size
     args.minibatch_size = args.batch_size // args.num_mini_batches
-    args.gradient_accumulation_steps = args.minibatch_size // args.local_micro_batch_size
-    if args.batch_size % args.num_mini_batches or args.minibatch_size % args.local_micro_batch_size:
-        raise SystemExit("--batch-size must split into --num-mini-batches minibatches of whole --local-micro-batch-size")
-    if args.batch_size % args.local_rollout_forward_batch_size:
-        raise SystemExit("--batch-size must be a multiple of --local-rollout-forward-batch-size")
+    rank, world, device = init_distributed(args)  # under torchrun; (0, 1, cuda or cpu) in one process
+    args.gradient_accumulation_steps = args.minibatch_size // (args.local_micro_batch_size * world)  # per process
+    if args.batch_size % args.num_mini_batches or args.minibatch_size % (args.local_micro_batch_size * world):
+        raise SystemExit(f"--batch-size must split into --num-mini-batches minibatches of whole --local-micro-batch-size x "
+                         f"processes ({world})")
+    if args.batch_size % (args.local_rollout_forward_batch_size * world):
+        raise SystemExit(f"--batch-size must be a multiple of --local-rollout-forward-batch-size x processes ({world})")
     if args.num_updates == 0:
         raise SystemExit("--total-episodes is smaller than --batch-size: no update would run")
     if checkpoint is None:
-        args.run_name = f"hh__{args.exp_name}__{args.seed}__{int(time.time())}"
+        args.run_name = broadcast(f"hh__{args.exp_name}__{args.seed}__{int(time.time())}")
     writable(args.output_dir)  # fail now, not after hours of training
     writable(f"runs/{args.run_name}")
     print(json.dumps(asdict(args), indent=1))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     if args.frozen_dtype == "auto":  # frozen models need no fp32 copy on a GPU; on a CPU bf16 is slow
         args.frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
     print(f"dtypes: policy and value model {args.dtype} (trained), reference and reward model {args.frozen_dtype} (frozen), "
-          f"bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type})")
+          f"bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type}, {world} process{'es' if world > 1 else ''})")
 
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # a rule-based reward replaces the reward model
 
@@ -670,7 +723,7 @@ if __name__ == "__main__":
         print(f"resumed from {args.resume_from} at update {start_update}")
 
     log_path = f"runs/{args.run_name}/metrics.jsonl"
-    if checkpoint and os.path.exists(log_path):  # each update logged once: drop what followed the checkpoint
+    if checkpoint and os.path.exists(log_path) and rank == 0:  # each update logged once: drop what followed the checkpoint
         kept = []
         for line in open(log_path):
             try:
@@ -681,12 +734,12 @@ if __name__ == "__main__":
         with open(f"{log_path}.tmp", "w") as f:
             f.writelines(kept)
         os.replace(f"{log_path}.tmp", log_path)
-    log = open(log_path, "a")
-    if args.track:
+    log = open(log_path if rank == 0 else os.devnull, "a")  # rank 0 writes the log
+    if args.track and rank == 0:
         import wandb  # only imported when asked for
 
         wandb.init(project="drpo", name=args.run_name, config=asdict(args), resume="allow", id=args.run_name)
-    if args.tensorboard:
+    if args.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
 
         writer = SummaryWriter(f"runs/{args.run_name}")
@@ -712,10 +765,15 @@ if __name__ == "__main__":
         # generate in order of h: a call writes response_length - min(h) tokens, so chunks of similar h stop early
         # (a stable sort: with no reset nothing moves). The results are put back in batch order after the loop.
         gen_order = torch.argsort(h, stable=True)
+        share = args.batch_size // world
+        mine = slice(rank * share, (rank + 1) * share)  # this process's share of the chunks (all of them in one process)
         responses, logprobs, ref_logprobs, values = [], [], [], []
         with torch.no_grad(), autocast:
-            for i in range(0, args.batch_size, args.local_rollout_forward_batch_size):
+            for i in range(mine.start, mine.stop, args.local_rollout_forward_batch_size):
                 idx = gen_order[i : i + args.local_rollout_forward_batch_size]
+                # the samples of a chunk are a function of the seed and the chunk's place in the batch, whatever the
+                # number of processes: a run on 2 processes rolls out the episodes of a run on 1
+                torch.manual_seed(int(np.random.default_rng([args.seed, update, i]).integers(2**62)))
                 # this chunk's states, left-padded no wider than they need (never narrower than the prompts)
                 width = max(context_length, max(len(states[j]) for j in idx.tolist()))
                 query, state, chunk_h = query_batch[idx], state_batch[idx, -width:], h[idx]
@@ -735,7 +793,8 @@ if __name__ == "__main__":
                 values.append(token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1])
                 responses.append(response)
             back = torch.argsort(gen_order)  # batch order again
-            responses, logprobs, ref_logprobs, values = (torch.cat(x)[back] for x in (responses, logprobs, ref_logprobs, values))
+            # distributed: every process gets the whole batch, so that every statistic below is one of the whole batch
+            responses, logprobs, ref_logprobs, values = (gather(torch.cat(x))[back] for x in (responses, logprobs, ref_logprobs, values))
             postprocessed = truncate_response(responses, eos_id, pad_id)  # (batch, response_length)
             sequence_lengths = first_true_indices(postprocessed == pad_id) - 1  # index of the last real token (the EOS)
             contain_eos = (postprocessed == eos_id).any(-1)
@@ -743,8 +802,8 @@ if __name__ == "__main__":
 
             # ---- scoring: the reward model (or --reward-fn) on the whole truncated response, prefix included ----
             t0 = time.time()
-            scores = get_scores(reward_model, reward_fn, tokenizer, batch_queries, query_batch, postprocessed,
-                                args.local_rollout_forward_batch_size)
+            scores = gather(get_scores(reward_model, reward_fn, tokenizer, batch_queries[mine], query_batch[mine], postprocessed[mine],
+                                       args.local_rollout_forward_batch_size))  # each process scores its share
             raw_scores = scores.clone()
             scores = penalize_missing_eos(scores, postprocessed, eos_id, args.missing_eos_penalty)
             scoring_time = time.time() - t0
@@ -764,9 +823,11 @@ if __name__ == "__main__":
         # ---- PPO update: num_ppo_epochs passes, minibatches accumulated from micro-batches ----
         stats = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio")}
         for ppo_epoch in range(args.num_ppo_epochs):
-            order = torch.randperm(args.batch_size, device=device)
+            order = torch.from_numpy(np.random.default_rng([args.seed, update, ppo_epoch]).permutation(args.batch_size)).to(device)
             for mb_start in range(0, args.batch_size, args.minibatch_size):
-                for mi in range(mb_start, mb_start + args.minibatch_size, args.local_micro_batch_size):
+                # each process takes a contiguous part of the minibatch: the same micro-batches as one process, shared out
+                part = mb_start + rank * args.minibatch_size // world
+                for mi in range(part, part + args.minibatch_size // world, args.local_micro_batch_size):
                     idx = order[mi : mi + args.local_micro_batch_size]
                     mb_mask = mask[idx]
                     mb_query_responses = torch.cat((query_batch[idx], responses[idx]), 1)
@@ -778,14 +839,17 @@ if __name__ == "__main__":
                     loss = pg_loss + args.vf_coef * vf_loss
                     if not torch.isfinite(loss):
                         raise SystemExit(f"non-finite loss at update {update}, PPO epoch {ppo_epoch}: lower --lr or check the models")
-                    (loss / args.gradient_accumulation_steps).backward()
+                    (loss / (args.gradient_accumulation_steps * world)).backward()  # the mean over the minibatch
                     for k, v in mb_stats.items():
                         stats[k].append(v)
+                sum_gradients(params)  # distributed: the minibatch's gradient on every process
                 if args.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
         update_time = time.time() - t0
+        # distributed: every micro-batch's statistics, of every process (rank 0's first micro-batch is the first of all)
+        stats = dict(zip(stats, gather(torch.tensor(list(stats.values()), dtype=torch.float64, device=device).T).T.tolist()))
         mean_kl = kl.sum(1).mean().item()
         if args.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, mean_kl, args.batch_size, args.target_kl, args.kl_horizon)
@@ -819,6 +883,7 @@ if __name__ == "__main__":
         if not reset.all():
             metrics |= {"no_reset/scores": scores[~reset].mean().item(), "no_reset/kl": kl[~reset].sum(1).mean().item()}
         if args.eval_every and update % args.eval_every == 0:  # from the prompt alone, greedy: no reset at test time
+            # (under torchrun every process runs the same evaluation, so that all of them take the same early stop)
             with torch.no_grad(), autocast:
                 eval_queries = queries[: args.eval_prompts]
                 eval_batch = left_pad(eval_queries, pad_id).to(device)
@@ -832,9 +897,9 @@ if __name__ == "__main__":
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         log.write(json.dumps(metrics) + "\n")
         log.flush()
-        if args.track:
+        if args.track and rank == 0:
             wandb.log(metrics, step=episodes)
-        if args.tensorboard:
+        if args.tensorboard and rank == 0:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, episodes)
         if args.print_sample_every and update % args.print_sample_every == 0:
@@ -845,7 +910,7 @@ if __name__ == "__main__":
                 print(f"{scores[i].item():7.3f} | ...{q} | [{prefix}]{tokenizer.decode(postprocessed[i, h[i]:], skip_special_tokens=True)!r}")
 
         # ---- checkpoint: models, optimizer, RNG states, update index and KL controller ----
-        if args.save_every and update % args.save_every == 0 and update < args.num_updates:
+        if args.save_every and update % args.save_every == 0 and update < args.num_updates and rank == 0:  # one writer
             def write(folder):
                 os.makedirs(folder)
                 if args.use_lora:  # the base stays the SFT model: only the adapter is saved
@@ -868,8 +933,13 @@ if __name__ == "__main__":
             print(f"eval/score {metrics['eval/score']:.4g} >= --early-stop-score {args.early_stop_score}: stopping at update {update}")
             break
 
+    if rank > 0:  # every process holds the same policy: rank 0 saves it
+        dist.destroy_process_group()
+        sys.exit()
     final = policy.merge_and_unload() if args.use_lora else policy
     final.generation_config.eos_token_id = eos_id
     final.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     print(f"saved the policy and tokenizer to {args.output_dir}")
+    if world > 1:
+        dist.destroy_process_group()

@@ -312,12 +312,12 @@ def all_sum(tensor):
     return tensor
 
 
-def sum_gradients(model):
+def sum_gradients(params):
     """Each process holds the gradient of its share of the batch; their sum is the gradient of the whole batch (what
     DDP does during the backward pass, written out: the loss calls the model's trunk and LM head apart, which DDP's
     forward wrapper would not see)."""
     if dist.is_initialized():
-        for p in model.parameters():
+        for p in params:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
 
@@ -494,7 +494,7 @@ if __name__ == "__main__":
                 raise SystemExit(f"non-finite loss {loss.item()} at update {update}; lower --lr or check the data")
             (loss / micro_batches).backward()
             sums += torch.tensor([loss.item() / micro_batches, attention_mask.sum().item()], dtype=torch.float64)
-        sum_gradients(model)  # distributed: the gradient of the whole batch on every process
+        sum_gradients(model.parameters())  # distributed: the gradient of the whole batch on every process
         loss_sum, tokens = all_sum(sums.to(device)).tolist()
         tokens_seen += tokens
         optimizer.step()
