@@ -140,20 +140,35 @@ def newest_run(cwd):
     return max(runs, key=lambda r: int(r.rsplit("__", 1)[1])) if runs else None
 
 
-def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow_save=0.6):
+# two processes on this machine (gloo), on a free port; OMP_NUM_THREADS is set by the callers
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+
+
+def torchrun(script, *flags, cwd=None, env=None, check=True):
+    """run_script, under torchrun with 2 processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run([*TORCHRUN, os.path.join(ROOT, script), *map(str, flags)], cwd=cwd or ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
+    return proc
+
+
+def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow_save=0.6, launcher=(sys.executable,)):
     """Fault injection: runs `script *flags --resume-from auto` and SIGKILLs it `kills` times, resuming each time, then
     lets it finish. Even kills land while a checkpoint is being written (SLOW_SAVE_S holds the save open between the
     weights and state.pt for `slow_save` seconds), the others at a random moment 1-3 updates past the checkpoint the
     process resumed from, in a process whose saves are not slowed (`updates` and `save_every` are the run's, so that a
     kill never comes too late). After every kill the run must still hold its newest complete checkpoint, and the
-    updates lost (logged but not checkpointed) are returned, one dict per kill."""
+    updates lost (logged but not checkpointed) are returned, one dict per kill. `launcher`: TORCHRUN runs it on 2
+    processes, and a kill then takes the launcher and every process (a whole node lost)."""
     import glob
     import random
     import signal
     import time
 
     rng, report = random.Random(seed), []
-    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags), "--resume-from", "auto"]
+    cmd = [*launcher, os.path.join(ROOT, script), *map(str, flags), "--resume-from", "auto"]
 
     def log_file():
         run = newest_run(cwd)
@@ -182,7 +197,7 @@ def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow
         during_save = k % 2 == 0 and k < kills and resumed_at + save_every < updates  # a save is still to come
         env = {**os.environ, "OMP_NUM_THREADS": "1", "SLOW_SAVE_S": str(slow_save if during_save else 0)}
         output = os.path.join(cwd, f"output_{k}.txt")  # a file, not a pipe: a pipe nobody reads fills up and stalls the run
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=open(output, "w"), stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=open(output, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
         if k == kills:
             assert proc.wait() == 0, open(output).read()[-3000:]
             return report
@@ -198,7 +213,7 @@ def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow
             time.sleep(0.01)
         assert proc.poll() is None, f"the run ended before kill {k}:\n{open(output).read()[-3000:]}"
         before = complete()
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the process and, under torchrun, every worker
         proc.wait()
         after = complete()
         assert not before or (after and after[-1] >= before[-1]), (before, after)  # the kill took no complete checkpoint away

@@ -1,0 +1,169 @@
+"""Every training script under torchrun (2 processes, gloo, on CPU) trains exactly as one process on the same global
+batch: the same episodes or pairs, the same logged statistics and the same weights, to float tolerance (the gradients
+are summed in another order). CI has no GPU; these are the multi-process tests."""
+import glob
+import json
+import math
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import RECORDER, ROOT, TORCHRUN, kill_and_resume, newest_run, policy_gold, run_script, torchrun, untimed
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+pytestmark = pytest.mark.slow  # every test here starts torchrun
+
+SMALL_RL = ["--response-length", 8, "--batch-size", 32, "--local-rollout-forward-batch-size", 8, "--local-micro-batch-size", 4,
+            "--num-mini-batches", 2, "--num-ppo-epochs", 2, "--lr", 3e-4, "--kl-coef", 0.01, "--temperature", 1.0,
+            "--print-sample-every", 0, "--max-grad-norm", 1.0, "--no-whiten-rewards", "--save-every", 0]
+
+
+def one_and_two(script, flags, tmp_path, env=None):
+    """The same command in one process and under torchrun with two: (log of one, log of two)."""
+    logs = []
+    for name, launch in (("one", run_script), ("two", torchrun)):
+        os.makedirs(tmp_path / name)
+        launch(script, *flags, "--output-dir", tmp_path / name / "out", cwd=tmp_path / name, env=env)
+        logs.append([json.loads(line) for line in open(f"{newest_run(tmp_path / name)}/metrics.jsonl")])
+    return logs
+
+
+def assert_same_log(one, two, at_least):
+    assert [m["update"] for m in one] == [m["update"] for m in two] and len(one) >= 2
+    for a, b in zip(untimed(one), untimed(two)):
+        assert a.keys() == b.keys() and len(a) >= at_least, (a.keys(), b.keys())
+        for k in a:
+            assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-6), (a["update"], k, a[k], b[k])
+
+
+def assert_same_weights(one, two, cls=AutoModelForCausalLM):
+    a, b = (cls.from_pretrained(d).state_dict() for d in (one, two))
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, worst
+
+
+@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "dpo_baseline.py"])
+def test_two_processes_train_as_one(script, world, sft_model, tmp_path):
+    """SFT, the reward model and DPO: each process takes half of every batch of 32 (two micro-batches of 8); the loss
+    trajectory, every logged statistic (eval included) and the final weights equal the one-process run's."""
+    common = ["--lr", 1e-3, "--num-train-epochs", 1, "--batch-size", 32, "--local-micro-batch-size", 8, "--max-train-samples", 192,
+              "--eval-every", 3, "--save-every", 0]
+    if script == "sft.py":
+        flags = ["--base-model", world / "base", "--dataset-name", world / "tldr_sft", "--max-eval-samples", 50, *common]
+    elif script == "reward_model.py":
+        flags = ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--norm-dataset-name", world / "tldr_sft",
+                 "--max-eval-samples", 50, *common]
+    else:  # an odd number of eval pairs: the reference's last share is shorter
+        flags = ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--max-eval-samples", 51, *common]
+    one, two = one_and_two(script, flags, tmp_path)
+    assert len(one) == 6 and sum("eval_loss" in m or "eval/rewards/margins" in m for m in one) == 2
+    assert_same_log(one, two, at_least=3)
+    assert one[-1]["loss"] != one[0]["loss"]  # it trained
+    assert_same_weights(tmp_path / "one" / "out", tmp_path / "two" / "out",
+                        AutoModelForSequenceClassification if script == "reward_model.py" else AutoModelForCausalLM)
+    if script == "dpo_baseline.py":  # the reference ran once (split across the two processes) and was cached once
+        caches = [torch.load(f) for f in glob.glob(str(tmp_path / "*" / "ref_cache" / "*.pt"))]
+        assert len(caches) == 2 and all(torch.equal(caches[0][s][i], caches[1][s][i]) for s in ("train", "eval") for i in (0, 1))
+        assert len(caches[1]["eval"][0]) == 51
+
+
+def recorded_runs(script, flags, tmp_path):
+    """one_and_two with --reward-fn recording every scored episode: asserts that both runs scored the same episodes."""
+    logs, episodes = [], []
+    for name, launch in (("one", run_script), ("two", torchrun)):
+        os.makedirs(tmp_path / name)
+        record = tmp_path / name / "episodes.jsonl"
+        launch(script, *flags, "--output-dir", tmp_path / name / "out", cwd=tmp_path / name, env={"RECORD_FILE": str(record)})
+        logs.append([json.loads(line) for line in open(f"{newest_run(tmp_path / name)}/metrics.jsonl")])
+        episodes.append(sorted(record.read_text().splitlines()))  # the two processes append their shares in any order
+    assert len(episodes[0]) == 3 * 32 and episodes[0] == episodes[1]
+    return logs
+
+
+@pytest.mark.parametrize("script", ["ppo_baseline.py", "drpo_tldr.py", "drpo_hh.py"])
+def test_rl_two_processes_roll_out_and_update_as_one(script, world, sft_model, reward_run, tmp_path):
+    """PPO and DR-PO: each process rolls out 2 of the 4 chunks of a batch of 32 and takes half of every minibatch. The
+    episodes (DR-PO: the reset coin flips and h too) are those of one process, and so is every update: every logged
+    statistic (whitening, KL, scores, reset fraction and per-group scores, PPO statistics, DR-PO's greedy eval) and
+    the final weights."""
+    flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", *SMALL_RL, "--total-episodes", 3 * 32]
+    if script == "ppo_baseline.py":
+        one, two = one_and_two(script, [*flags, "--dataset-name", world / "tldr_sft"], tmp_path)
+    elif script == "drpo_tldr.py":
+        one, two = one_and_two(script, [*flags, "--dataset-name", world / "tldr_comparisons", "--reset-source", "chosen",
+                                        "--reset-prob", 0.5, "--eval-every", 2, "--eval-prompts", 4], tmp_path)
+        assert "eval/score" in one[1]
+    else:  # every scored episode recorded as text, and the two runs' episodes compared one by one
+        (tmp_path / "recorder.py").write_text(RECORDER)
+        one, two = recorded_runs(script, [*flags, "--dataset-name", world / "hh", "--reset-prob", 0.5, "--reward-fn",
+                                          f"{tmp_path / 'recorder.py'}:record", "--value-model-path", sft_model], tmp_path)
+    assert len(one) == 3
+    assert_same_log(one, two, at_least=24)
+    if script != "ppo_baseline.py":
+        assert all(0 < m["reset/fraction"] < 1 for m in one) and "no_reset/kl" in one[0] and "reset/mean_h" in one[0]
+    assert_same_weights(tmp_path / "one" / "out", tmp_path / "two" / "out")
+
+
+def test_two_processes_learn_as_one_does(world, sft_model, tmp_path):
+    """test_ppo.py's learning run under torchrun: the gold reward of the policy rises on two processes too."""
+    os.makedirs(tmp_path / "run")
+    torchrun("ppo_baseline.py", "--sft-model-path", sft_model, "--value-model-path", sft_model, "--dataset-name", world / "tldr_sft",
+             "--reward-fn", f"{ROOT}/tiny_world.py:gold_reward", *SMALL_RL, "--num-ppo-epochs", 4, "--lr", 1e-3, "--batch-size", 64,
+             "--local-rollout-forward-batch-size", 32, "--local-micro-batch-size", 8, "--total-episodes", 30 * 64,
+             "--output-dir", tmp_path / "out", cwd=tmp_path / "run")
+    log = [json.loads(line) for line in open(f"{newest_run(tmp_path / 'run')}/metrics.jsonl")]
+    assert len(log) == 30 and all(abs(m["policy/first_ratio"] - 1) < 1e-5 for m in log)
+    before, after = (sum(policy_gold(m, world, 96, do_sample=True, temperature=0.7, top_k=0)[0]) / 96 for m in (sft_model, tmp_path / "out"))
+    assert after > before + 0.2, (before, after)
+
+
+@pytest.mark.parametrize("script", ["sft.py", "drpo_tldr.py"])
+def test_killed_under_torchrun_resumes_to_the_straight_torchrun_run(script, world, sft_model, reward_run, tmp_path):
+    """The whole job (launcher and both processes) SIGKILLed twice, once during a checkpoint's save, and resumed under
+    torchrun with --resume-from auto: the log and the final model equal a straight torchrun run's."""
+    if script == "sft.py":
+        flags = ["--base-model", world / "base", "--dataset-name", world / "tldr_sft", "--lr", 1e-3, "--batch-size", 32,
+                 "--local-micro-batch-size", 8, "--max-train-samples", 7 * 32, "--max-eval-samples", 20, "--eval-every", 3]
+    else:
+        flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / "tldr_comparisons",
+                 "--reset-source", "chosen", *SMALL_RL[:-2], "--total-episodes", 7 * 32]
+    flags += ["--save-every", 2, "--output-dir", "out"]
+    for d in ("straight", "killed"):
+        os.makedirs(tmp_path / d)
+    torchrun(script, *flags, cwd=tmp_path / "straight")
+    kills = kill_and_resume(script, flags, tmp_path / "killed", seed=3, updates=7, save_every=2, kills=2, launcher=TORCHRUN)
+    assert kills[0]["during_save"] and all(k["lost"] <= 2 for k in kills), kills
+    a_log, b_log = ([json.loads(x) for x in open(f"{newest_run(tmp_path / d)}/metrics.jsonl")] for d in ("straight", "killed"))
+    assert [m["update"] for m in b_log] == list(range(1, 8)) and untimed(a_log) == untimed(b_log)
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d / "out").state_dict() for d in ("straight", "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# a --reward-fn under which rank 1 dies (SIGKILL, as an out-of-memory kill) at its second call
+DIES = """import os, signal
+calls = 0
+def score(prompts, responses):
+    global calls
+    calls += 1
+    if os.environ.get("RANK") == "1" and calls == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [0.0] * len(prompts)
+"""
+
+
+def test_a_rank_that_dies_stops_the_job(world, sft_model, tmp_path):
+    """Rank 1 is killed in the middle of an update while rank 0 waits for it in a collective: torchrun ends the job
+    within seconds with a non-zero status that names the failed rank and its signal; nothing hangs."""
+    (tmp_path / "dies.py").write_text(DIES)
+    start = time.time()
+    flags = ["--sft-model-path", sft_model, "--value-model-path", sft_model, "--dataset-name", world / "tldr_sft",
+             "--reward-fn", f"{tmp_path / 'dies.py'}:score", *SMALL_RL, "--total-episodes", 10 * 32, "--output-dir", tmp_path / "out"]
+    proc = subprocess.run([*TORCHRUN, f"{ROOT}/ppo_baseline.py", *map(str, flags)],
+                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and time.time() - start < 120, proc.stdout[-3000:]
+    assert "rank      : 1" in proc.stdout and "Signal 9 (SIGKILL)" in proc.stdout, proc.stdout[-3000:]
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")
