@@ -398,7 +398,7 @@ def init_distributed(args):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available() and args.cuda
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if world > 1:
+    if "RANK" in os.environ:  # launched by torchrun (any number of processes)
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -414,14 +414,15 @@ def all_sum(tensor):
     return tensor
 
 
-def sum_gradients(params):
-    """Each process holds the gradient of its share of the batch; their sum is the gradient of the whole batch (what
-    DDP does during the backward pass, written out: the loss calls the model's trunk and LM head apart, which DDP's
-    forward wrapper would not see)."""
+def average_gradients(params):
+    """Each process holds the gradient of the mean loss over its share of the batch; their average is the gradient of
+    the mean over the whole batch. What DDP does during the backward pass, written out in one loop: no wrapper between
+    the reader and the model."""
     if dist.is_initialized():
         for p in params:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
 
 
 def broadcast(value):
@@ -644,12 +645,12 @@ if __name__ == "__main__":
                                                 torch.tensor([len(train_pairs[i][1]) for i in mb], device=device))
             if not torch.isfinite(loss):
                 raise SystemExit(f"non-finite loss {loss.item()} at step {update}; lower --lr or check the data")
-            (loss / micro_batches).backward()
+            (loss / args.gradient_accumulation_steps).backward()  # averaged over the processes below
             for k, v in (("loss", loss.detach()), ("rewards/chosen", reward_c.mean()), ("rewards/rejected", reward_r.mean()),
                          ("rewards/accuracies", (reward_c > reward_r).float().mean()), ("rewards/margins", (reward_c - reward_r).mean()),
                          ("logps/chosen", logp_c.detach().mean()), ("logps/rejected", logp_r.detach().mean())):
                 stats[k] += v.item() / micro_batches
-        sum_gradients(params)  # distributed: the gradient of the whole batch on every process, and the statistics
+        average_gradients(params)  # distributed: the gradient of the whole batch on every process, and the statistics
         stats = dict(zip(stats, all_sum(torch.tensor(list(stats.values()), dtype=torch.float64, device=device)).tolist()))
         if args.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -694,5 +695,5 @@ if __name__ == "__main__":
     final.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     print(f"saved the policy and tokenizer to {args.output_dir}")
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()

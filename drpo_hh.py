@@ -486,7 +486,7 @@ def init_distributed(args):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available() and args.cuda
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if world > 1:
+    if "RANK" in os.environ:  # launched by torchrun (any number of processes)
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -502,14 +502,15 @@ def all_sum(tensor):
     return tensor
 
 
-def sum_gradients(params):
-    """Each process holds the gradient of its share of the batch; their sum is the gradient of the whole batch (what
-    DDP does during the backward pass, written out: the loss calls the model's trunk and LM head apart, which DDP's
-    forward wrapper would not see)."""
+def average_gradients(params):
+    """Each process holds the gradient of the mean loss over its share of the batch; their average is the gradient of
+    the mean over the whole batch. What DDP does during the backward pass, written out in one loop: no wrapper between
+    the reader and the model."""
     if dist.is_initialized():
         for p in params:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
 
 
 def gather(tensor):
@@ -839,10 +840,10 @@ if __name__ == "__main__":
                     loss = pg_loss + args.vf_coef * vf_loss
                     if not torch.isfinite(loss):
                         raise SystemExit(f"non-finite loss at update {update}, PPO epoch {ppo_epoch}: lower --lr or check the models")
-                    (loss / (args.gradient_accumulation_steps * world)).backward()  # the mean over the minibatch
+                    (loss / args.gradient_accumulation_steps).backward()  # averaged over the processes below
                     for k, v in mb_stats.items():
                         stats[k].append(v)
-                sum_gradients(params)  # distributed: the minibatch's gradient on every process
+                average_gradients(params)  # distributed: the minibatch's gradient on every process
                 if args.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
@@ -941,5 +942,5 @@ if __name__ == "__main__":
     final.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     print(f"saved the policy and tokenizer to {args.output_dir}")
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()

@@ -355,7 +355,7 @@ def init_distributed(args):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available() and args.cuda
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if world > 1:
+    if "RANK" in os.environ:  # launched by torchrun (any number of processes)
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -371,14 +371,15 @@ def all_sum(tensor):
     return tensor
 
 
-def sum_gradients(params):
-    """Each process holds the gradient of its share of the batch; their sum is the gradient of the whole batch (what
-    DDP does during the backward pass, written out: the loss calls the model's trunk and LM head apart, which DDP's
-    forward wrapper would not see)."""
+def average_gradients(params):
+    """Each process holds the gradient of the mean loss over its share of the batch; their average is the gradient of
+    the mean over the whole batch. What DDP does during the backward pass, written out in one loop: no wrapper between
+    the reader and the model."""
     if dist.is_initialized():
         for p in params:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
 
 
 def broadcast(value):
@@ -557,9 +558,9 @@ if __name__ == "__main__":
             loss = bt_loss(chosen.float(), rejected.float())
             if not torch.isfinite(loss):
                 raise SystemExit(f"non-finite loss {loss.item()} at update {update}; lower --lr or check the data")
-            (loss / micro_batches).backward()
+            (loss / args.gradient_accumulation_steps).backward()  # averaged over the processes below
             sums += torch.tensor([loss.item(), (chosen > rejected).float().mean().item()], dtype=torch.float64) / micro_batches
-        sum_gradients(model.parameters())  # distributed: the gradient of the whole batch on every process
+        average_gradients(model.parameters())  # distributed: the gradient of the whole batch on every process
         loss_sum, accuracy = all_sum(sums.to(device)).tolist()
         optimizer.step()
         scheduler.step()
@@ -606,5 +607,5 @@ if __name__ == "__main__":
           f"(std {rewards.std().item():.4f}); a shift of {shift:.4f} is {where}")
     model.save_pretrained(args.output_dir)
     print(f"saved the reward model and tokenizer to {args.output_dir}")
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()

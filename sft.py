@@ -1,4 +1,5 @@
 # Supervised fine-tuning for RLHF (TL;DR summaries or HH chosen responses). Docs: README.md#sftpy
+import contextlib
 import glob
 import json
 import math
@@ -71,6 +72,9 @@ class Args:
     come from the checkpoint; only those in RESUMABLE may be given anew"""
     output_dir: str = "models/sft"
     """where the fine-tuned model and tokenizer are saved"""
+    fsdp: bool = False
+    """under torchrun, shard the weights, gradients and AdamW state across the processes (FSDP2), for a model that does
+    not fit one GPU; checkpoints and the final model are saved whole, as without it"""
 
     # computed at run time
     gradient_accumulation_steps: int = 0
@@ -215,24 +219,26 @@ def build_examples(args: Args, tokenizer, split: str, limit: Optional[int]):
 
 
 def collate(examples, pad_id: int, device):
-    """Right-padded query+response; labels are -100 on the query and the padding (loss on the response only)."""
+    """Left-padded query+response, so that every response ends at the last position; labels are -100 on the query and
+    the padding (loss on the response only)."""
     width = max(len(q) + len(r) for q, r in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     for i, (q, r) in enumerate(examples):
-        input_ids[i, : len(q) + len(r)] = torch.tensor(q + r)
-        labels[i, len(q) : len(q) + len(r)] = torch.tensor(r)
+        input_ids[i, width - len(q) - len(r) :] = torch.tensor(q + r)
+        labels[i, width - len(r) :] = torch.tensor(r)
     return input_ids.to(device), (input_ids != pad_id).long().to(device), labels.to(device)
 
 
 def response_loss(model, input_ids, attention_mask, labels):
-    """Mean next-token cross-entropy over response tokens. The LM head runs only on the positions that predict a
-    response token: full-vocabulary logits over the query would cost most of the time and memory and never be used."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (batch, seq, hidden)
-    targets = labels[:, 1:]
-    mask = targets != -100
-    logits = model.get_output_embeddings()(hidden[:, :-1][mask])  # (response tokens, vocab)
-    return F.cross_entropy(logits.float(), targets[mask])
+    """Mean next-token cross-entropy over response tokens. With left padding every response lies in the last k positions
+    (k: the longest response of the batch), so the LM head runs on those alone (logits_to_keep): full-vocabulary logits
+    over the query would cost most of the time and memory and never be used. The model's own forward pass (not its
+    trunk and head apart) is what FSDP shards."""
+    k = int((labels != -100).sum(1).max())
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # counted from each row's first real token
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=k + 1).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, -k:].flatten(), ignore_index=-100)
 
 
 def disable_dropout(model):
@@ -246,13 +252,14 @@ def evaluate(model, examples, args: Args, pad_id: int, device, autocast, rank: i
     """Mean loss per response token over the eval examples (each process takes a contiguous share of them)."""
     model.eval()
     share = -(-len(examples) // world)
-    examples = examples[rank * share : (rank + 1) * share]
+    eval_examples_head, examples = examples[:1], examples[rank * share : (rank + 1) * share]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, token count
-    for start in range(0, len(examples), args.local_micro_batch_size):
-        input_ids, attention_mask, labels = collate(examples[start : start + args.local_micro_batch_size], pad_id, device)
+    for start in range(0, share, args.local_micro_batch_size):  # as many passes on every process (FSDP's are collective)
+        chunk = examples[start : start + args.local_micro_batch_size]
+        input_ids, attention_mask, labels = collate(chunk or eval_examples_head, pad_id, device)
         with autocast:
             loss = response_loss(model, input_ids, attention_mask, labels)
-        n = (labels[:, 1:] != -100).sum()
+        n = (labels != -100).sum() * bool(chunk)  # a stand-in pass, on a process whose share has run out, counts 0
         total += torch.stack([loss.double() * n, n.double()])
     model.train()
     total = all_sum(total)
@@ -296,7 +303,7 @@ def init_distributed(args):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available() and args.cuda
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if world > 1:
+    if "RANK" in os.environ:  # launched by torchrun (any number of processes)
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -312,14 +319,64 @@ def all_sum(tensor):
     return tensor
 
 
-def sum_gradients(params):
-    """Each process holds the gradient of its share of the batch; their sum is the gradient of the whole batch (what
-    DDP does during the backward pass, written out: the loss calls the model's trunk and LM head apart, which DDP's
-    forward wrapper would not see)."""
+def average_gradients(params):
+    """Each process holds the gradient of the mean loss over its share of the batch; their average is the gradient of
+    the mean over the whole batch. What DDP does during the backward pass, written out in one loop: no wrapper between
+    the reader and the model."""
     if dist.is_initialized():
         for p in params:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
+
+def shard(model):
+    """FSDP2 (torch.distributed.fsdp.fully_shard): each decoder layer is a unit, gathered for its forward and backward
+    passes and freed after; the rest (embeddings, final norm, head) is the root unit. Gradients are averaged across the
+    processes, as average_gradients does without FSDP."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]  # the decoder layers
+    for unit in units + [model]:
+        fully_shard(unit)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """FSDP: the whole model on every process for a generate() call, gathered once and not at every decode step (the
+    trap of trl#1726), then sharded again: one full copy of the weights for that time. A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(unit is not model, recurse=False)  # FSDP's default: the root stays gathered
+            unit.reshard()
+
+
+def full_state(model, optimizer):
+    """(model state, optimizer state) as whole tensors on rank 0's CPU: what a checkpoint holds, with FSDP or without.
+    Under FSDP every process must call it (the shards are gathered); the optimizer state is keyed by parameter name."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):  # not sharded
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model, optimizer, state):
+    """The optimizer state of a checkpoint (full_state's), into a sharded model's optimizer or a plain one."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def broadcast(value):
@@ -423,6 +480,8 @@ if __name__ == "__main__":
     args.response_length = args.response_length or DEFAULT_RESPONSE_LENGTH[args.task]
     args.eval_split = args.eval_split or {"tldr": "validation", "hh": "test"}[args.task]
     rank, world, device = init_distributed(args)  # under torchrun; (0, 1, cuda or cpu) in one process
+    if args.fsdp and not dist.is_initialized():
+        raise SystemExit("--fsdp shards the model across the processes of torchrun: torchrun --nproc_per_node N sft.py --fsdp ...")
     if args.batch_size % (args.local_micro_batch_size * world):
         raise SystemExit(f"--batch-size must be a multiple of --local-micro-batch-size x processes ({world})")
     args.gradient_accumulation_steps = args.batch_size // (args.local_micro_batch_size * world)
@@ -451,13 +510,15 @@ if __name__ == "__main__":
     model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)  # RLHF fine-tuning runs with dropout off (N+ detail)
     model.train()
+    if args.fsdp:  # each process keeps 1/processes of the weights, gradients and AdamW state
+        shard(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
     # cosine decay to 0, no warmup: transformers' get_cosine_schedule_with_warmup to the last bit, without the seconds its
     # import costs at start-up
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (step / args.num_updates))))
     start_update = 1
     if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(model, optimizer, checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_states(checkpoint["rng"])
         start_update = checkpoint["update"] + 1
@@ -492,9 +553,10 @@ if __name__ == "__main__":
                 loss = response_loss(model, input_ids, attention_mask, labels)
             if not torch.isfinite(loss):
                 raise SystemExit(f"non-finite loss {loss.item()} at update {update}; lower --lr or check the data")
-            (loss / micro_batches).backward()
+            (loss / args.gradient_accumulation_steps).backward()  # averaged over the processes below
             sums += torch.tensor([loss.item() / micro_batches, attention_mask.sum().item()], dtype=torch.float64)
-        sum_gradients(model.parameters())  # distributed: the gradient of the whole batch on every process
+        if not args.fsdp:  # (FSDP has averaged the gradient shards already)
+            average_gradients(model.parameters())  # distributed: the gradient of the whole batch on every process
         loss_sum, tokens = all_sum(sums.to(device)).tolist()
         tokens_seen += tokens
         optimizer.step()
@@ -508,30 +570,32 @@ if __name__ == "__main__":
         log.flush()
 
         # ---- checkpoint: model, optimizer, schedule, RNG states and update index (the data order is a function of both) ----
-        if args.save_every and update % args.save_every == 0 and update < args.num_updates and rank == 0:  # one writer
+        if args.save_every and update % args.save_every == 0 and update < args.num_updates:
+            weights, optimizer_state = full_state(model, optimizer)  # FSDP: every process takes part in gathering them
             def write(folder):
-                model.save_pretrained(folder)
+                model.save_pretrained(folder, state_dict=weights)
                 tokenizer.save_pretrained(folder)
                 time.sleep(float(os.environ.get("SLOW_SAVE_S", 0)))  # a test hook: widens the window a kill can land in
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
+                torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states(),
                             "update": update, "config": asdict(args)}, f"{folder}/state.pt")
 
-            folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
-            print(f"checkpoint written to {folder} (resume with --resume-from {folder}, or --resume-from auto)")
+            if rank == 0:  # one writer
+                folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
+                print(f"checkpoint written to {folder} (resume with --resume-from {folder}, or --resume-from auto)")
 
-    if rank > 0:  # every process holds the same model: rank 0 shows samples and saves it
-        dist.destroy_process_group()
-        sys.exit()
     model.eval()
     # never write the pad token, nor an embedding row past the tokenizer (no text encodes to it), as the RL scripts
     non_tokens = [tokenizer.pad_token_id] + list(range(len(tokenizer), model.get_input_embeddings().num_embeddings))
-    for query_ids, reference in eval_examples[:3]:  # a glance at what the model learnt
-        out = model.generate(torch.tensor([query_ids], device=device), max_new_tokens=args.response_length, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, suppress_tokens=non_tokens)
-        print(f"--- query: ...{tokenizer.decode(query_ids[-60:])!r}\n    sample: {tokenizer.decode(out[0, len(query_ids):], skip_special_tokens=True)!r}"
-              f"\n    reference: {tokenizer.decode(reference, skip_special_tokens=True)!r}")
-    model.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    print(f"saved the SFT model and tokenizer to {args.output_dir}")
-    if world > 1:
+    with gathered(model):  # FSDP: the weights gathered once for generate(); every process generates, rank 0 prints
+        for query_ids, reference in eval_examples[:3]:  # a glance at what the model learnt
+            out = model.generate(torch.tensor([query_ids], device=device), max_new_tokens=args.response_length, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, suppress_tokens=non_tokens)
+            print(f"--- query: ...{tokenizer.decode(query_ids[-60:])!r}\n    sample: {tokenizer.decode(out[0, len(query_ids):], skip_special_tokens=True)!r}"
+                  f"\n    reference: {tokenizer.decode(reference, skip_special_tokens=True)!r}")
+    weights, _ = full_state(model, optimizer)
+    if rank == 0:  # a standard save_pretrained folder, which loads on one device, with FSDP or without
+        model.save_pretrained(args.output_dir, state_dict=weights)
+        tokenizer.save_pretrained(args.output_dir)
+        print(f"saved the SFT model and tokenizer to {args.output_dir}")
+    if dist.is_initialized():
         dist.destroy_process_group()

@@ -94,9 +94,9 @@ def test_tokenizer_without_pad_gets_a_dedicated_one(world, tmp_path):
 def test_sft_collate_masks_query_and_padding(tokenizer):
     pad = tokenizer.pad_token_id
     input_ids, attention_mask, labels = sft.collate([([5, 6, 7], [8, 0]), ([5], [9, 10, 0])], pad, "cpu")
-    assert input_ids.tolist() == [[5, 6, 7, 8, 0], [5, 9, 10, 0, pad]]
-    assert attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
-    assert labels.tolist() == [[-100, -100, -100, 8, 0], [-100, 9, 10, 0, -100]]  # EOS (0) is learnt, pad is not
+    assert input_ids.tolist() == [[5, 6, 7, 8, 0], [pad, 5, 9, 10, 0]]  # left-padded: every response ends the row
+    assert attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
+    assert labels.tolist() == [[-100, -100, -100, 8, 0], [-100, -100, 9, 10, 0]]  # EOS (0) is learnt, pad is not
 
 
 def write(path, rows):

@@ -135,8 +135,11 @@ def test_sft_response_loss_equals_transformers_loss(sft_model):
     import sft
 
     model = AutoModelForCausalLM.from_pretrained(sft_model).eval()
-    input_ids, attention_mask, labels = sft.collate([([5, 6, 7], [8, 9, 0]), ([5], [9, 10, 11, 12, 0])], 1, "cpu")
+    examples = [([5, 6, 7], [8, 9, 0]), ([5], [9, 10, 11, 12, 0])]
+    input_ids, attention_mask, labels = sft.collate(examples, 1, "cpu")
     with torch.no_grad():
         ours = sft.response_loss(model, input_ids, attention_mask, labels)
-        theirs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        # transformers' loss, one unpadded sequence at a time, averaged over the 8 response tokens
+        theirs = sum(model(input_ids=torch.tensor([q + r]), labels=torch.tensor([[-100] * len(q) + r])).loss * len(r)
+                     for q, r in examples) / 8
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
