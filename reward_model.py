@@ -1,5 +1,6 @@
 # Bradley-Terry reward model for RLHF (TL;DR comparisons or HH), saved as a standard
 # AutoModelForSequenceClassification. Docs: README.md#reward_modelpy
+import contextlib
 import glob
 import json
 import math
@@ -78,6 +79,9 @@ class Args:
     come from the checkpoint; only those in RESUMABLE may be given anew"""
     output_dir: str = "models/reward"
     """where the reward model and tokenizer are saved"""
+    fsdp: bool = False
+    """under torchrun, shard the weights, gradients and AdamW state across the processes (FSDP2), for a model that does
+    not fit one GPU; checkpoints and the final model are saved whole, as without it"""
 
     # computed at run time
     gradient_accumulation_steps: int = 0
@@ -254,12 +258,11 @@ def last_token_index(input_ids, pad_id: int):
 
 
 def get_reward(model, input_ids, pad_id: int):
-    """The scalar reward of each sequence, read at its last non-pad token (the EOS)."""
+    """The scalar reward of each sequence, read at its last non-pad token (the EOS): transformers' own pooling, with
+    config.pad_token_id = pad_id (the same rule as last_token_index)."""
     attention_mask = (input_ids != pad_id).long()
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # correct with left padding too
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    scores = model.score(hidden).squeeze(-1)  # (batch, seq_len): one value per token
-    return scores[torch.arange(len(input_ids), device=input_ids.device), last_token_index(input_ids, pad_id)]
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits.squeeze(-1)
 
 
 def bt_loss(chosen_rewards, rejected_rewards):
@@ -281,10 +284,11 @@ def evaluate(model, pairs, args: Args, pad_id: int, device, autocast, rank: int 
     share = -(-len(pairs) // world)
     mine = pairs[rank * share : (rank + 1) * share]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # correct pairs, summed loss
-    for start in range(0, len(mine), args.local_micro_batch_size):
+    for start in range(0, share, args.local_micro_batch_size):  # as many passes on every process (FSDP's are collective)
+        chunk = mine[start : start + args.local_micro_batch_size]
         with autocast:
-            chosen, rejected = pair_rewards(model, mine[start : start + args.local_micro_batch_size], pad_id, device)
-        total += torch.stack([(chosen > rejected).sum().double(), bt_loss(chosen.float(), rejected.float()).double() * len(chosen)])
+            chosen, rejected = pair_rewards(model, chunk or pairs[:1], pad_id, device)  # a stand-in when the share ran out
+        total += torch.stack([(chosen > rejected).sum().double(), bt_loss(chosen.float(), rejected.float()).double() * len(chosen)]) * bool(chunk)
     model.train()
     correct, loss = all_sum(total).tolist()
     return correct / len(pairs), loss / len(pairs)
@@ -380,6 +384,55 @@ def average_gradients(params):
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= dist.get_world_size()
+
+
+def shard(model):
+    """FSDP2 (torch.distributed.fsdp.fully_shard): each decoder layer is a unit, gathered for its forward and backward
+    passes and freed after; the rest (embeddings, final norm, head) is the root unit. Gradients are averaged across the
+    processes, as average_gradients does without FSDP."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]  # the decoder layers
+    for unit in units + [model]:
+        fully_shard(unit)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """FSDP: the whole model on every process for a generate() call, gathered once and not at every decode step (the
+    trap of trl#1726), then sharded again: one full copy of the weights for that time. A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(unit is not model, recurse=False)  # FSDP's default: the root stays gathered
+            unit.reshard()
+
+
+def full_state(model, optimizer):
+    """(model state, optimizer state) as whole tensors on rank 0's CPU: what a checkpoint holds, with FSDP or without.
+    Under FSDP every process must call it (the shards are gathered); the optimizer state is keyed by parameter name."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):  # not sharded
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model, optimizer, state):
+    """The optimizer state of a checkpoint (full_state's), into a sharded model's optimizer or a plain one."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def broadcast(value):
@@ -484,6 +537,8 @@ if __name__ == "__main__":
     args.response_length = args.response_length or DEFAULT_RESPONSE_LENGTH[args.task]
     args.eval_split = args.eval_split or {"tldr": "validation", "hh": "test"}[args.task]
     rank, world, device = init_distributed(args)  # under torchrun; (0, 1, cuda or cpu) in one process
+    if args.fsdp and not dist.is_initialized():
+        raise SystemExit("--fsdp shards the model across the processes of torchrun: torchrun --nproc_per_node N reward_model.py --fsdp ...")
     if args.batch_size % (args.local_micro_batch_size * world):
         raise SystemExit(f"--batch-size must be a multiple of --local-micro-batch-size x processes ({world})")
     args.gradient_accumulation_steps = args.batch_size // (args.local_micro_batch_size * world)
@@ -518,13 +573,15 @@ if __name__ == "__main__":
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     model.train()
+    if args.fsdp:  # each process keeps 1/processes of the weights, gradients and AdamW state
+        shard(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
     # cosine decay to 0, no warmup: transformers' get_cosine_schedule_with_warmup to the last bit, without the seconds its
     # import costs at start-up
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (step / args.num_updates))))
     start_update = 1
     if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(model, optimizer, checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_states(checkpoint["rng"])
         start_update = checkpoint["update"] + 1
@@ -560,7 +617,8 @@ if __name__ == "__main__":
                 raise SystemExit(f"non-finite loss {loss.item()} at update {update}; lower --lr or check the data")
             (loss / args.gradient_accumulation_steps).backward()  # averaged over the processes below
             sums += torch.tensor([loss.item(), (chosen > rejected).float().mean().item()], dtype=torch.float64) / micro_batches
-        average_gradients(model.parameters())  # distributed: the gradient of the whole batch on every process
+        if not args.fsdp:  # (FSDP has averaged the gradient shards already)
+            average_gradients(model.parameters())  # distributed: the gradient of the whole batch on every process
         loss_sum, accuracy = all_sum(sums.to(device)).tolist()
         optimizer.step()
         scheduler.step()
@@ -575,22 +633,27 @@ if __name__ == "__main__":
 
         # ---- checkpoint: model, optimizer, schedule, RNG states and update index (the data order is a function of both) ----
         # the normalisation below runs once, at the end, on the final model: a checkpoint holds the raw reward model
-        if args.save_every and update % args.save_every == 0 and update < args.num_updates and rank == 0:  # one writer
+        if args.save_every and update % args.save_every == 0 and update < args.num_updates:
+            weights, optimizer_state = full_state(model, optimizer)  # FSDP: every process takes part in gathering them
             def write(folder):
-                model.save_pretrained(folder)
+                model.save_pretrained(folder, state_dict=weights)
                 tokenizer.save_pretrained(folder)
                 time.sleep(float(os.environ.get("SLOW_SAVE_S", 0)))  # a test hook: widens the window a kill can land in
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
+                torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states(),
                             "update": update, "config": asdict(args)}, f"{folder}/state.pt")
 
-            folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
-            print(f"checkpoint written to {folder} (resume with --resume-from {folder}, or --resume-from auto)")
+            if rank == 0:  # one writer
+                folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
+                print(f"checkpoint written to {folder} (resume with --resume-from {folder}, or --resume-from auto)")
 
-    if rank > 0:  # every process holds the same model: rank 0 normalises and saves it
+    weights, _ = full_state(model, optimizer)
+    if rank > 0:  # rank 0 normalises and saves the model
         dist.destroy_process_group()
         sys.exit()
-    model.save_pretrained(args.output_dir)  # saved before the normalisation: nothing below can lose the trained model
+    model.save_pretrained(args.output_dir, state_dict=weights)  # saved before the normalisation: nothing below can lose it
     tokenizer.save_pretrained(args.output_dir)
+    if args.fsdp:  # the normalisation below runs on rank 0 alone, on a whole copy of the model
+        model = from_pretrained(AutoModelForSequenceClassification, args.output_dir, dtype=getattr(torch, args.dtype)).to(device)
 
     # N+ normalisation: shift the reward so that the reference responses score 0 on average
     model.eval()
