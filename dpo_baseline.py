@@ -1,5 +1,6 @@
 # Direct Preference Optimization (Rafailov et al. 2023) on TL;DR or HH, the offline baseline of DR-PO.
 # Docs: README.md#dpo_baselinepy
+import contextlib
 import glob
 import hashlib
 import json
@@ -101,6 +102,9 @@ class Args:
     come from the checkpoint; only those in RESUMABLE may be given anew"""
     output_dir: str = "models/dpo"
     """where the policy and tokenizer are saved"""
+    fsdp: bool = False
+    """under torchrun, shard the policy's weights, gradients and AdamW state across the processes (FSDP2), for a model
+    that does not fit one GPU; checkpoints and the final model are saved whole, as without it"""
 
     # computed at run time
     gradient_accumulation_steps: int = 0
@@ -353,10 +357,11 @@ def all_logprobs(model, pairs, args: Args, pad_id: int, device, autocast, rank: 
     share = -(-len(pairs) // world)
     mine = pairs[rank * share : (rank + 1) * share]
     logps = torch.zeros(share, 2, device=device)  # the last share may be shorter: its tail stays 0 and is cut below
-    for start in range(0, len(mine), args.local_micro_batch_size):
+    for start in range(0, share, args.local_micro_batch_size):  # as many passes on every process (FSDP's are collective)
+        chunk = mine[start : start + args.local_micro_batch_size]
         with autocast:
-            c, r = sequence_logprobs(model, mine[start : start + args.local_micro_batch_size], pad_id, device)
-        logps[start : start + len(c)] = torch.stack([c, r], 1).float()
+            c, r = sequence_logprobs(model, chunk or pairs[:1], pad_id, device)  # a stand-in when the share ran out
+        logps[start : start + len(chunk)] = torch.stack([c, r], 1).float()[: len(chunk)]
     model.train()
     if world > 1:
         parts = [torch.empty_like(logps) for _ in range(world)]
@@ -423,6 +428,55 @@ def average_gradients(params):
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= dist.get_world_size()
+
+
+def shard(model):
+    """FSDP2 (torch.distributed.fsdp.fully_shard): each decoder layer is a unit, gathered for its forward and backward
+    passes and freed after; the rest (embeddings, final norm, head) is the root unit. Gradients are averaged across the
+    processes, as average_gradients does without FSDP."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]  # the decoder layers
+    for unit in units + [model]:
+        fully_shard(unit)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """FSDP: the whole model on every process for a generate() call, gathered once and not at every decode step (the
+    trap of trl#1726), then sharded again: one full copy of the weights for that time. A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(unit is not model, recurse=False)  # FSDP's default: the root stays gathered
+            unit.reshard()
+
+
+def full_state(model, optimizer):
+    """(model state, optimizer state) as whole tensors on rank 0's CPU: what a checkpoint holds, with FSDP or without.
+    Under FSDP every process must call it (the shards are gathered); the optimizer state is keyed by parameter name."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):  # not sharded
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model, optimizer, state):
+    """The optimizer state of a checkpoint (full_state's), into a sharded model's optimizer or a plain one."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def broadcast(value):
@@ -530,6 +584,10 @@ if __name__ == "__main__":
     args.response_length = args.response_length or DEFAULT_RESPONSE_LENGTH[args.task]
     args.eval_split = args.eval_split or {"tldr": "validation", "hh": "test"}[args.task]
     rank, world, device = init_distributed(args)  # under torchrun; (0, 1, cuda or cpu) in one process
+    if args.fsdp and not dist.is_initialized():
+        raise SystemExit("--fsdp shards the policy across the processes of torchrun: torchrun --nproc_per_node N dpo_baseline.py --fsdp ...")
+    if args.fsdp and args.use_lora:
+        raise SystemExit("--fsdp with --use-lora is not supported: with LoRA only the adapters train, and the frozen base fits one GPU")
     if args.batch_size % (args.local_micro_batch_size * world):
         raise SystemExit(f"--batch-size must be a multiple of --local-micro-batch-size x processes ({world})")
     args.gradient_accumulation_steps = args.batch_size // (args.local_micro_batch_size * world)
@@ -596,6 +654,8 @@ if __name__ == "__main__":
         if args.use_lora:
             policy.enable_input_require_grads()
     policy = policy.to(device).train()
+    if args.fsdp:  # each process keeps 1/processes of the policy's weights, gradients and AdamW state
+        shard(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.eps)
     # cosine decay to 0, no warmup: transformers' get_cosine_schedule_with_warmup to the last bit, without the seconds its
@@ -603,7 +663,7 @@ if __name__ == "__main__":
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (step / args.num_updates))))
     start_update = 1
     if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(policy, optimizer, checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_states(checkpoint["rng"])
         start_update = checkpoint["update"] + 1
@@ -650,7 +710,8 @@ if __name__ == "__main__":
                          ("rewards/accuracies", (reward_c > reward_r).float().mean()), ("rewards/margins", (reward_c - reward_r).mean()),
                          ("logps/chosen", logp_c.detach().mean()), ("logps/rejected", logp_r.detach().mean())):
                 stats[k] += v.item() / micro_batches
-        average_gradients(params)  # distributed: the gradient of the whole batch on every process, and the statistics
+        if not args.fsdp:  # (FSDP has averaged the gradient shards already)
+            average_gradients(params)  # distributed: the gradient of the whole batch on every process
         stats = dict(zip(stats, all_sum(torch.tensor(list(stats.values()), dtype=torch.float64, device=device)).tolist()))
         if args.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -672,28 +733,29 @@ if __name__ == "__main__":
             wandb.log(metrics, step=update)
 
         # ---- checkpoint: policy (or its adapter), optimizer, schedule, RNG states and step index ----
-        if args.save_every and update % args.save_every == 0 and update < args.num_updates and rank == 0:  # one writer
+        if args.save_every and update % args.save_every == 0 and update < args.num_updates:
+            weights, optimizer_state = full_state(policy, optimizer)  # FSDP: every process takes part in gathering them
             def write(folder):
                 os.makedirs(folder)
                 if args.use_lora:  # the base stays the SFT model: only the adapter is saved
-                    torch.save({k: v for k, v in policy.state_dict().items() if "lora_" in k}, f"{folder}/lora.pt")
+                    torch.save({k: v for k, v in weights.items() if "lora_" in k}, f"{folder}/lora.pt")
                 else:
-                    policy.save_pretrained(folder)
+                    policy.save_pretrained(folder, state_dict=weights)
                 tokenizer.save_pretrained(folder)
                 time.sleep(float(os.environ.get("SLOW_SAVE_S", 0)))  # a test hook: widens the window a kill can land in
                 # the data order is a function of the seed, so the step index is enough to continue it
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
+                torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states(),
                             "update": update, "config": asdict(args)}, f"{folder}/state.pt")
 
-            folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
-            print(f"checkpoint written to {folder} (resume with --resume-from {folder}, or --resume-from auto)")
+            if rank == 0:  # one writer
+                folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
+                print(f"checkpoint written to {folder} (resume with --resume-from {folder}, or --resume-from auto)")
 
-    if rank > 0:  # every process holds the same policy: rank 0 saves it
-        dist.destroy_process_group()
-        sys.exit()
     final = policy.merge_and_unload() if args.use_lora else policy
-    final.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    print(f"saved the policy and tokenizer to {args.output_dir}")
+    weights, _ = full_state(final, optimizer)
+    if rank == 0:  # a standard save_pretrained folder, which loads on one device, with FSDP or without
+        final.save_pretrained(args.output_dir, state_dict=weights)
+        tokenizer.save_pretrained(args.output_dir)
+        print(f"saved the policy and tokenizer to {args.output_dir}")
     if dist.is_initialized():
         dist.destroy_process_group()
