@@ -1,5 +1,6 @@
 # DR-PO (Chang et al. 2024, arXiv 2404.08495) on TL;DR: PPO in which a fraction of the episodes is reset to a state
 # of the offline preference dataset, a prefix of the summary the labelers preferred. Docs: README.md#drpo_tldrpy-and-drpo_hhpy
+import contextlib
 import glob
 import importlib.util
 import json
@@ -141,6 +142,9 @@ class Args:
     come from the checkpoint; only those in RESUMABLE may be given anew (--total-episodes extends a run)"""
     output_dir: str = "models/drpo_tldr"
     """where the final policy and tokenizer are saved"""
+    fsdp: bool = False
+    """under torchrun, shard the policy's and the value model's weights, gradients and AdamW state across the processes
+    (FSDP2), for models that do not fit one GPU; checkpoints and the final policy are saved whole, as without it"""
 
     # computed at run time
     num_updates: int = 0
@@ -369,9 +373,16 @@ def response_logprobs(model, query_responses, responses, pad_id: int, temperatur
 
 
 def token_scores(model, query_responses, pad_id: int):
-    """The scalar head of a sequence-classification model at every position, (batch, seq_len)."""
-    hidden = forward(model.base_model, query_responses, pad_id).last_hidden_state
-    return model.score(hidden).squeeze(-1).float()
+    """The scalar head of a sequence-classification model at every position, (batch, seq_len). The model's own forward
+    pass runs (the one FSDP shards), which returns the last token's score alone: the head's output at every position is
+    read on the way, by a forward hook."""
+    scores = []
+    hook = model.score.register_forward_hook(lambda module, inputs, output: scores.append(output))
+    try:
+        forward(model, query_responses, pad_id)
+    finally:
+        hook.remove()
+    return scores[0].squeeze(-1).float()
 
 
 def reward_offset(reward_model):
@@ -548,6 +559,61 @@ def gather(tensor):
     return torch.cat(parts)
 
 
+def shard(model):
+    """FSDP2 (torch.distributed.fsdp.fully_shard): each decoder layer is a unit, gathered for its forward and backward
+    passes and freed after; the rest (embeddings, final norm, head) is the root unit. Gradients are averaged across the
+    processes, as average_gradients does without FSDP."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]  # the decoder layers
+    for unit in units + [model]:
+        fully_shard(unit)
+    held = sum(p.to_local().numel() for p in model.parameters())
+    print(f"FSDP: {type(model).__name__} in {len(units) + 1} units; this process holds {held:,} of its "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """FSDP: the whole model on every process for a generate() call, gathered once and not at every decode step (the
+    trap of trl#1726), then sharded again: one full copy of the weights for that time. A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(unit is not model, recurse=False)  # FSDP's default: the root stays gathered
+            unit.reshard()
+
+
+def full_state(model, optimizer):
+    """(model state, optimizer state) with whole tensors: what a checkpoint holds, the same files with FSDP or without.
+    Under FSDP every process must call it, as each sharded tensor (a DTensor) is gathered from all of them."""
+    def whole(tensor):
+        return tensor.full_tensor().cpu() if hasattr(tensor, "full_tensor") else tensor
+
+    optimizer_state = optimizer.state_dict()
+    optimizer_state["state"] = {i: {k: whole(v) for k, v in s.items()} for i, s in optimizer_state["state"].items()}
+    return {k: whole(v) for k, v in model.state_dict().items()}, optimizer_state
+
+
+def load_optimizer_state(optimizer, state):
+    """A checkpoint's optimizer state (full_state's) into the optimizer; with FSDP each process keeps its shard of it."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, s in state["state"].items():
+        if hasattr(params[i], "device_mesh"):  # a sharded parameter: shard its moments alike
+            from torch.distributed.tensor import distribute_tensor
+
+            state["state"][i] = {k: distribute_tensor(v.to(params[i].device), params[i].device_mesh, params[i].placements)
+                                 if v.shape == params[i].shape else v for k, v in s.items()}
+    optimizer.load_state_dict(state)
+
+
 def broadcast(value):
     """Rank 0's value of a Python object (e.g. a run name that holds the start time) on every process."""
     if not dist.is_initialized():
@@ -558,7 +624,7 @@ def broadcast(value):
 
 
 # ---- checkpoints: written whole, made current by one rename; a resumed run is the run it continues ----
-RESUMABLE = {"resume_from", "total_episodes", "save_every", "keep_checkpoints", "print_sample_every", "output_dir"}
+RESUMABLE = {"resume_from", "total_episodes", "save_every", "keep_checkpoints", "print_sample_every", "output_dir", "fsdp"}
 
 
 def save_checkpoint(run_dir: str, update: int, keep: int, write):
@@ -662,6 +728,10 @@ if __name__ == "__main__":
     args.num_updates = args.total_episodes // args.batch_size
     args.minibatch_size = args.batch_size // args.num_mini_batches
     rank, world, device = init_distributed(args)  # under torchrun; (0, 1, cuda or cpu) in one process
+    if args.fsdp and not dist.is_initialized():
+        raise SystemExit("--fsdp shards the models across the processes of torchrun: torchrun --nproc_per_node N drpo_tldr.py --fsdp ...")
+    if args.fsdp and args.use_lora:
+        raise SystemExit("--fsdp with --use-lora is not supported: with LoRA only the adapters train, and the frozen base fits one GPU")
     args.gradient_accumulation_steps = args.minibatch_size // (args.local_micro_batch_size * world)  # per process
     if args.batch_size % args.num_mini_batches or args.minibatch_size % (args.local_micro_batch_size * world):
         raise SystemExit(f"--batch-size must split into --num-mini-batches minibatches of whole --local-micro-batch-size x "
@@ -702,6 +772,7 @@ if __name__ == "__main__":
             continue
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = pad_id  # a sequence classifier's forward needs it (it reads the last non-pad token)
         for module in model.modules():  # dropout off everywhere (N+ detail)
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
@@ -740,12 +811,16 @@ if __name__ == "__main__":
     policy, value_model = policy.to(device).train(), value_model.to(device).train()
     if reward_model is not None:
         reward_model = reward_model.to(device).eval().requires_grad_(False)
-    params = [p for p in list(policy.parameters()) + list(value_model.parameters()) if p.requires_grad]
+    if args.fsdp:  # each process keeps 1/processes of the trained weights, gradients and AdamW state
+        shard(policy)
+        shard(value_model)
+    trained = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # what one optimizer trains, and checkpoints hold
+    params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.eps)
     kl_coef, start_update = args.kl_coef, 1
     reset_generator = torch.Generator().manual_seed(args.seed)  # DR-PO's coin flips have a stream of their own
     if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
         set_rng_states(checkpoint["rng"])
         reset_generator.set_state(checkpoint["reset_rng"])
         kl_coef, start_update = checkpoint["kl_coef"], checkpoint["update"] + 1
@@ -797,7 +872,7 @@ if __name__ == "__main__":
         share = args.batch_size // world
         mine = slice(rank * share, (rank + 1) * share)  # this process's share of the chunks (all of them in one process)
         responses, logprobs, ref_logprobs, values = [], [], [], []
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, gathered(policy):  # FSDP: the policy gathered once for the whole rollout
             for i in range(mine.start, mine.stop, args.local_rollout_forward_batch_size):
                 idx = gen_order[i : i + args.local_rollout_forward_batch_size]
                 # the samples of a chunk are a function of the seed and the chunk's place in the batch, whatever the
@@ -871,7 +946,8 @@ if __name__ == "__main__":
                     (loss / args.gradient_accumulation_steps).backward()  # averaged over the processes below
                     for k, v in mb_stats.items():
                         stats[k].append(v)
-                average_gradients(params)  # distributed: the minibatch's gradient on every process
+                if not args.fsdp:  # (FSDP has averaged the gradient shards already)
+                    average_gradients(params)  # distributed: the minibatch's gradient on every process
                 if args.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
@@ -913,7 +989,7 @@ if __name__ == "__main__":
             metrics |= {"no_reset/scores": scores[~reset].mean().item(), "no_reset/kl": kl[~reset].sum(1).mean().item()}
         if args.eval_every and update % args.eval_every == 0:  # from the prompt alone, greedy: no reset at test time
             # (under torchrun every process runs the same evaluation, so that all of them take the same early stop)
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), autocast, gathered(policy):
                 eval_queries = queries[: args.eval_prompts]
                 eval_batch = left_pad(eval_queries, pad_id).to(device)
                 out = policy.generate(input_ids=eval_batch, attention_mask=(eval_batch != pad_id).long(), max_new_tokens=args.response_length,
@@ -939,36 +1015,37 @@ if __name__ == "__main__":
                 print(f"{scores[i].item():7.3f} | ...{q} | [{prefix}]{tokenizer.decode(postprocessed[i, h[i]:], skip_special_tokens=True)!r}")
 
         # ---- checkpoint: models, optimizer, RNG states, update index and KL controller ----
-        if args.save_every and update % args.save_every == 0 and update < args.num_updates and rank == 0:  # one writer
+        if args.save_every and update % args.save_every == 0 and update < args.num_updates:
+            weights, optimizer_state = full_state(trained, optimizer)  # FSDP: every process takes part in gathering them
             def write(folder):
                 os.makedirs(folder)
                 if args.use_lora:  # the base stays the SFT model: only the adapter is saved
-                    torch.save({k: v for k, v in policy.state_dict().items() if "lora_" in k}, f"{folder}/lora.pt")
+                    torch.save({k[7:]: v for k, v in weights.items() if k.startswith("policy.") and "lora_" in k}, f"{folder}/lora.pt")
                 else:
-                    policy.save_pretrained(folder)
+                    policy.save_pretrained(folder, state_dict={k[7:]: v for k, v in weights.items() if k.startswith("policy.")})
                 if args.use_lora and args.lora_value:
-                    torch.save({k: v for k, v in value_model.state_dict().items() if "lora_" in k}, f"{folder}/value_lora.pt")
+                    torch.save({k[6:]: v for k, v in weights.items() if k.startswith("value.") and "lora_" in k}, f"{folder}/value_lora.pt")
                 else:
-                    value_model.save_pretrained(f"{folder}/value")
+                    value_model.save_pretrained(f"{folder}/value", state_dict={k[6:]: v for k, v in weights.items() if k.startswith("value.")})
                 tokenizer.save_pretrained(folder)
                 time.sleep(float(os.environ.get("SLOW_SAVE_S", 0)))  # a test hook: widens the window a kill can land in
                 # the data position is a pure function of the update index (batch_indices), so the index is enough
-                torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states(), "update": update, "kl_coef": kl_coef,
+                torch.save({"optimizer": optimizer_state, "rng": rng_states(), "update": update, "kl_coef": kl_coef,
                             "reset_rng": reset_generator.get_state(), "config": asdict(args)}, f"{folder}/state.pt")
 
-            folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
-            print(f"checkpoint written to {folder} (resume with --resume-from {folder}, or --resume-from auto)")
+            if rank == 0:  # one writer
+                folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
+                print(f"checkpoint written to {folder} (resume with --resume-from {folder}, or --resume-from auto)")
         if args.early_stop_score is not None and metrics.get("eval/score", float("-inf")) >= args.early_stop_score:
             print(f"eval/score {metrics['eval/score']:.4g} >= --early-stop-score {args.early_stop_score}: stopping at update {update}")
             break
 
-    if rank > 0:  # every process holds the same policy: rank 0 saves it
-        dist.destroy_process_group()
-        sys.exit()
     final = policy.merge_and_unload() if args.use_lora else policy
-    final.generation_config.eos_token_id = eos_id
-    final.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    print(f"saved the policy and tokenizer to {args.output_dir}")
+    weights, _ = full_state(final, optimizer)
+    if rank == 0:  # a standard save_pretrained folder, which loads on one device, with FSDP or without
+        final.generation_config.eos_token_id = eos_id
+        final.save_pretrained(args.output_dir, state_dict=weights)
+        tokenizer.save_pretrained(args.output_dir)
+        print(f"saved the policy and tokenizer to {args.output_dir}")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -395,6 +395,9 @@ def shard(model):
     units = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]  # the decoder layers
     for unit in units + [model]:
         fully_shard(unit)
+    held = sum(p.to_local().numel() for p in model.parameters())
+    print(f"FSDP: {type(model).__name__} in {len(units) + 1} units; this process holds {held:,} of its "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
 
 @contextlib.contextmanager
@@ -416,23 +419,26 @@ def gathered(model):
 
 
 def full_state(model, optimizer):
-    """(model state, optimizer state) as whole tensors on rank 0's CPU: what a checkpoint holds, with FSDP or without.
-    Under FSDP every process must call it (the shards are gathered); the optimizer state is keyed by parameter name."""
-    if not any(hasattr(p, "full_tensor") for p in model.parameters()):  # not sharded
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    """(model state, optimizer state) with whole tensors: what a checkpoint holds, the same files with FSDP or without.
+    Under FSDP every process must call it, as each sharded tensor (a DTensor) is gathered from all of them."""
+    def whole(tensor):
+        return tensor.full_tensor().cpu() if hasattr(tensor, "full_tensor") else tensor
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    optimizer_state = optimizer.state_dict()
+    optimizer_state["state"] = {i: {k: whole(v) for k, v in s.items()} for i, s in optimizer_state["state"].items()}
+    return {k: whole(v) for k, v in model.state_dict().items()}, optimizer_state
 
 
-def load_optimizer_state(model, optimizer, state):
-    """The optimizer state of a checkpoint (full_state's), into a sharded model's optimizer or a plain one."""
-    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
-        return optimizer.load_state_dict(state)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def load_optimizer_state(optimizer, state):
+    """A checkpoint's optimizer state (full_state's) into the optimizer; with FSDP each process keeps its shard of it."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, s in state["state"].items():
+        if hasattr(params[i], "device_mesh"):  # a sharded parameter: shard its moments alike
+            from torch.distributed.tensor import distribute_tensor
 
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+            state["state"][i] = {k: distribute_tensor(v.to(params[i].device), params[i].device_mesh, params[i].placements)
+                                 if v.shape == params[i].shape else v for k, v in s.items()}
+    optimizer.load_state_dict(state)
 
 
 def broadcast(value):
@@ -445,7 +451,7 @@ def broadcast(value):
 
 
 # ---- checkpoints: written whole, made current by one rename; a resumed run is the run it continues ----
-RESUMABLE = {"resume_from", "save_every", "keep_checkpoints", "eval_every", "output_dir"}
+RESUMABLE = {"resume_from", "save_every", "keep_checkpoints", "eval_every", "output_dir", "fsdp"}
 
 
 def save_checkpoint(run_dir: str, update: int, keep: int, write):
@@ -581,7 +587,7 @@ if __name__ == "__main__":
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (step / args.num_updates))))
     start_update = 1
     if checkpoint:
-        load_optimizer_state(model, optimizer, checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_states(checkpoint["rng"])
         start_update = checkpoint["update"] + 1

@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import re
 import subprocess
 import time
 
@@ -21,13 +22,23 @@ SMALL_RL = ["--response-length", 8, "--batch-size", 32, "--local-rollout-forward
 
 
 def one_and_two(script, flags, tmp_path, env=None):
-    """The same command in one process and under torchrun with two: (log of one, log of two)."""
-    logs = []
-    for name, launch in (("one", run_script), ("two", torchrun)):
+    """The same command in one process, then under torchrun with two, data parallel (`two`) and with FSDP (`fsdp`):
+    {name: (log, rank 0's output)}."""
+    runs = {}
+    for name, launch, extra in (("one", run_script, []), ("two", torchrun, []), ("fsdp", torchrun, ["--fsdp"])):
         os.makedirs(tmp_path / name)
-        launch(script, *flags, "--output-dir", tmp_path / name / "out", cwd=tmp_path / name, env=env)
-        logs.append([json.loads(line) for line in open(f"{newest_run(tmp_path / name)}/metrics.jsonl")])
-    return logs
+        record = {"RECORD_FILE": str(tmp_path / name / "episodes.jsonl")}  # read by the recorder --reward-fn, if any
+        proc = launch(script, *flags, *extra, "--output-dir", tmp_path / name / "out", cwd=tmp_path / name, env={**record, **(env or {})})
+        runs[name] = [json.loads(line) for line in open(f"{newest_run(tmp_path / name)}/metrics.jsonl")], proc.stdout
+    return runs
+
+
+def assert_half_held(output, models):
+    """FSDP: rank 0 holds about half of each trained model's parameters (the decoder layers are split evenly)."""
+    held = re.findall(r"FSDP: \w+ in \d+ units; this process holds ([\d,]+) of its ([\d,]+) parameters", output)
+    assert len(held) == models, output[-3000:]
+    for mine, total in held:
+        assert 0.45 < int(mine.replace(",", "")) / int(total.replace(",", "")) < 0.55, held
 
 
 def assert_same_log(one, two, at_least):
@@ -48,39 +59,30 @@ def assert_same_weights(one, two, cls=AutoModelForCausalLM):
 @pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "dpo_baseline.py"])
 def test_two_processes_train_as_one(script, world, sft_model, tmp_path):
     """SFT, the reward model and DPO: each process takes half of every batch of 32 (two micro-batches of 8); the loss
-    trajectory, every logged statistic (eval included) and the final weights equal the one-process run's."""
+    trajectory, every logged statistic (eval included) and the final weights equal the one-process run's, data parallel
+    and with FSDP, where each process holds half of the model."""
     common = ["--lr", 1e-3, "--num-train-epochs", 1, "--batch-size", 32, "--local-micro-batch-size", 8, "--max-train-samples", 192,
-              "--eval-every", 3, "--save-every", 0]
+              "--eval-every", 3, "--save-every", 0, "--max-eval-samples", 51]  # 51: the last process's share is shorter
     if script == "sft.py":
-        flags = ["--base-model", world / "base", "--dataset-name", world / "tldr_sft", "--max-eval-samples", 50, *common]
+        flags = ["--base-model", world / "base", "--dataset-name", world / "tldr_sft", *common]
     elif script == "reward_model.py":
-        flags = ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--norm-dataset-name", world / "tldr_sft",
-                 "--max-eval-samples", 50, *common]
-    else:  # an odd number of eval pairs: the reference's last share is shorter
-        flags = ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--max-eval-samples", 51, *common]
-    one, two = one_and_two(script, flags, tmp_path)
+        flags = ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--norm-dataset-name", world / "tldr_sft", *common]
+    else:
+        flags = ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--ref-cache-dir", "ref_cache", *common]
+    runs = one_and_two(script, flags, tmp_path)
+    one = runs["one"][0]
     assert len(one) == 6 and sum("eval_loss" in m or "eval/rewards/margins" in m for m in one) == 2
-    assert_same_log(one, two, at_least=3)
     assert one[-1]["loss"] != one[0]["loss"]  # it trained
-    assert_same_weights(tmp_path / "one" / "out", tmp_path / "two" / "out",
-                        AutoModelForSequenceClassification if script == "reward_model.py" else AutoModelForCausalLM)
+    cls = AutoModelForSequenceClassification if script == "reward_model.py" else AutoModelForCausalLM
+    for name in ("two", "fsdp"):
+        assert_same_log(one, runs[name][0], at_least=3)
+        assert_same_weights(tmp_path / "one" / "out", tmp_path / name / "out", cls)
+    assert_half_held(runs["fsdp"][1], models=1)
     if script == "dpo_baseline.py":  # the reference ran once (split across the two processes) and was cached once
-        caches = [torch.load(f) for f in glob.glob(str(tmp_path / "*" / "ref_cache" / "*.pt"))]
-        assert len(caches) == 2 and all(torch.equal(caches[0][s][i], caches[1][s][i]) for s in ("train", "eval") for i in (0, 1))
-        assert len(caches[1]["eval"][0]) == 51
-
-
-def recorded_runs(script, flags, tmp_path):
-    """one_and_two with --reward-fn recording every scored episode: asserts that both runs scored the same episodes."""
-    logs, episodes = [], []
-    for name, launch in (("one", run_script), ("two", torchrun)):
-        os.makedirs(tmp_path / name)
-        record = tmp_path / name / "episodes.jsonl"
-        launch(script, *flags, "--output-dir", tmp_path / name / "out", cwd=tmp_path / name, env={"RECORD_FILE": str(record)})
-        logs.append([json.loads(line) for line in open(f"{newest_run(tmp_path / name)}/metrics.jsonl")])
-        episodes.append(sorted(record.read_text().splitlines()))  # the two processes append their shares in any order
-    assert len(episodes[0]) == 3 * 32 and episodes[0] == episodes[1]
-    return logs
+        caches = {name: glob.glob(str(tmp_path / name / "ref_cache" / "*.pt")) for name in ("one", "two")}
+        assert all(len(c) == 1 for c in caches.values()), caches
+        a, b = (torch.load(caches[name][0]) for name in ("one", "two"))
+        assert len(b["eval"][0]) == 51 and all(torch.equal(a[s][i], b[s][i]) for s in ("train", "eval") for i in (0, 1))
 
 
 @pytest.mark.parametrize("script", ["ppo_baseline.py", "drpo_tldr.py", "drpo_hh.py"])
@@ -88,23 +90,29 @@ def test_rl_two_processes_roll_out_and_update_as_one(script, world, sft_model, r
     """PPO and DR-PO: each process rolls out 2 of the 4 chunks of a batch of 32 and takes half of every minibatch. The
     episodes (DR-PO: the reset coin flips and h too) are those of one process, and so is every update: every logged
     statistic (whitening, KL, scores, reset fraction and per-group scores, PPO statistics, DR-PO's greedy eval) and
-    the final weights."""
+    the final weights; data parallel and with FSDP (policy and value model sharded, each process holding half)."""
     flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", *SMALL_RL, "--total-episodes", 3 * 32]
     if script == "ppo_baseline.py":
-        one, two = one_and_two(script, [*flags, "--dataset-name", world / "tldr_sft"], tmp_path)
+        flags += ["--dataset-name", world / "tldr_sft"]
     elif script == "drpo_tldr.py":
-        one, two = one_and_two(script, [*flags, "--dataset-name", world / "tldr_comparisons", "--reset-source", "chosen",
-                                        "--reset-prob", 0.5, "--eval-every", 2, "--eval-prompts", 4], tmp_path)
-        assert "eval/score" in one[1]
-    else:  # every scored episode recorded as text, and the two runs' episodes compared one by one
+        flags += ["--dataset-name", world / "tldr_comparisons", "--reset-source", "chosen", "--reset-prob", 0.5, "--eval-every", 2,
+                  "--eval-prompts", 4]
+    else:  # every scored episode recorded as text, and the runs' episodes compared one by one
         (tmp_path / "recorder.py").write_text(RECORDER)
-        one, two = recorded_runs(script, [*flags, "--dataset-name", world / "hh", "--reset-prob", 0.5, "--reward-fn",
-                                          f"{tmp_path / 'recorder.py'}:record", "--value-model-path", sft_model], tmp_path)
-    assert len(one) == 3
-    assert_same_log(one, two, at_least=24)
+        flags += ["--dataset-name", world / "hh", "--reset-prob", 0.5, "--reward-fn", f"{tmp_path / 'recorder.py'}:record",
+                  "--value-model-path", sft_model]
+    runs = one_and_two(script, flags, tmp_path)
+    one = runs["one"][0]
+    assert len(one) == 3 and (script != "drpo_tldr.py" or "eval/score" in one[1])
     if script != "ppo_baseline.py":
         assert all(0 < m["reset/fraction"] < 1 for m in one) and "no_reset/kl" in one[0] and "reset/mean_h" in one[0]
-    assert_same_weights(tmp_path / "one" / "out", tmp_path / "two" / "out")
+    for name in ("two", "fsdp"):
+        assert_same_log(one, runs[name][0], at_least=20)
+        assert_same_weights(tmp_path / "one" / "out", tmp_path / name / "out")
+    assert_half_held(runs["fsdp"][1], models=2)
+    if script == "drpo_hh.py":  # the two processes append their shares in any order
+        episodes = [sorted((tmp_path / name / "episodes.jsonl").read_text().splitlines()) for name in ("one", "two", "fsdp")]
+        assert len(episodes[0]) == 3 * 32 and episodes[0] == episodes[1] == episodes[2]
 
 
 def test_two_processes_learn_as_one_does(world, sft_model, tmp_path):
