@@ -317,7 +317,7 @@ def fold_bias(model, bias: float):
     norms = [m for name, m in model.base_model.named_children() if name in ("final_layer_norm", "ln_f", "norm")]  # NeoX, GPT-2, Llama
     if len(norms) != 1 or getattr(norms[0], "bias", None) is None:
         return False
-    w = model.score.weight.data[0].float()
+    w = model.score.weight.data[0].double()  # a fresh copy in float64: its dot product does not depend on where the weights lie
     norms[0].bias.data += (bias * w / w.dot(w)).to(norms[0].bias.dtype)
     return True
 

@@ -11,21 +11,29 @@ import time
 
 import pytest
 import torch
-from conftest import RECORDER, ROOT, TORCHRUN, kill_and_resume, newest_run, policy_gold, run_script, torchrun, untimed
+from test_architectures import arch_folders  # noqa: F401 (a fixture)
+from conftest import RECORDER, ROOT, TORCHRUN, kill_and_resume, newest_run, run_script, torchrun, untimed
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-pytestmark = pytest.mark.slow  # every test here starts torchrun
 
 SMALL_RL = ["--response-length", 8, "--batch-size", 32, "--local-rollout-forward-batch-size", 8, "--local-micro-batch-size", 4,
             "--num-mini-batches", 2, "--num-ppo-epochs", 2, "--lr", 3e-4, "--kl-coef", 0.01, "--temperature", 1.0,
             "--print-sample-every", 0, "--max-grad-norm", 1.0, "--no-whiten-rewards", "--save-every", 0]
 
 
+# the torchrun mode each script is tested in (two runs a script keep the suite short): "two" data parallel, "fsdp"
+# with --fsdp. Every script's distributed helpers are the same lines (tests/test_distributed.py checks they are).
+MODE = {"sft.py": "fsdp", "reward_model.py": "two", "dpo_baseline.py": "fsdp", "ppo_baseline.py": "two", "drpo_tldr.py": "fsdp",
+        "drpo_hh.py": "two"}
+
+
 def one_and_two(script, flags, tmp_path, env=None):
-    """The same command in one process, then under torchrun with two, data parallel (`two`) and with FSDP (`fsdp`):
-    {name: (log, rank 0's output)}."""
+    """The same command in one process, then under torchrun with two, data parallel (`two`) or with FSDP (`fsdp`),
+    as MODE says: {name: (log, rank 0's output)}."""
     runs = {}
     for name, launch, extra in (("one", run_script, []), ("two", torchrun, []), ("fsdp", torchrun, ["--fsdp"])):
+        if name != "one" and name != MODE[script]:
+            continue
         os.makedirs(tmp_path / name)
         record = {"RECORD_FILE": str(tmp_path / name / "episodes.jsonl")}  # read by the recorder --reward-fn, if any
         proc = launch(script, *flags, *extra, "--output-dir", tmp_path / name / "out", cwd=tmp_path / name, env={**record, **(env or {})})
@@ -56,11 +64,12 @@ def assert_same_weights(one, two, cls=AutoModelForCausalLM):
     assert worst < 1e-5, worst
 
 
+@pytest.mark.slow  # starts torchrun
 @pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "dpo_baseline.py"])
 def test_two_processes_train_as_one(script, world, sft_model, tmp_path):
     """SFT, the reward model and DPO: each process takes half of every batch of 32 (two micro-batches of 8); the loss
     trajectory, every logged statistic (eval included) and the final weights equal the one-process run's, data parallel
-    and with FSDP, where each process holds half of the model."""
+    (the reward model) or with FSDP (SFT, DPO), where each process holds half of the model."""
     common = ["--lr", 1e-3, "--num-train-epochs", 1, "--batch-size", 32, "--local-micro-batch-size", 8, "--max-train-samples", 192,
               "--eval-every", 3, "--save-every", 0, "--max-eval-samples", 51]  # 51: the last process's share is shorter
     if script == "sft.py":
@@ -74,23 +83,26 @@ def test_two_processes_train_as_one(script, world, sft_model, tmp_path):
     assert len(one) == 6 and sum("eval_loss" in m or "eval/rewards/margins" in m for m in one) == 2
     assert one[-1]["loss"] != one[0]["loss"]  # it trained
     cls = AutoModelForSequenceClassification if script == "reward_model.py" else AutoModelForCausalLM
-    for name in ("two", "fsdp"):
-        assert_same_log(one, runs[name][0], at_least=3)
-        assert_same_weights(tmp_path / "one" / "out", tmp_path / name / "out", cls)
-    assert_half_held(runs["fsdp"][1], models=1)
+    mode = MODE[script]
+    assert_same_log(one, runs[mode][0], at_least=3)
+    assert_same_weights(tmp_path / "one" / "out", tmp_path / mode / "out", cls)
+    if mode == "fsdp":
+        assert_half_held(runs["fsdp"][1], models=1)
     if script == "dpo_baseline.py":  # the reference ran once (split across the two processes) and was cached once
-        caches = {name: glob.glob(str(tmp_path / name / "ref_cache" / "*.pt")) for name in ("one", "two")}
+        caches = {name: glob.glob(str(tmp_path / name / "ref_cache" / "*.pt")) for name in ("one", mode)}
         assert all(len(c) == 1 for c in caches.values()), caches
-        a, b = (torch.load(caches[name][0]) for name in ("one", "two"))
+        a, b = (torch.load(caches[name][0]) for name in ("one", mode))
         assert len(b["eval"][0]) == 51 and all(torch.equal(a[s][i], b[s][i]) for s in ("train", "eval") for i in (0, 1))
 
 
+@pytest.mark.slow  # starts torchrun
 @pytest.mark.parametrize("script", ["ppo_baseline.py", "drpo_tldr.py", "drpo_hh.py"])
 def test_rl_two_processes_roll_out_and_update_as_one(script, world, sft_model, reward_run, tmp_path):
     """PPO and DR-PO: each process rolls out 2 of the 4 chunks of a batch of 32 and takes half of every minibatch. The
     episodes (DR-PO: the reset coin flips and h too) are those of one process, and so is every update: every logged
     statistic (whitening, KL, scores, reset fraction and per-group scores, PPO statistics, DR-PO's greedy eval) and
-    the final weights; data parallel and with FSDP (policy and value model sharded, each process holding half)."""
+    the final weights; data parallel (PPO, DR-PO on HH) or with FSDP (DR-PO on TL;DR: policy and value model sharded,
+    each process holding half)."""
     flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", *SMALL_RL, "--total-episodes", 3 * 32]
     if script == "ppo_baseline.py":
         flags += ["--dataset-name", world / "tldr_sft"]
@@ -106,39 +118,24 @@ def test_rl_two_processes_roll_out_and_update_as_one(script, world, sft_model, r
     assert len(one) == 3 and (script != "drpo_tldr.py" or "eval/score" in one[1])
     if script != "ppo_baseline.py":
         assert all(0 < m["reset/fraction"] < 1 for m in one) and "no_reset/kl" in one[0] and "reset/mean_h" in one[0]
-    for name in ("two", "fsdp"):
-        assert_same_log(one, runs[name][0], at_least=20)
-        assert_same_weights(tmp_path / "one" / "out", tmp_path / name / "out")
-    assert_half_held(runs["fsdp"][1], models=2)
+    mode = MODE[script]
+    assert_same_log(one, runs[mode][0], at_least=20)
+    assert_same_weights(tmp_path / "one" / "out", tmp_path / mode / "out")
+    if mode == "fsdp":
+        assert_half_held(runs["fsdp"][1], models=2)
     if script == "drpo_hh.py":  # the two processes append their shares in any order
-        episodes = [sorted((tmp_path / name / "episodes.jsonl").read_text().splitlines()) for name in ("one", "two", "fsdp")]
-        assert len(episodes[0]) == 3 * 32 and episodes[0] == episodes[1] == episodes[2]
+        episodes = [sorted((tmp_path / name / "episodes.jsonl").read_text().splitlines()) for name in ("one", mode)]
+        assert len(episodes[0]) == 3 * 32 and episodes[0] == episodes[1]
 
 
-def test_two_processes_learn_as_one_does(world, sft_model, tmp_path):
-    """test_ppo.py's learning run under torchrun: the gold reward of the policy rises on two processes too."""
-    os.makedirs(tmp_path / "run")
-    torchrun("ppo_baseline.py", "--sft-model-path", sft_model, "--value-model-path", sft_model, "--dataset-name", world / "tldr_sft",
-             "--reward-fn", f"{ROOT}/tiny_world.py:gold_reward", *SMALL_RL, "--num-ppo-epochs", 4, "--lr", 1e-3, "--batch-size", 64,
-             "--local-rollout-forward-batch-size", 32, "--local-micro-batch-size", 8, "--total-episodes", 30 * 64,
-             "--output-dir", tmp_path / "out", cwd=tmp_path / "run")
-    log = [json.loads(line) for line in open(f"{newest_run(tmp_path / 'run')}/metrics.jsonl")]
-    assert len(log) == 30 and all(abs(m["policy/first_ratio"] - 1) < 1e-5 for m in log)
-    before, after = (sum(policy_gold(m, world, 96, do_sample=True, temperature=0.7, top_k=0)[0]) / 96 for m in (sft_model, tmp_path / "out"))
-    assert after > before + 0.2, (before, after)
-
-
-@pytest.mark.parametrize("script", ["sft.py", "drpo_tldr.py"])
-def test_killed_under_torchrun_resumes_to_the_straight_torchrun_run(script, world, sft_model, reward_run, tmp_path):
-    """The whole job (launcher and both processes) SIGKILLed twice, once during a checkpoint's save, and resumed under
-    torchrun with --resume-from auto: the log and the final model equal a straight torchrun run's."""
-    if script == "sft.py":
-        flags = ["--base-model", world / "base", "--dataset-name", world / "tldr_sft", "--lr", 1e-3, "--batch-size", 32,
-                 "--local-micro-batch-size", 8, "--max-train-samples", 7 * 32, "--max-eval-samples", 20, "--eval-every", 3]
-    else:
-        flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / "tldr_comparisons",
-                 "--reset-source", "chosen", *SMALL_RL[:-2], "--total-episodes", 7 * 32]
-    flags += ["--save-every", 2, "--output-dir", "out"]
+@pytest.mark.slow  # starts torchrun
+def test_killed_under_torchrun_resumes_to_the_straight_torchrun_run(world, sft_model, reward_run, tmp_path):
+    """DR-PO with FSDP: the whole job (launcher and both processes) SIGKILLed twice, once during a checkpoint's save
+    (gathered from both processes, written by rank 0), and resumed under torchrun with --resume-from auto: the log and
+    the final model equal a straight torchrun run's, bit for bit."""
+    script = "drpo_tldr.py"
+    flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / "tldr_comparisons",
+             "--reset-source", "chosen", *SMALL_RL[:-2], "--total-episodes", 7 * 32, "--fsdp", "--save-every", 2, "--output-dir", "out"]
     for d in ("straight", "killed"):
         os.makedirs(tmp_path / d)
     torchrun(script, *flags, cwd=tmp_path / "straight")
@@ -162,6 +159,7 @@ def score(prompts, responses):
 """
 
 
+@pytest.mark.slow  # starts torchrun
 def test_a_rank_that_dies_stops_the_job(world, sft_model, tmp_path):
     """Rank 1 is killed in the middle of an update while rank 0 waits for it in a collective: torchrun ends the job
     within seconds with a non-zero status that names the failed rank and its signal; nothing hangs."""
@@ -175,3 +173,38 @@ def test_a_rank_that_dies_stops_the_job(world, sft_model, tmp_path):
     assert proc.returncode != 0 and time.time() - start < 120, proc.stdout[-3000:]
     assert "rank      : 1" in proc.stdout and "Signal 9 (SIGKILL)" in proc.stdout, proc.stdout[-3000:]
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+@pytest.mark.slow  # starts torchrun
+def test_fsdp_on_tied_embeddings_trains_as_one_process(arch_folders, world, tmp_path):
+    """FSDP on a family whose LM head is the input embedding (Llama, stored in bf16): the head stays tied
+    through sharding, gathering and saving; SFT on 2 processes equals 1 process, and the saved model is tied."""
+    base = arch_folders["llama"] / "base"
+    flags = ["--base-model", base, "--dataset-name", world / "tldr_sft", "--lr", 1e-3, "--batch-size", 16, "--local-micro-batch-size", 4,
+             "--max-train-samples", 64, "--max-eval-samples", 9, "--eval-every", 2, "--save-every", 0, "--response-length", 40]
+    runs = {}
+    for run_name, launch, extra in (("one", run_script, []), ("fsdp", torchrun, ["--fsdp"])):
+        os.makedirs(tmp_path / run_name)
+        launch("sft.py", *flags, *extra, "--output-dir", tmp_path / run_name / "out", cwd=tmp_path / run_name)
+        runs[run_name] = [json.loads(line) for line in open(f"{newest_run(tmp_path / run_name)}/metrics.jsonl")]
+    assert_same_log(runs["one"], runs["fsdp"], at_least=3)
+    assert_same_weights(tmp_path / "one" / "out", tmp_path / "fsdp" / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "out")
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def test_every_script_holds_the_same_distributed_helpers():
+    """The distributed and FSDP helpers are copied into every training script (each script stands alone): the copies
+    are the same lines, so that the equalities above, each tested on some of the scripts, hold for all."""
+    import ast
+
+    names = ["init_distributed", "all_sum", "average_gradients", "broadcast", "shard", "gathered", "full_state", "load_optimizer_state"]
+    copies = {}
+    for script in ["sft.py", "reward_model.py", "dpo_baseline.py", "ppo_baseline.py", "drpo_tldr.py", "drpo_hh.py"]:
+        source = open(os.path.join(ROOT, script)).read()
+        functions = {f.name: ast.get_source_segment(source, f) for f in ast.parse(source).body if isinstance(f, ast.FunctionDef)}
+        for name in names + (["gather"] if script.startswith(("ppo", "drpo")) else []):
+            copies.setdefault(name, {})[script] = functions[name]
+    for name, by_script in copies.items():
+        assert len(set(by_script.values())) == 1, f"{name} differs between {sorted(by_script)}"
+    assert len(copies["gather"]) == 3 and all(len(c) == 6 for n, c in copies.items() if n != "gather")

@@ -59,9 +59,10 @@ def test_dpo_learns_on_the_tiny_world(world, bland_sft_model, tmp_path):
     proc = run_script("dpo_baseline.py", "--sft-model-path", bland_sft_model, "--dataset-name", data / "tldr_comparisons",
                       "--output-dir", tmp_path / "dpo", "--lr", "3e-4", *FLAGS[2:], cwd=tmp_path)
     log = last_log(tmp_path)
-    # step 0: the policy is the reference: implicit rewards 0 (no pair ranked right), loss log 2
+    # step 0: the policy is the reference: implicit rewards 0, loss log 2 (to float tolerance: the reference's
+    # log-probs were computed in other micro-batches, whose padding can move the last bits)
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and abs(log[0]["rewards/margins"]) < 1e-4
-    assert log[0]["rewards/accuracies"] == 0.0
+    assert abs(log[0]["rewards/chosen"]) < 1e-4 and abs(log[0]["rewards/rejected"]) < 1e-4
     evals = [m["eval/rewards/accuracies"] for m in log if "eval/rewards/accuracies" in m]
     assert evals[-1] > 0.95 and log[-1]["rewards/margins"] > 0.5  # held-out implicit-reward accuracy
     assert log[-1]["logps/rejected"] < log[0]["logps/rejected"] - 5  # the rejected answers lost most of their probability

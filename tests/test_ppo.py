@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ppo_baseline as ppo
-from conftest import RECORDER, ROOT, SHARED, kill_and_resume, newest_run, policy_gold, requires_shared, run_script, untimed
+from conftest import RECORDER, ROOT, SHARED, kill_and_resume, newest_run, policy_gold, requires_shared, run_script, torchrun, untimed
 
 PAD, EOS = 1, 0
 
@@ -167,9 +167,9 @@ SMALL = ["--response-length", 8, "--batch-size", 32, "--local-rollout-forward-ba
          "--max-grad-norm", 1.0, "--no-whiten-rewards"]  # the tiny world's recipe (the defaults follow the paper: no clip, whitening)
 
 
-def ppo_run(world, sft_model, out, *flags, task="tldr", dataset=None, script="ppo_baseline.py"):
+def ppo_run(world, sft_model, out, *flags, task="tldr", dataset=None, script="ppo_baseline.py", launch=run_script):
     dataset = dataset or world / ("tldr_sft" if task == "tldr" else "hh")
-    proc = run_script(script, "--task", task, "--sft-model-path", sft_model, "--reward-model-path", world / "rm",
+    proc = launch(script, "--task", task, "--sft-model-path", sft_model, "--reward-model-path", world / "rm",
                       "--dataset-name", dataset, "--output-dir", out, *SMALL, *flags, cwd=out.parent)
     metrics = [json.loads(line) for line in open(metrics_file(proc.stdout, out.parent))]
     return proc, metrics
@@ -182,9 +182,13 @@ def metrics_file(stdout, cwd):
 
 @pytest.mark.slow
 def test_first_ratio_is_one_and_gold_reward_rises(world, sft_model, reward_run, tmp_path):
+    """PPO learns the tiny world's gold rule, run under torchrun on 2 processes (gloo): a 2-process run is a 1-process
+    run to float tolerance (tests/test_distributed.py), so this one run shows both that PPO learns and that it learns
+    on several processes."""
     # the gold rule scores in [-1, 1]: the value model starts from the SFT model with a fresh head, not from the RM
     proc, metrics = ppo_run(world, sft_model, tmp_path / "ppo", "--reward-fn", GOLD, "--value-model-path", sft_model, "--lr", 1e-3,
-                            "--batch-size", 64, "--local-rollout-forward-batch-size", 64, "--total-episodes", 30 * 64)
+                            "--batch-size", 64, "--local-rollout-forward-batch-size", 32, "--total-episodes", 30 * 64,
+                            launch=torchrun)
     assert len(metrics) == 30
     for m in metrics:  # first PPO epoch, first minibatch: the policy has not moved yet (fp32 on CPU)
         assert abs(m["policy/first_ratio"] - 1) < 1e-5 and m["policy/first_approxkl"] < 1e-9
