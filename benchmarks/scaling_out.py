@@ -1,6 +1,6 @@
 """One process against torchrun with two (data parallel, and FSDP2), side by side in one run on this machine's CPUs
-(gloo): throughput, and the peak memory of the largest process, for sft.py on a Pythia-160m-shaped model (random
-weights: hidden 768, 12 layers, 12 heads, the real 50k Pythia vocabulary, real TL;DR posts from ../shared/data) and
+(gloo): throughput, and the peak memory of the largest process, for sft.py on a Pythia-70m-shaped model (random
+weights: hidden 512, 6 layers, 8 heads, the real 50k Pythia vocabulary, real TL;DR posts from ../shared/data) and
 for the RL scripts on the tiny world. Two cores: one process gets both threads, two processes one each.
 Run: python benchmarks/scaling_out.py [OUT]   (OUT: a scratch folder, default /tmp/scaling_out)"""
 import json
@@ -37,14 +37,14 @@ def run(name, launcher, script, flags, threads, cwd):
     return last, rss, re.findall(r"FSDP: .*", proc.stdout), wall
 
 
-def pythia_160m_shape():
-    folder = f"{OUT}/pythia160m"
+def pythia_70m_shape():
+    folder = f"{OUT}/pythia70m"
     if not os.path.exists(f"{folder}/config.json"):
         tokenizer = AutoTokenizer.from_pretrained(f"{SHARED}/tokenizers/pythia")
         tokenizer.eos_token, tokenizer.pad_token = "<|endoftext|>", "<|padding|>"
         torch.manual_seed(0)
-        GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50304, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                         intermediate_size=3072, eos_token_id=0, bos_token_id=0, pad_token_id=1,
+        GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                                         intermediate_size=2048, eos_token_id=0, bos_token_id=0, pad_token_id=1,
                                          tie_word_embeddings=False)).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return folder
@@ -53,32 +53,32 @@ def pythia_160m_shape():
 if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
     print(f"torch {torch.__version__}, {os.cpu_count()} cores")
-    model = pythia_160m_shape()
+    model = pythia_70m_shape()
     # the SFT rows of the real TL;DR data, as a one-file dataset in the Hub schema
     rows = [json.loads(x) for x in open(f"{SHARED}/data/tldr/sft_posts_dev.jsonl")]
     data = f"{OUT}/tldr_sft.jsonl"
     with open(data, "w") as f:
         f.writelines(json.dumps({k: r[k] for k in ("subreddit", "title", "post", "summary")}) + "\n" for r in rows[:80])
-    sft_flags = ["--base-model", model, "--dataset-name", data, "--eval-split", "train[:8]", "--batch-size", 16,
-                 "--local-micro-batch-size", 4, "--max-train-samples", 64, "--eval-every", 100, "--save-every", 0,
+    sft_flags = ["--base-model", model, "--dataset-name", data, "--eval-split", "train[:8]", "--batch-size", 8,
+                 "--local-micro-batch-size", 4, "--max-train-samples", 16, "--eval-every", 100, "--save-every", 0,
                  "--response-length", 53, "--lr", 1e-5]
     world = f"{OUT}/tiny"
-    if not os.path.exists(f"{world}/base"):
+    if not os.path.exists(f"{world}/sft/config.json"):
         subprocess.run([sys.executable, f"{ROOT}/tiny_world.py", "--out", world, "--tokenizer", "bpe"], check=True,
                        stdout=subprocess.DEVNULL)
         subprocess.run([sys.executable, f"{ROOT}/sft.py", "--base-model", f"{world}/base", "--dataset-name", f"{world}/tldr_sft",
-                        "--output-dir", f"{world}/sft", "--lr", 1e-3, "--num-train-epochs", 2, "--batch-size", 32,
-                        "--local-micro-batch-size", 32], check=True, stdout=subprocess.DEVNULL, cwd=world)
+                        "--output-dir", f"{world}/sft", "--lr", "1e-3", "--num-train-epochs", "2", "--batch-size", "32",
+                        "--local-micro-batch-size", "32"], check=True, stdout=subprocess.DEVNULL, cwd=world)
     rl_flags = ["--sft-model-path", f"{world}/sft", "--value-model-path", f"{world}/sft", "--reward-fn",
                 f"{ROOT}/tiny_world.py:gold_reward", "--response-length", 8, "--batch-size", 64,
-                "--local-rollout-forward-batch-size", 32, "--local-micro-batch-size", 8, "--total-episodes", 6 * 64,
+                "--local-rollout-forward-batch-size", 32, "--local-micro-batch-size", 8, "--total-episodes", 4 * 64,
                 "--print-sample-every", 0, "--save-every", 0]
     results = []
     for script, flags, rate, shape in (
-            ("sft.py", sft_flags, "tokens_per_s", "Pythia-160m shape (162M parameters, vocab 50304), 64 TL;DR posts, batch 16"),
-            ("ppo_baseline.py", [*rl_flags, "--dataset-name", f"{world}/tldr_sft"], "episodes_per_s", "tiny world model, batch 64, 8 tokens"),
+            ("sft.py", sft_flags, "tokens_per_s", "Pythia-70m shape (70M parameters, vocab 50304), 16 real TL;DR posts, batch 8, 2 updates"),
+            ("ppo_baseline.py", [*rl_flags, "--dataset-name", f"{world}/tldr_sft"], "episodes_per_s", "tiny world model, batch 64, 8 tokens, 4 updates"),
             ("drpo_tldr.py", [*rl_flags, "--dataset-name", f"{world}/tldr_comparisons", "--reset-source", "chosen"], "episodes_per_s",
-             "tiny world model, batch 64, 8 tokens")):
+             "tiny world model, batch 64, 8 tokens, 4 updates")):
         for name, (launcher, extra, threads) in LAUNCHES.items():
             last, rss, held, wall = run(name, launcher, script, [*flags, *extra, "--output-dir", f"{OUT}/out"], threads,
                                         f"{OUT}/{script}_{len(results)}")
