@@ -164,7 +164,8 @@ def test_reset_prob_zero_is_ppo(task, world, sft_model, reward_run, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["drpo_tldr.py", "drpo_hh.py"])
 def test_drpo_killed_anywhere_resumes_to_the_straight_run(script, world, sft_model, reward_run, tmp_path):
-    """Fault injection (tests/conftest.py, kill_and_resume): one SIGKILL during a checkpoint's save, one at random,
+    """Fault injection (tests/conftest.py, kill_and_resume): one SIGKILL during a checkpoint's save, and for drpo_hh.py
+    one at random too (drpo_tldr.py is also killed under torchrun, tests/test_distributed.py),
     each resumed with --resume-from auto; the log and the final policy equal a straight run's, bit for bit."""
     tldr = script == "drpo_tldr.py"
     flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / ("tldr_comparisons" if tldr else "hh"),
@@ -172,7 +173,7 @@ def test_drpo_killed_anywhere_resumes_to_the_straight_run(script, world, sft_mod
     for d in ("straight", "killed"):
         os.makedirs(tmp_path / d)
     run_script(script, *flags, cwd=tmp_path / "straight", env={"OMP_NUM_THREADS": "1"})
-    kills = kill_and_resume(script, flags, tmp_path / "killed", seed=1, updates=7, save_every=2, kills=2)
+    kills = kill_and_resume(script, flags, tmp_path / "killed", seed=1, updates=7, save_every=2, kills=1 if tldr else 2)
     assert kills[0]["during_save"] and all(k["lost"] <= 2 for k in kills), kills
     a_log, b_log = ([json.loads(x) for x in open(f"{newest_run(tmp_path / d)}/metrics.jsonl")] for d in ("straight", "killed"))
     assert [m["update"] for m in b_log] == list(range(1, 8)) and untimed(a_log) == untimed(b_log)
