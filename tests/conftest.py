@@ -160,8 +160,8 @@ def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow
     weights and state.pt for `slow_save` seconds), the others at a random moment 1-3 updates past the checkpoint the
     process resumed from, in a process whose saves are not slowed (`updates` and `save_every` are the run's, so that a
     kill never comes too late). After every kill the run must still hold its newest complete checkpoint, and the
-    updates lost (logged but not checkpointed) are returned, one dict per kill. `launcher`: TORCHRUN runs it on 2
-    processes, and a kill then takes the launcher and every process (a whole node lost)."""
+    updates lost (logged but not checkpointed) are returned, one dict per kill. `launcher`: what runs the script (the
+    kill takes its process group; torchrun's workers have sessions of their own, see test_distributed.py)."""
     import glob
     import random
     import signal

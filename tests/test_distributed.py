@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from test_architectures import arch_folders  # noqa: F401 (a fixture)
-from conftest import RECORDER, ROOT, TORCHRUN, kill_and_resume, newest_run, run_script, torchrun, untimed
+from conftest import RECORDER, ROOT, TORCHRUN, newest_run, run_script, torchrun, untimed
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 
@@ -130,19 +130,32 @@ def test_rl_two_processes_roll_out_and_update_as_one(script, world, sft_model, r
 
 @pytest.mark.slow  # starts torchrun
 def test_killed_under_torchrun_resumes_to_the_straight_torchrun_run(world, sft_model, reward_run, tmp_path):
-    """DR-PO with FSDP: the whole job (launcher and both processes) SIGKILLed during a checkpoint's save (gathered
-    from both processes, written by rank 0), and resumed under torchrun with --resume-from auto: the log and
-    the final model equal a straight torchrun run's, bit for bit."""
-    script = "drpo_tldr.py"
+    """DR-PO with FSDP: the whole job (launcher and both workers) SIGKILLed while it writes its checkpoint of update 4
+    (each save held open 3 s by SLOW_SAVE_S), after the one of update 2 (gathered from both processes, written by
+    rank 0); resumed under torchrun with --resume-from auto, it resumes at update 3, and the log and the final model
+    equal a straight torchrun run's, bit for bit."""
     flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / "tldr_comparisons",
-             "--reset-source", "chosen", *SMALL_RL[:-2], "--total-episodes", 4 * 32, "--fsdp", "--save-every", 2, "--output-dir", "out"]
+             "--reset-source", "chosen", *SMALL_RL[:-2], "--total-episodes", 5 * 32, "--fsdp", "--save-every", 2, "--output-dir", "out",
+             "--exp-name", f"killed{os.getpid()}"]  # a name on every process's command line, for pkill
     for d in ("straight", "killed"):
         os.makedirs(tmp_path / d)
-    torchrun(script, *flags, cwd=tmp_path / "straight")
-    kills = kill_and_resume(script, flags, tmp_path / "killed", seed=3, updates=4, save_every=2, kills=1, launcher=TORCHRUN)
-    assert kills[0]["during_save"] and kills[0]["lost"] <= 2, kills
+    torchrun("drpo_tldr.py", *flags, cwd=tmp_path / "straight")
+    cmd = [*TORCHRUN, f"{ROOT}/drpo_tldr.py", *map(str, flags), "--resume-from", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path / "killed", stdout=open(tmp_path / "killed" / "first.txt", "w"), stderr=subprocess.STDOUT,
+                            env={**env, "SLOW_SAVE_S": "3"})
+    checkpoints = tmp_path / "killed" / "runs" / "*" / "checkpoints"
+    while proc.poll() is None and not (glob.glob(str(checkpoints / "update_0000002")) and glob.glob(str(checkpoints / "incomplete" / "*"))):
+        time.sleep(0.05)
+    subprocess.run(["pkill", "-KILL", "-f", f"killed{os.getpid()}"])  # the launcher and both workers (their own sessions)
+    proc.wait()
+    run = newest_run(tmp_path / "killed")
+    assert sum(1 for _ in open(f"{run}/metrics.jsonl")) == 4, open(tmp_path / "killed" / "first.txt").read()[-2000:]
+    assert sorted(os.listdir(f"{run}/checkpoints")) == ["incomplete", "update_0000002"]
+    resumed = subprocess.run(cmd, cwd=tmp_path / "killed", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert resumed.returncode == 0 and "at update 3" in resumed.stdout, resumed.stdout[-3000:]
     a_log, b_log = ([json.loads(x) for x in open(f"{newest_run(tmp_path / d)}/metrics.jsonl")] for d in ("straight", "killed"))
-    assert [m["update"] for m in b_log] == list(range(1, 5)) and untimed(a_log) == untimed(b_log)
+    assert [m["update"] for m in b_log] == list(range(1, 6)) and untimed(a_log) == untimed(b_log)
     a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d / "out").state_dict() for d in ("straight", "killed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
