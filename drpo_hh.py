@@ -11,6 +11,8 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
@@ -19,7 +21,12 @@ import torch
 import torch.distributed as dist
 import tyro
 from datasets import load_dataset
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as transformers_logging
+
+transformers_logging.set_verbosity_error()  # its load reports flag a new value or reward head, which is expected
+transformers_logging.disable_progress_bar()
 
 
 @dataclass
@@ -140,11 +147,26 @@ class Args:
     """under torchrun, shard the policy's and the value model's weights, gradients and AdamW state across the processes
     (FSDP2), for models that do not fit one GPU; checkpoints and the final policy are saved whole, as without it"""
 
-    # computed at run time
-    num_updates: int = 0
-    minibatch_size: int = 0
-    gradient_accumulation_steps: int = 0
-    run_name: str = ""
+    run_name: Optional[str] = None
+    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: hh__{exp_name}__{seed}__{unix time})"""
+
+    # computed at run time, not flags
+    num_updates: tyro.conf.Suppress[int] = 0
+    minibatch_size: tyro.conf.Suppress[int] = 0
+    gradient_accumulation_steps: tyro.conf.Suppress[int] = 0
+
+
+COMPUTED = ('num_updates', 'minibatch_size', 'gradient_accumulation_steps',)  # fields the script fills in, saved with the config
+PROBABILITY, POSITIVE, NON_NEGATIVE = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
+FLAG_RULES = {"lr": POSITIVE, "eps": POSITIVE, "batch_size": POSITIVE, "local_micro_batch_size": POSITIVE,
+              "query_length": POSITIVE, "response_length": POSITIVE, "keep_checkpoints": POSITIVE,
+              "temperature": POSITIVE, "total_episodes": POSITIVE, "local_rollout_forward_batch_size": POSITIVE,
+              "num_mini_batches": POSITIVE, "num_ppo_epochs": POSITIVE, "max_grad_norm": POSITIVE,
+              "target_kl": POSITIVE, "kl_horizon": POSITIVE, "cliprange": POSITIVE, "cliprange_value": POSITIVE,
+              "lora_r": POSITIVE, "eval_prompts": POSITIVE, "save_every": NON_NEGATIVE,
+              "print_sample_every": NON_NEGATIVE, "kl_coef": NON_NEGATIVE, "vf_coef": NON_NEGATIVE,
+              "eval_every": NON_NEGATIVE, "reset_min_prefix": NON_NEGATIVE, "reset_prob": PROBABILITY,
+              "gamma": PROBABILITY, "gae_lambda": PROBABILITY}
 
 
 SCHEMA = {"chosen": str, "rejected": str}
@@ -261,14 +283,21 @@ def reset_states(queries, chosens, reset_prob: float, h_min: int, response_lengt
 
 
 def from_pretrained(cls, path: str, **kwargs):
-    """cls.from_pretrained, with a clear message when the Hub cannot be reached."""
+    """cls.from_pretrained, with a clear message when the Hub cannot be reached; for a model, the weights its checkpoint
+    lacks (a new value or reward head: expected) are named in one line instead of transformers' load report."""
     try:
-        return cls.from_pretrained(path, **kwargs)
+        if cls is AutoTokenizer:
+            return cls.from_pretrained(path, **kwargs)
+        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except OSError as e:
         if os.path.exists(path):
             raise
         raise SystemExit(f"Could not load '{path}' ({e}). If this machine is offline, point --sft-model-path, "
                          "--reward-model-path and --dataset-name at local folders (sft.py and reward_model.py write them).") from None
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        print(f"{path}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} initialised from scratch (not in the checkpoint)")
+    return model
 
 
 def load_tokenizer(path: str):
@@ -620,7 +649,7 @@ def checkpoint_candidates(args):
     if where == "auto":
         runs = sorted(glob.glob(f"runs/hh__{args.exp_name}__{args.seed}__*"), key=lambda r: int(r.rsplit("__", 1)[1]))
         return next((found for run in reversed(runs) if (found := sorted(glob.glob(f"{run}/checkpoints/update_*"), reverse=True))), [])
-    if os.path.isdir(f"{where}/checkpoints"):
+    if os.path.isdir(f"{where}/checkpoints") or os.path.exists(f"{where}/config.json"):  # a run folder
         return sorted(glob.glob(f"{where}/checkpoints/update_*"), reverse=True)
     if os.path.isdir(where):  # one checkpoint, then the older ones beside it
         return [where] + sorted((c for c in glob.glob(f"{os.path.dirname(where)}/update_*") if c < where), reverse=True)
@@ -663,19 +692,26 @@ def given_flags():
 
 
 def resume_config(args):
-    """(args, checkpoint state) for --resume-from: the checkpoint's flags, with the RESUMABLE ones given anew. A flag
-    given with another value than the checkpoint's is refused here, before any model is loaded."""
+    """(args, checkpoint state) for --resume-from: the run's flags, from its checkpoint (or, for a run stopped before its
+    first checkpoint, from its config.json: it starts again), with the RESUMABLE ones given anew. A flag given with
+    another value than the saved one is refused here, before any model is loaded."""
     candidates = checkpoint_candidates(args)
-    if not candidates:  # --resume-from auto with nothing to resume: a new run
+    config_file = f"{args.resume_from.rstrip('/')}/config.json"
+    if candidates:
+        folder, state = load_checkpoint(candidates)
+        saved = state["config"]
+    elif os.path.exists(config_file):
+        folder, state, saved = None, None, json.load(open(config_file))
+        print(f"--resume-from {args.resume_from}: no checkpoint yet; the run starts again with the flags of {config_file}")
+    else:  # --resume-from auto with nothing to resume: a new run
         print("--resume-from auto: no checkpoint of this run under runs/, starting a new run")
         args.resume_from = None
         return args, None
-    folder, state = load_checkpoint(candidates)
-    saved, given = state["config"], given_flags()
-    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})" for k in sorted(given - RESUMABLE)
+    given = given_flags()
+    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (saved: {saved[k]})" for k in sorted(given - RESUMABLE)
              if getattr(args, k) != saved[k]]
     if clash:
-        raise SystemExit(f"{folder} is a checkpoint of a run with other flags: {'; '.join(clash)}. Only "
+        raise SystemExit(f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
                          f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE))} may change on resume.")
     return Args(**{**saved, **{k: getattr(args, k) for k in given & RESUMABLE}, "resume_from": folder}), state
 
@@ -686,6 +722,42 @@ def writable(folder):
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise SystemExit(f"cannot write to {folder}: {e}")
+
+
+def check_flags(args, rules):
+    """Refuse a flag out of its range before anything is loaded, naming it. rules: {field: (test, what it must be)}."""
+    for name, (ok, must) in rules.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be {must}")
+
+
+def check_hub(paths):
+    """Fail in seconds, not after minutes of retries, when a Hub id is asked for and the Hub cannot be reached."""
+    remote = list(dict.fromkeys(p for p in paths if p and not os.path.exists(p) and not p.endswith((".json", ".jsonl"))))
+    if not remote or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5)
+    except urllib.error.HTTPError:  # an answer, even an error status: the Hub is there
+        pass
+    except OSError as e:  # no answer: offline, a firewall, a wrong HF_ENDPOINT
+        raise SystemExit(f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be reached "
+                         f"({getattr(e, 'reason', e)}). Offline, point these flags at local folders or json/jsonl files, or set "
+                         "HF_HUB_OFFLINE=1 to use what the Hub cache already holds.")
+
+
+def save_config(args):
+    """The run's whole config in runs/{run_name}/config.json (what --resume-from reads back); the console gets the flags
+    that differ from their defaults."""
+    config, path = asdict(args), f"runs/{args.run_name}/config.json"
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(config, f, indent=1)
+    os.replace(f"{path}.tmp", path)
+    changed = [f"--{k.replace('_', '-')} {v}" for k, v in config.items()
+               if k not in COMPUTED and k != "run_name" and v != Args.__dataclass_fields__[k].default]
+    print(f"run {args.run_name}: {' '.join(changed) or 'the default flags'} (every flag: {path})")
 
 
 if __name__ == "__main__":
@@ -699,6 +771,8 @@ if __name__ == "__main__":
               "so the policy never generates (and is never trained on) the first response token. See README.md.")
     args.num_updates = args.total_episodes // args.batch_size
     args.minibatch_size = args.batch_size // args.num_mini_batches
+    check_flags(args, FLAG_RULES)
+    check_hub([args.sft_model_path, args.value_model_path, args.dataset_name] + ([] if args.reward_fn else [args.reward_model_path]))
     rank, world, device = init_distributed(args)  # under torchrun; (0, 1, cuda or cpu) in one process
     if args.fsdp and not dist.is_initialized():
         raise SystemExit("--fsdp shards the models across the processes of torchrun: torchrun --nproc_per_node N drpo_hh.py --fsdp ...")
@@ -712,11 +786,14 @@ if __name__ == "__main__":
         raise SystemExit(f"--batch-size must be a multiple of --local-rollout-forward-batch-size x processes ({world})")
     if args.num_updates == 0:
         raise SystemExit("--total-episodes is smaller than --batch-size: no update would run")
-    if checkpoint is None:
+    if not args.run_name:
         args.run_name = broadcast(f"hh__{args.exp_name}__{args.seed}__{int(time.time())}")
+    elif checkpoint is None and "run_name" in given_flags() and os.path.exists(f"runs/{args.run_name}/metrics.jsonl"):
+        raise SystemExit(f"runs/{args.run_name} holds a run already: choose another --run-name, or --resume-from runs/{args.run_name}")
     writable(args.output_dir)  # fail now, not after hours of training
     writable(f"runs/{args.run_name}")
-    print(json.dumps(asdict(args), indent=1))
+    if rank == 0:
+        save_config(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -810,7 +887,7 @@ if __name__ == "__main__":
         with open(f"{log_path}.tmp", "w") as f:
             f.writelines(kept)
         os.replace(f"{log_path}.tmp", log_path)
-    log = open(log_path if rank == 0 else os.devnull, "a")  # rank 0 writes the log
+    log = open(log_path if rank == 0 else os.devnull, "a" if checkpoint else "w")  # rank 0 writes the log
     if args.track and rank == 0:
         import wandb  # only imported when asked for
 
@@ -821,7 +898,10 @@ if __name__ == "__main__":
         writer = SummaryWriter(f"runs/{args.run_name}")
     start_time, episodes_at_start = time.time(), (start_update - 1) * args.batch_size
 
-    for update in range(start_update, args.num_updates + 1):
+    # a progress bar with an ETA on a terminal (none in a log file, nor on other processes than rank 0)
+    progress = tqdm(range(start_update, args.num_updates + 1), initial=start_update - 1, total=args.num_updates, unit="update",
+                    disable=rank > 0 or not sys.stderr.isatty())
+    for update in progress:
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / args.num_updates) * args.lr
         # ---- rollout: each episode writes the rest of a response_length-token response ----
@@ -949,7 +1029,8 @@ if __name__ == "__main__":
             "val/eos_fraction": contain_eos.float().mean().item(),
             "val/response_length": (sequence_lengths + 1).float().mean().item(),
             "lr": optimizer.param_groups[0]["lr"],
-            "episodes_per_s": (episodes - episodes_at_start) / (time.time() - start_time),
+            "episodes_per_s": (episodes - episodes_at_start) / (time.time() - start_time),  # since the start (or resume)
+            "episodes_per_s_update": args.batch_size / (rollout_time + scoring_time + update_time),  # this update's
             "time/rollout": rollout_time, "time/scoring": scoring_time, "time/update": update_time,
             "peak_memory_gb": peak_memory_gb(device),
             "reset/fraction": reset.float().mean().item(),
@@ -971,7 +1052,7 @@ if __name__ == "__main__":
                 eval_scores = get_scores(reward_model, reward_fn, tokenizer, eval_queries, eval_batch, eval_responses,
                                          args.local_rollout_forward_batch_size)
                 metrics["eval/score"] = penalize_missing_eos(eval_scores, eval_responses, eos_id, args.missing_eos_penalty).mean().item()
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         log.write(json.dumps(metrics) + "\n")
         log.flush()
         if args.track and rank == 0:

@@ -94,5 +94,5 @@ def test_a_sharded_checkpoint_resumes_a_damaged_shard_is_passed_over_and_other_f
     assert [json.loads(x)["update"] for x in open(f"{run}/metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
     proc = run_script("sft.py", "--resume-from", run, "--lr", "1e-4", "--batch-size", 16, check=False, cwd=tmp_path)
-    assert proc.returncode != 0 and "is a checkpoint of a run with other flags: --batch-size 16 (checkpoint: 32); --lr 0.0001" \
-        " (checkpoint: 0.001)" in proc.stdout and "dtypes:" not in proc.stdout
+    assert proc.returncode != 0 and "the run was started with other flags: --batch-size 16 (saved: 32); --lr 0.0001" \
+        " (saved: 0.001)" in proc.stdout and "dtypes:" not in proc.stdout

@@ -176,7 +176,7 @@ def ppo_run(world, sft_model, out, *flags, task="tldr", dataset=None, script="pp
 
 
 def metrics_file(stdout, cwd):
-    run_name = re.search(r'"run_name": "([^"]+)"', stdout).group(1)
+    run_name = re.search(r"^run (\S+): ", stdout, re.M).group(1)
     return os.path.join(cwd, "runs", run_name, "metrics.jsonl")
 
 
@@ -227,9 +227,9 @@ def test_a_damaged_or_foreign_checkpoint_is_refused(world, sft_model, reward_run
     that may change. A state.pt that would run code on load is refused (weights_only)."""
     os.makedirs(tmp_path / "a")
     proc, _ = ppo_run(world, sft_model, tmp_path / "a" / "ppo", "--total-episodes", 5 * 32, "--save-every", 2)
-    run = os.path.join(tmp_path / "a", "runs", re.search(r'"run_name": "([^"]+)"', proc.stdout).group(1))
+    run = os.path.join(tmp_path / "a", "runs", re.search(r"^run (\S+): ", proc.stdout, re.M).group(1))
     proc = run_script("ppo_baseline.py", "--resume-from", run, "--batch-size", 64, check=False, cwd=tmp_path / "a")
-    assert proc.returncode != 0 and "is a checkpoint of a run with other flags: --batch-size 64 (checkpoint: 32)" in proc.stdout
+    assert proc.returncode != 0 and "the run was started with other flags: --batch-size 64 (saved: 32)" in proc.stdout
     assert "dtypes:" not in proc.stdout  # refused before any model was loaded
     proc = run_script("ppo_baseline.py", "--resume-from", run, "--output-dir", "/proc/no", check=False, cwd=tmp_path / "a")
     assert proc.returncode != 0 and "cannot write to /proc/no" in proc.stdout and "dtypes:" not in proc.stdout
@@ -287,7 +287,7 @@ def test_lora_on_the_value_model_as_the_authors_checkpoints_and_resumes(world, s
              "--total-episodes", 3 * 32, "--save-every", 2]
     os.makedirs(tmp_path / "a")
     proc, straight = ppo_run(world, sft_model, tmp_path / "a" / "ppo", *flags)
-    run = os.path.join(tmp_path / "a", "runs", re.search(r'"run_name": "([^"]+)"', proc.stdout).group(1))
+    run = os.path.join(tmp_path / "a", "runs", re.search(r"^run (\S+): ", proc.stdout, re.M).group(1))
     checkpoint = f"{run}/checkpoints/update_0000002"
     policy_lora, value_lora = (torch.load(f"{checkpoint}/{name}") for name in ("lora.pt", "value_lora.pt"))
     assert not os.path.exists(f"{checkpoint}/value") and len(value_lora) == len(policy_lora) == 2 * 2  # A and B, 2 layers
