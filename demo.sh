@@ -35,14 +35,14 @@ python dpo_baseline.py --sft-model-path $W/sft --dataset-name $W/tldr_comparison
   --lr 3e-4 --beta 0.1 --batch-size 32 --local-micro-batch-size 16 --eval-every 20 --max-grad-norm 1
 
 stage "results on 200 held-out tiny-world prompts (sampled at temperature 0.7)"
-python benchmarks/demo_report.py --world $W --policies sft=$W/sft ppo=$W/ppo drpo=$W/drpo dpo=$W/dpo
+python benchmarks/demo_report.py --world $W --policies sft=$W/sft ppo=$W/ppo drpo=$W/drpo dpo=$W/dpo | tee $W/report.txt
 
 stage "the DPO task (bland/: SFT's greedy answer is a bland one; the pairs prefer specific ones): SFT, DPO, results"
 python sft.py --base-model $W/base --dataset-name $W/bland/tldr_sft --output-dir $W/bland/sft \
   --lr 1e-3 --num-train-epochs 6 --batch-size 32 --local-micro-batch-size 32 --eval-every 100
 python dpo_baseline.py --sft-model-path $W/bland/sft --dataset-name $W/bland/tldr_comparisons --output-dir $W/bland/dpo \
   --lr 3e-4 --beta 0.1 --batch-size 32 --local-micro-batch-size 16 --eval-every 20 --max-grad-norm 1
-python benchmarks/demo_report.py --world $W/bland --policies sft=$W/bland/sft dpo=$W/bland/dpo
+python benchmarks/demo_report.py --world $W/bland --policies sft=$W/bland/sft dpo=$W/bland/dpo | tee $W/bland/report.txt
 
 stage "win rates against the reference summaries: reward-model judge, then the tiny SFT model as an hf judge"
 for J in "rm $W/rm" "hf $W/sft"; do
@@ -51,6 +51,7 @@ for J in "rm $W/rm" "hf $W/sft"; do
     --num-examples 200 --response-length 8 --judge $1 --judge-model $2 --output-dir $W/eval_$1 --cache-file $W/eval_$1/cache.jsonl
 done
 
+echo; python benchmarks/readme_demo.py --world $W || true  # the README's demo numbers against this run's
 echo; echo "done in $((SECONDS / 60))m$((SECONDS % 60))s. Where everything went:"
 echo "  $W/                the tiny world and its models: base, sft, rm, ppo, drpo, dpo, bland/sft, bland/dpo"
 echo "  runs/<run_name>/   each run's metrics.jsonl and config.json (curves: python plot_runs.py runs/<run_name>)"

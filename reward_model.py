@@ -2,6 +2,7 @@
 # AutoModelForSequenceClassification. Docs: README.md#reward_modelpy
 import contextlib
 import glob
+import inspect
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DynamicCache
 from transformers.utils import logging as transformers_logging
 
 transformers_logging.set_verbosity_error()  # its load reports flag a new value or reward head, which is expected
@@ -287,11 +288,30 @@ def bt_loss(chosen_rewards, rejected_rewards):
     return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
 
 
-def pair_rewards(model, pairs, pad_id: int, device):
-    """Chosen and rejected of a micro-batch in one forward pass -> (chosen rewards, rejected rewards)."""
-    sequences = [q + c for q, c, _ in pairs] + [q + r for q, _, r in pairs]
-    rewards = get_reward(model, pad_right(sequences, pad_id, device), pad_id)
-    return rewards[: len(pairs)], rewards[len(pairs) :]
+def pair_rewards(model, pairs, pad_id: int, device, share_prompt: bool = True):
+    """Chosen and rejected of a micro-batch -> (chosen rewards, rejected rewards). The two sequences of a pair share
+    their prompt, so the prompt is encoded once: a first pass computes its keys and values (the cache), a second runs
+    both responses on them. The rewards and gradients are those of encoding prompt + response twice (tested), for about
+    half the tokens on TL;DR (prompts of ~350 tokens, responses of ~30). Under FSDP (share_prompt False) one pass runs
+    the whole sequences: FSDP2 frees a layer's gathered weights after its first backward, which the prompt pass's graph
+    would still need."""
+    if not share_prompt:
+        rewards = get_reward(model, pad_right([q + c for q, c, _ in pairs] + [q + r for q, _, r in pairs], pad_id, device), pad_id)
+        return rewards[: len(pairs)], rewards[len(pairs) :]
+    width = max(len(q) for q, _, _ in pairs)
+    prompts = torch.tensor([[pad_id] * (width - len(q)) + q for q, _, _ in pairs], device=device)  # left-padded
+    prompt_mask = (prompts != pad_id).long()
+    cache = DynamicCache(config=model.config)
+    cache_arg = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}  # 5.24's name
+    prompt_positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    model(input_ids=prompts, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True, **cache_arg)
+    cache.batch_repeat_interleave(2)  # the prompt of pair 0 twice, then that of pair 1 twice, ...
+    responses = pad_right([x for _, c, r in pairs for x in (c, r)], pad_id, device)  # chosen 0, rejected 0, chosen 1, ...
+    attention_mask = torch.cat((prompt_mask.repeat_interleave(2, 0), (responses != pad_id).long()), 1)
+    position_ids = prompt_mask.sum(1, keepdim=True).repeat_interleave(2, 0) + torch.arange(responses.shape[1], device=device)
+    # the reward is read at each response's last non-pad token (its EOS), as get_reward reads it in the whole sequence
+    rewards = model(input_ids=responses, attention_mask=attention_mask, position_ids=position_ids, **cache_arg).logits.squeeze(-1)
+    return rewards[0::2], rewards[1::2]
 
 
 @torch.no_grad()
@@ -304,7 +324,7 @@ def evaluate(model, pairs, args: Args, pad_id: int, device, autocast, rank: int 
     for start in range(0, share, args.local_micro_batch_size):  # as many passes on every process (FSDP's are collective)
         chunk = mine[start : start + args.local_micro_batch_size]
         with autocast:
-            chosen, rejected = pair_rewards(model, chunk or pairs[:1], pad_id, device)  # a stand-in when the share ran out
+            chosen, rejected = pair_rewards(model, chunk or pairs[:1], pad_id, device, not args.fsdp)  # a stand-in when the share ran out
         total += torch.stack([(chosen > rejected).sum().double(), bt_loss(chosen.float(), rejected.float()).double() * len(chosen)]) * bool(chunk)
     model.train()
     correct, loss = all_sum(total).tolist()
@@ -692,7 +712,7 @@ if __name__ == "__main__":
         sums = torch.zeros(2, dtype=torch.float64)  # loss, accuracy
         for start in range(0, share, args.local_micro_batch_size):
             with autocast:
-                chosen, rejected = pair_rewards(model, batch[start : start + args.local_micro_batch_size], pad_id, device)
+                chosen, rejected = pair_rewards(model, batch[start : start + args.local_micro_batch_size], pad_id, device, not args.fsdp)
             loss = bt_loss(chosen.float(), rejected.float())
             if not torch.isfinite(loss):
                 raise SystemExit(f"non-finite loss {loss.item()} at update {update}; lower --lr or check the data")

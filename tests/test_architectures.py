@@ -125,6 +125,36 @@ def test_value_and_reward_heads_read_like_transformers(arch):
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
+def test_pair_rewards_share_the_prompt_and_equal_two_whole_passes(arch):
+    """reward_model.pair_rewards encodes each prompt once and runs chosen and rejected on its cache: the rewards and
+    the gradient of the Bradley-Terry loss equal those of the whole sequences (get_reward), with prompts and
+    responses of different lengths (left- and right-padding inside one micro-batch)."""
+    name, out = arch
+    tokenizer = reward_model.load_tokenizer(str(out / "base"))
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    model = AutoModelForSequenceClassification.from_pretrained(out / "base", num_labels=1, pad_token_id=pad, dtype=torch.float32)
+    model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))
+    texts = [("my cat is old and sick .", "vet", "my car"), ("money ?", "save money now please", "no"), ("school is hard . help", "study", "ok then")]
+    pairs = [(tokenizer.encode(q), tokenizer.encode(" " + c, add_special_tokens=False) + [eos],
+              tokenizer.encode(" " + r, add_special_tokens=False) + [eos]) for q, c, r in texts]
+    grads = []
+    for shared in (True, False):
+        model.zero_grad()
+        if shared:
+            chosen, rejected = reward_model.pair_rewards(model, pairs, pad, "cpu")
+        else:
+            sequences = reward_model.pad_right([q + c for q, c, _ in pairs] + [q + r for q, _, r in pairs], pad, "cpu")
+            chosen, rejected = reward_model.get_reward(model, sequences, pad).split(len(pairs))
+        reward_model.bt_loss(chosen, rejected).backward()
+        grads.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, chosen.detach(), rejected.detach()))
+    (g_shared, c_shared, r_shared), (g_whole, c_whole, r_whole) = grads
+    torch.testing.assert_close(c_shared, c_whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r_shared, r_whole, atol=1e-5, rtol=0)
+    assert set(g_shared) == set(g_whole) and len(g_whole) > 10
+    for n in g_whole:
+        torch.testing.assert_close(g_shared[n], g_whole[n], atol=1e-5, rtol=1e-4)
+
+
 def test_sampling_and_training_use_the_same_distribution_and_never_write_a_non_token(arch):
     """The rollout's log-probs (our forward pass, left padding, temperature, non-tokens at probability 0) equal those
     of the distribution generate() sampled from; no pad token and no id past the tokenizer is ever written."""

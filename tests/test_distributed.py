@@ -23,7 +23,7 @@ SMALL_RL = ["--response-length", 8, "--batch-size", 32, "--local-rollout-forward
 
 # the torchrun mode each script is tested in (two runs a script keep the suite short): "two" data parallel, "fsdp"
 # with --fsdp. Every script's distributed helpers are the same lines (tests/test_distributed.py checks they are).
-MODE = {"sft.py": "fsdp", "reward_model.py": "two", "dpo_baseline.py": "fsdp", "drpo_tldr.py": "fsdp", "drpo_hh.py": "two"}
+MODE = {"sft.py": "fsdp", "reward_model.py": "fsdp", "dpo_baseline.py": "fsdp", "drpo_tldr.py": "fsdp", "drpo_hh.py": "two"}
 
 
 def one_and_two(script, flags, tmp_path, env=None):
@@ -67,8 +67,9 @@ def assert_same_weights(one, two, cls=AutoModelForCausalLM):
 @pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "dpo_baseline.py"])
 def test_two_processes_train_as_one(script, world, sft_model, arch_folders, tmp_path):
     """SFT (on a tiny Llama), the reward model and DPO: each process takes half of every batch of 32 (two micro-batches of 8); the loss
-    trajectory, every logged statistic (eval included) and the final weights equal the one-process run's, data parallel
-    (the reward model) or with FSDP (SFT, DPO), where each process holds half of the model."""
+    trajectory, every logged statistic (eval included) and the final weights equal the one-process run's, with FSDP, where
+    each process holds half of the model (the reward model's FSDP path encodes whole sequences, its one-process path
+    shares each pair's prompt: they agree). Data parallel without FSDP is the DR-PO-on-HH case below."""
     common = ["--lr", 1e-3, "--num-train-epochs", 1, "--batch-size", 32, "--local-micro-batch-size", 8, "--max-train-samples", 192,
               "--eval-every", 3, "--save-every", 0, "--max-eval-samples", 51]  # 51: the last process's share is shorter
     if script == "sft.py":  # on the tiny Llama (stored in bf16), whose LM head is its input embedding: FSDP keeps them tied
