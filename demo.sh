@@ -54,5 +54,5 @@ done
 echo; python benchmarks/readme_demo.py --world $W || true  # the README's demo numbers against this run's
 echo; echo "done in $((SECONDS / 60))m$((SECONDS % 60))s. Where everything went:"
 echo "  $W/                the tiny world and its models: base, sft, rm, ppo, drpo, dpo, bland/sft, bland/dpo"
-echo "  runs/<run_name>/   each run's metrics.jsonl and config.json (curves: python plot_runs.py runs/<run_name>)"
+echo "  runs/<run_name>/   each run's metrics.jsonl and args.json (curves: python plot_runs.py runs/<run_name>)"
 echo "  $W/eval_rm, $W/eval_hf   the win rates: summary.json, and every judgement per policy (jsonl, csv)"

@@ -441,7 +441,7 @@ def checkpoint_candidates(args):
     if where == "auto":
         runs = sorted(glob.glob(f"runs/{args.task}__{args.exp_name}__{args.seed}__*"), key=lambda r: int(r.rsplit("__", 1)[1]))
         return next((found for run in reversed(runs) if (found := sorted(glob.glob(f"{run}/checkpoints/update_*"), reverse=True))), [])
-    if os.path.isdir(f"{where}/checkpoints") or os.path.exists(f"{where}/config.json"):  # a run folder
+    if os.path.isdir(f"{where}/checkpoints") or os.path.exists(f"{where}/args.json"):  # a run folder
         return sorted(glob.glob(f"{where}/checkpoints/update_*"), reverse=True)
     if os.path.isdir(where):  # one checkpoint, then the older ones beside it
         return [where] + sorted((c for c in glob.glob(f"{os.path.dirname(where)}/update_*") if c < where), reverse=True)
@@ -477,10 +477,10 @@ def given_flags():
 
 def resume_config(args):
     """(args, checkpoint state) for --resume-from: the run's flags, from its checkpoint (or, for a run stopped before its
-    first checkpoint, from its config.json: it starts again), with the RESUMABLE ones given anew. A flag given with
+    first checkpoint, from its args.json: it starts again), with the RESUMABLE ones given anew. A flag given with
     another value than the saved one is refused here, before any model is loaded."""
     candidates = checkpoint_candidates(args)
-    config_file = f"{args.resume_from.rstrip('/')}/config.json"
+    config_file = f"{args.resume_from.rstrip('/')}/args.json"
     if candidates:
         folder, state = load_checkpoint(candidates)
         saved = state["config"]
@@ -533,9 +533,9 @@ def check_hub(paths):
 
 
 def save_config(args):
-    """The run's whole config in runs/{run_name}/config.json (what --resume-from reads back); the console gets the flags
+    """The run's whole config in runs/{run_name}/args.json (what --resume-from reads back); the console gets the flags
     that differ from their defaults."""
-    config, path = asdict(args), f"runs/{args.run_name}/config.json"
+    config, path = asdict(args), f"runs/{args.run_name}/args.json"
     with open(f"{path}.tmp", "w") as f:
         json.dump(config, f, indent=1)
     os.replace(f"{path}.tmp", path)

@@ -11,9 +11,9 @@ from conftest import run_script, untimed
 @pytest.mark.parametrize("script,flag,value,must", [
     ("drpo_tldr.py", "--reset-prob", "1.5", "in [0, 1]"),
     ("drpo_hh.py", "--eval-prompts", "0", "> 0"),
-    ("ppo_baseline.py", "--gamma", "2", "in [0, 1]"),
+    ("ppo_baseline.py", "--gamma", "2.0", "in [0, 1]"),
     ("sft.py", "--batch-size", "0", "> 0"),
-    ("reward_model.py", "--lr", "-1", "> 0"),
+    ("reward_model.py", "--lr", "-1.0", "> 0"),
     ("dpo_baseline.py", "--label-smoothing", "0.5", "in [0, 0.5)"),
 ])
 def test_a_flag_out_of_range_is_refused_at_start_up_naming_it(script, flag, value, must, tmp_path):
@@ -39,7 +39,7 @@ def test_an_unreachable_hub_fails_in_seconds_with_the_fix(tmp_path):
 
 
 def test_the_config_is_saved_read_back_on_resume_and_the_run_name_honoured(world, tmp_path):
-    """A run named by --run-name writes runs/{name}/config.json. --resume-from alone restarts a run stopped before its
+    """A run named by --run-name writes runs/{name}/args.json. --resume-from alone restarts a run stopped before its
     first checkpoint with the saved flags (none repeated), a flag that differs from the saved one is refused, and a new
     run may not reuse the name."""
     flags = ["--base-model", world / "base", "--dataset-name", world / "tldr_sft", "--output-dir", tmp_path / "out", "--lr", "1e-3",
@@ -47,15 +47,15 @@ def test_the_config_is_saved_read_back_on_resume_and_the_run_name_honoured(world
              "--save-every", 0]
     proc = run_script("sft.py", *flags, "--run-name", "mine", cwd=tmp_path)
     assert "run mine: " in proc.stdout and "--lr 0.001" in proc.stdout and "--batch-size 32" in proc.stdout
-    config = json.load(open(tmp_path / "runs" / "mine" / "config.json"))
+    config = json.load(open(tmp_path / "runs" / "mine" / "args.json"))
     assert (config["run_name"], config["lr"], config["batch_size"], config["max_train_samples"], config["num_updates"]) == \
         ("mine", 1e-3, 32, 64, 2)
     log = [json.loads(x) for x in open(tmp_path / "runs" / "mine" / "metrics.jsonl")]
     assert [row["update"] for row in log] == [1, 2]
 
-    proc = run_script("sft.py", "--resume-from", "runs/mine", cwd=tmp_path)  # no other flag: they come from config.json
-    assert "no checkpoint yet; the run starts again with the flags of runs/mine/config.json" in proc.stdout
-    assert json.load(open(tmp_path / "runs" / "mine" / "config.json")) == config
+    proc = run_script("sft.py", "--resume-from", "runs/mine", cwd=tmp_path)  # no other flag: they come from args.json
+    assert "no checkpoint yet; the run starts again with the flags of runs/mine/args.json" in proc.stdout
+    assert json.load(open(tmp_path / "runs" / "mine" / "args.json")) == config
     again = [json.loads(x) for x in open(tmp_path / "runs" / "mine" / "metrics.jsonl")]
     assert untimed(again) == untimed(log)  # the same run again (deterministic on CPU), logged once
     assert os.listdir(tmp_path / "runs") == ["mine"]
