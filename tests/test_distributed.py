@@ -22,7 +22,7 @@ SMALL_RL = ["--response-length", 8, "--batch-size", 32, "--local-rollout-forward
 
 
 # the torchrun mode each script is tested in (two runs a script keep the suite short): "two" data parallel, "fsdp"
-# with --fsdp. Every script's distributed helpers are the same lines (tests/test_distributed.py checks they are).
+# with --fsdp. Every script's distributed helpers are the same lines (tests/test_copies.py checks they are).
 MODE = {"sft.py": "fsdp", "reward_model.py": "fsdp", "dpo_baseline.py": "fsdp", "drpo_tldr.py": "fsdp", "drpo_hh.py": "two"}
 
 
@@ -187,20 +187,3 @@ def test_a_rank_that_dies_stops_the_job(world, sft_model, tmp_path):
     assert proc.returncode != 0 and time.time() - start < 120, proc.stdout[-3000:]
     assert "rank      : 1" in proc.stdout and "Signal 9 (SIGKILL)" in proc.stdout, proc.stdout[-3000:]
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
-
-
-def test_every_script_holds_the_same_distributed_helpers():
-    """The distributed and FSDP helpers are copied into every training script (each script stands alone): the copies
-    are the same lines, so that the equalities above, each tested on some of the scripts, hold for all."""
-    import ast
-
-    names = ["init_distributed", "all_sum", "average_gradients", "broadcast", "shard", "gathered", "full_state", "load_optimizer_state"]
-    copies = {}
-    for script in ["sft.py", "reward_model.py", "dpo_baseline.py", "ppo_baseline.py", "drpo_tldr.py", "drpo_hh.py"]:
-        source = open(os.path.join(ROOT, script)).read()
-        functions = {f.name: ast.get_source_segment(source, f) for f in ast.parse(source).body if isinstance(f, ast.FunctionDef)}
-        for name in names + (["gather"] if script.startswith(("ppo", "drpo")) else []):
-            copies.setdefault(name, {})[script] = functions[name]
-    for name, by_script in copies.items():
-        assert len(set(by_script.values())) == 1, f"{name} differs between {sorted(by_script)}"
-    assert len(copies["gather"]) == 3 and all(len(c) == 6 for n, c in copies.items() if n != "gather")

@@ -1,0 +1,54 @@
+"""Each script stands alone, so helpers are copied between scripts (by design). A copy edited alone would drift from
+the others silently, and a test of one copy would no longer vouch for the rest: every function defined under the same
+name in several scripts must be the same source in all of them, except those listed in DIFFERENT, which differ on
+purpose (a script-specific message, dataset or run-name pattern)."""
+import ast
+import os
+
+from conftest import ROOT
+
+SCRIPTS = ["sft.py", "reward_model.py", "dpo_baseline.py", "ppo_baseline.py", "drpo_tldr.py", "drpo_hh.py", "eval_winrate.py", "tiny_world.py"]
+DIFFERENT = {
+    "from_pretrained": "its offline message names the script's own model flags",
+    "load_tokenizer": "padding side: left for generation (RL, DPO, SFT), right for the reward model",
+    "checkpoint_candidates": "--resume-from auto looks for the script's own run-name pattern",
+    "load_checkpoint": "the files a checkpoint must hold (LoRA adapters, the value model) differ",
+    "build_episodes": "TL;DR posts and comparisons, against HH transcripts",
+    "comparison_texts": "DR-PO on TL;DR needs only the chosen summary (a reset state), the others the pair",
+    "evaluate": "SFT's eval loss, against the reward model's accuracy",
+}
+
+
+def copies(root=ROOT):
+    """{function name: {script: source}} for the functions defined in more than one script."""
+    found = {}
+    for script in SCRIPTS:
+        source = open(os.path.join(root, script)).read()
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.FunctionDef):
+                found.setdefault(node.name, {})[script] = ast.get_source_segment(source, node)
+    return {name: by_script for name, by_script in found.items() if len(by_script) > 1}
+
+
+def test_every_copied_helper_is_the_same_in_every_script():
+    shared = copies()
+    drifted = [f"{name}: {len(set(by.values()))} versions in {sorted(by)}" for name, by in shared.items()
+               if name not in DIFFERENT and len(set(by.values())) > 1]
+    assert not drifted, drifted
+    # what the check covers, so that a rename cannot empty it: the PPO, data, distributed and run helpers
+    for name, holders in {"compute_gae": 3, "whiten": 3, "ppo_losses": 3, "truncate_response": 3, "per_token_rewards": 3,
+                          "reset_states": 2, "tldr_query": 5, "hh_split": 5, "load_rows": 6, "init_distributed": 6, "shard": 6,
+                          "resume_config": 6, "save_config": 6, "check_flags": 6, "check_hub": 6, "save_checkpoint": 6}.items():
+        assert len(shared[name]) >= holders, (name, sorted(shared[name]))
+    assert len(shared) >= 50
+
+
+def test_an_edited_copy_is_caught(tmp_path):
+    """The check fails when one copy of a helper is edited alone (here whiten, in drpo_hh.py only)."""
+    for script in SCRIPTS:
+        text = open(os.path.join(ROOT, script)).read()
+        if script == "drpo_hh.py":
+            text = text.replace("def whiten(values, mask, shift_mean: bool = True):", "def whiten(values, mask, shift_mean: bool = False):")
+        (tmp_path / script).write_text(text)
+    versions = copies(tmp_path)["whiten"]
+    assert len(set(versions.values())) == 2 and sorted(versions) == ["drpo_hh.py", "drpo_tldr.py", "ppo_baseline.py"]
