@@ -19,6 +19,10 @@ import torch
 import tyro
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as transformers_logging
+
+transformers_logging.set_verbosity_error()  # no load reports: the judge and the policies load whole
+transformers_logging.disable_progress_bar()
 
 
 @dataclass
