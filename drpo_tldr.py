@@ -800,7 +800,6 @@ if __name__ == "__main__":
     args.num_updates = args.total_episodes // args.batch_size
     args.minibatch_size = args.batch_size // args.num_mini_batches
     check_flags(args, FLAG_RULES)
-    check_hub([args.sft_model_path, args.value_model_path, args.dataset_name] + ([] if args.reward_fn else [args.reward_model_path]))
     rank, world, device = init_distributed(args)  # under torchrun; (0, 1, cuda or cpu) in one process
     if args.fsdp and not dist.is_initialized():
         raise SystemExit("--fsdp shards the models across the processes of torchrun: torchrun --nproc_per_node N drpo_tldr.py --fsdp ...")
@@ -832,6 +831,7 @@ if __name__ == "__main__":
           f"bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type}, {world} process{'es' if world > 1 else ''})")
 
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # a rule-based reward replaces the reward model
+    check_hub([args.sft_model_path, args.value_model_path, args.dataset_name] + ([] if args.reward_fn else [args.reward_model_path]))
 
     # ---- models: policy and reference from the SFT model, value from the reward model, reward model frozen ----
     tokenizer = load_tokenizer(args.sft_model_path)

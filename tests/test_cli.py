@@ -1,25 +1,35 @@
 """What a user meets first: flags checked at start-up, a run's config saved and read back, the run name honoured, a fast
 failure when the Hub cannot be reached, the judge's key checked before any generation, the training-curve plot."""
+import importlib
 import json
 import os
+import re
 import time
 
 import pytest
 from conftest import run_script, untimed
 
 
-@pytest.mark.parametrize("script,flag,value,must", [
-    ("drpo_tldr.py", "--reset-prob", "1.5", "in [0, 1]"),
-    ("drpo_hh.py", "--eval-prompts", "0", "> 0"),
-    ("ppo_baseline.py", "--gamma", "2.0", "in [0, 1]"),
-    ("sft.py", "--batch-size", "0", "> 0"),
-    ("reward_model.py", "--lr", "-1.0", "> 0"),
-    ("dpo_baseline.py", "--label-smoothing", "0.5", "in [0, 0.5)"),
+@pytest.mark.parametrize("script,field,value,must", [
+    ("drpo_tldr.py", "reset_prob", 1.5, "in [0, 1]"),
+    ("drpo_hh.py", "eval_prompts", 0, "> 0"),
+    ("ppo_baseline.py", "gamma", 2.0, "in [0, 1]"),
+    ("sft.py", "batch_size", 0, "> 0"),
+    ("reward_model.py", "lr", -1.0, "> 0"),
+    ("dpo_baseline.py", "label_smoothing", 0.5, "in [0, 0.5)"),
 ])
-def test_a_flag_out_of_range_is_refused_at_start_up_naming_it(script, flag, value, must, tmp_path):
-    proc = run_script(script, flag, value, cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and f"{flag} {value}: must be {must}" in proc.stdout
-    assert "Traceback" not in proc.stdout and not os.path.exists(tmp_path / "runs")  # before anything was loaded or written
+def test_every_script_refuses_a_flag_out_of_range_naming_it(script, field, value, must):
+    module = importlib.import_module(script[:-3])
+    args = module.Args(**{field: value})
+    with pytest.raises(SystemExit, match=re.escape(f"--{field.replace('_', '-')} {value}: must be {must}")):
+        module.check_flags(args, module.FLAG_RULES)
+    module.check_flags(module.Args(), module.FLAG_RULES)  # the defaults pass
+
+
+def test_a_flag_out_of_range_stops_the_run_before_anything_is_loaded(tmp_path):
+    proc = run_script("drpo_tldr.py", "--reset-prob", "1.5", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "--reset-prob 1.5: must be in [0, 1]" in proc.stdout
+    assert "Traceback" not in proc.stdout and not os.path.exists(tmp_path / "runs")  # nothing loaded or written
 
 
 def test_computed_fields_are_not_flags(tmp_path):

@@ -210,7 +210,7 @@ def test_hard_exploration_drpo_solves_what_ppo_cannot(world, tmp_path):
     flags = ["--sft-model-path", pw / "sft", "--value-model-path", pw / "sft", "--dataset-name", pw / "tldr_comparisons",
              "--reward-fn", f"{ROOT}/tiny_world.py:password_reward", "--response-length", 8, "--batch-size", 64,
              "--local-rollout-forward-batch-size", 64, "--local-micro-batch-size", 32, "--num-mini-batches", 2, "--lr", 1e-3,
-             "--kl-coef", 0.01, "--temperature", 1, "--total-episodes", 300 * 64, "--eval-every", 25, "--eval-prompts", 1,
+             "--kl-coef", 0.01, "--temperature", 1, "--total-episodes", 300 * 64, "--eval-every", 10, "--eval-prompts", 1,
              "--early-stop-score", 0.9, "--print-sample-every", 0, "--save-every", 0, "--seed", 6,
              "--reset-source", "chosen", "--max-grad-norm", 1.0, "--no-whiten-rewards"]  # the password is in the comparisons
     procs = {}
