@@ -91,7 +91,7 @@ class Args:
     num_updates: tyro.conf.Suppress[int] = 0
 
 
-COMPUTED = ('gradient_accumulation_steps', 'num_updates',)  # fields the script fills in, saved with the config
+COMPUTED = ("gradient_accumulation_steps", "num_updates")  # fields the script fills in, saved with the config
 PROBABILITY, POSITIVE, NON_NEGATIVE = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
 FLAG_RULES = {"lr": POSITIVE, "eps": POSITIVE, "batch_size": POSITIVE, "local_micro_batch_size": POSITIVE,
               "query_length": POSITIVE, "response_length": POSITIVE, "num_train_epochs": POSITIVE,
@@ -523,7 +523,7 @@ def check_hub(paths):
         return
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5)
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5).close()
     except urllib.error.HTTPError:  # an answer, even an error status: the Hub is there
         pass
     except OSError as e:  # no answer: offline, a firewall, a wrong HF_ENDPOINT
