@@ -33,19 +33,17 @@ transformers_logging.disable_progress_bar()
 
 @dataclass
 class Args:
+    # ---- the run ----
     exp_name: str = "dpo"
     """name of this experiment (part of the run name)"""
+    run_name: Optional[str] = None
+    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: {task}__{exp_name}__{seed}__{unix time})"""
     seed: int = 1
     """seed of the experiment"""
     cuda: bool = True
     """use CUDA when available (bf16 autocast there); CPU otherwise"""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of the trained policy, whatever the checkpoint stores: Pythia is stored in fp16, where AdamW's second moment
-    underflows. bfloat16 halves its memory and loses small updates; bf16 autocast runs on CUDA either way"""
-    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """dtype of the frozen reference; auto: bfloat16 on CUDA (no fp32 copy needed), float32 on CPU"""
-    track: bool = False
-    """log to Weights & Biases (needs `wandb`)"""
+
+    # ---- models and data ----
     task: Literal["tldr", "hh"] = "tldr"
     """tldr: OpenAI's TL;DR comparisons; hh: Anthropic HH chosen/rejected transcripts"""
     sft_model_path: Optional[str] = None
@@ -66,6 +64,10 @@ class Args:
     """use only the first N training pairs (debugging)"""
     max_eval_samples: Optional[int] = 1000
     """use only the first N eval pairs"""
+    ref_cache_dir: str = "cache/ref_logprobs"
+    """where the reference log-probs are cached, keyed by the reference model, the data and the tokenisation"""
+
+    # ---- the loss ----
     beta: float = 0.05
     """DPO's beta: the strength of the implicit KL constraint (0.05 as in the authors' TL;DR DPO)"""
     label_smoothing: float = 0.0
@@ -75,18 +77,31 @@ class Args:
     rpo_alpha: float = 0.0
     """RPO (Pang et al. 2024; TRL's rpo_alpha): add rpo_alpha * the chosen responses' per-token NLL to the loss, which
     keeps their likelihood from falling (DPO's likelihood displacement); 0: plain DPO"""
+
+    # ---- optimisation and batch sizes ----
     lr: float = 3e-6
     """learning rate (cosine schedule to 0)"""
     eps: float = 1e-5
     """AdamW epsilon"""
+    max_grad_norm: Optional[float] = None
+    """clip the gradient norm of each optimizer step (None: no clipping, as the authors' and the N+ code)"""
     num_train_epochs: int = 1
     """passes over the training pairs"""
     batch_size: int = 64
     """pairs per optimizer step, over all processes (under torchrun each takes batch_size / processes of them)"""
     local_micro_batch_size: int = 8
     """pairs per forward pass and process (chosen and rejected share it); batch_size / (this x processes) is the gradient accumulation"""
-    max_grad_norm: Optional[float] = None
-    """clip the gradient norm of each optimizer step (None: no clipping, as the authors' and the N+ code)"""
+
+    # ---- evaluation ----
+    eval_every: int = 100
+    """eval accuracy every N optimizer steps (and at the end)"""
+
+    # ---- memory: dtypes, LoRA, gradient checkpointing, FSDP ----
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the trained policy, whatever the checkpoint stores: Pythia is stored in fp16, where AdamW's second moment
+    underflows. bfloat16 halves its memory and loses small updates; bf16 autocast runs on CUDA either way"""
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the frozen reference; auto: bfloat16 on CUDA (no fp32 copy needed), float32 on CPU"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     use_lora: bool = False
@@ -95,10 +110,13 @@ class Args:
     """LoRA rank"""
     lora_alpha: int = 32
     """LoRA alpha"""
-    ref_cache_dir: str = "cache/ref_logprobs"
-    """where the reference log-probs are cached, keyed by the reference model, the data and the tokenisation"""
-    eval_every: int = 100
-    """eval accuracy every N optimizer steps (and at the end)"""
+    fsdp: bool = False
+    """under torchrun, shard the policy's weights, gradients and AdamW state across the processes (FSDP2), for a model
+    that does not fit one GPU; checkpoints and the final model are saved whole, as without it"""
+
+    # ---- logging and checkpoints ----
+    track: bool = False
+    """log to Weights & Biases (needs `wandb`)"""
     save_every: int = 100
     """write a checkpoint every N optimizer steps (0: never), to runs/{run_name}/checkpoints/update_N"""
     keep_checkpoints: int = 2
@@ -109,14 +127,8 @@ class Args:
     come from the checkpoint; only those in RESUMABLE may be given anew"""
     output_dir: str = "models/dpo"
     """where the policy and tokenizer are saved"""
-    fsdp: bool = False
-    """under torchrun, shard the policy's weights, gradients and AdamW state across the processes (FSDP2), for a model
-    that does not fit one GPU; checkpoints and the final model are saved whole, as without it"""
 
-    run_name: Optional[str] = None
-    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: {task}__{exp_name}__{seed}__{unix time})"""
-
-    # computed at run time, not flags
+    # ---- computed at run time from the flags above (not flags; saved with the config) ----
     gradient_accumulation_steps: tyro.conf.Suppress[int] = 0
     num_updates: tyro.conf.Suppress[int] = 0
 
@@ -307,8 +319,9 @@ def from_pretrained(cls, path: str, **kwargs):
     return model
 
 
-def left_pad(sequences, pad_id: int):
-    width = max(len(s) for s in sequences)
+def left_pad(sequences, pad_id: int, width: int = 0):
+    """A (rows, max(width, longest)) tensor of token lists, padded on the left."""
+    width = max(width, max(len(s) for s in sequences))
     return torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
 
 

@@ -31,25 +31,23 @@ transformers_logging.disable_progress_bar()
 
 @dataclass
 class Args:
+    # ---- the run ----
     exp_name: str = "drpo"
     """name of this experiment (part of the run name)"""
+    run_name: Optional[str] = None
+    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: hh__{exp_name}__{seed}__{unix time})"""
     seed: int = 1
     """seed of the experiment"""
     cuda: bool = True
     """use CUDA when available (bf16 autocast there); CPU otherwise"""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of the trained weights (policy, value model), whatever the checkpoint stores: Pythia is stored in fp16, where
-    AdamW's second moment underflows. bfloat16 halves their memory and loses small updates; bf16 autocast runs on CUDA either way"""
-    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """dtype of the frozen models (reference policy, reward model); auto: bfloat16 on CUDA (no fp32 copy needed), float32 on CPU"""
-    track: bool = False
-    """log to Weights & Biases (needs `wandb`)"""
-    tensorboard: bool = False
-    """log to TensorBoard under runs/{run_name} (needs `tensorboard`)"""
+
+    # ---- the method: DR-PO's reset ----
     reset_prob: float = 0.5
     """DR-PO: probability that an episode starts from a state of the offline dataset (0 is PPO)"""
     reset_min_prefix: int = 1
     """DR-PO: h_min, the shortest prefix of a reset; h is uniform in {h_min, ..., len(chosen tokens incl. EOS) - 1}"""
+
+    # ---- models and data ----
     sft_model_path: str = "models/sft_hh"
     """policy and reference init (`sft.py --task hh --output-dir models/sft_hh` writes it)"""
     reward_model_path: str = "models/reward_hh"
@@ -66,8 +64,8 @@ class Args:
     """max prompt tokens; longer conversations keep their end (left truncation)"""
     response_length: int = 128
     """tokens per episode (a reset episode's prefix counts: the policy writes response_length - h)"""
-    temperature: float = 0.7
-    """sampling temperature, applied to the logits in every log-prob computation too"""
+
+    # ---- batch sizes ----
     total_episodes: int = 1_000_000
     """episodes (sampled responses) in the whole run"""
     batch_size: int = 512
@@ -80,6 +78,10 @@ class Args:
     """episodes per forward/backward pass and process; a minibatch is accumulated from these"""
     num_ppo_epochs: int = 4
     """passes over each batch of episodes"""
+
+    # ---- PPO and the N+ details ----
+    temperature: float = 0.7
+    """sampling temperature, applied to the logits in every log-prob computation too"""
     lr: float = 3e-6
     """learning rate of the policy and the value model"""
     anneal_lr: bool = True
@@ -110,6 +112,22 @@ class Args:
     """value loss coefficient"""
     missing_eos_penalty: Optional[float] = -1.0
     """score given to a response with no EOS, replacing its reward (None: keep the score)"""
+
+    # ---- evaluation ----
+    eval_every: int = 0
+    """every N updates, score greedy responses written from the prompt alone (no reset) on the first --eval-prompts
+    prompts; 0: never. This is how DR-PO is judged: resets are for training only"""
+    eval_prompts: int = 64
+    """how many prompts the periodic evaluation uses"""
+    early_stop_score: Optional[float] = None
+    """stop (and save) once the periodic evaluation's mean score reaches this value"""
+
+    # ---- memory: dtypes, LoRA, gradient checkpointing, FSDP ----
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the trained weights (policy, value model), whatever the checkpoint stores: Pythia is stored in fp16, where
+    AdamW's second moment underflows. bfloat16 halves their memory and loses small updates; bf16 autocast runs on CUDA either way"""
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the frozen models (reference policy, reward model); auto: bfloat16 on CUDA (no fp32 copy needed), float32 on CPU"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     use_lora: bool = False
@@ -124,13 +142,15 @@ class Args:
     lora_value: bool = False
     """with --use-lora, adapters on the value model too, its backbone and head frozen (the authors' setup); otherwise the
     value model is trained in full"""
-    eval_every: int = 0
-    """every N updates, score greedy responses written from the prompt alone (no reset) on the first --eval-prompts
-    prompts; 0: never. This is how DR-PO is judged: resets are for training only"""
-    eval_prompts: int = 64
-    """how many prompts the periodic evaluation uses"""
-    early_stop_score: Optional[float] = None
-    """stop (and save) once the periodic evaluation's mean score reaches this value"""
+    fsdp: bool = False
+    """under torchrun, shard the policy's and the value model's weights, gradients and AdamW state across the processes
+    (FSDP2), for models that do not fit one GPU; checkpoints and the final policy are saved whole, as without it"""
+
+    # ---- logging and checkpoints ----
+    track: bool = False
+    """log to Weights & Biases (needs `wandb`)"""
+    tensorboard: bool = False
+    """log to TensorBoard under runs/{run_name} (needs `tensorboard`)"""
     print_sample_every: int = 10
     """print a table of sample query / response / score every N updates"""
     save_every: int = 50
@@ -143,14 +163,8 @@ class Args:
     come from the checkpoint; only those in RESUMABLE may be given anew (--total-episodes extends a run)"""
     output_dir: str = "models/drpo_hh"
     """where the final policy and tokenizer are saved"""
-    fsdp: bool = False
-    """under torchrun, shard the policy's and the value model's weights, gradients and AdamW state across the processes
-    (FSDP2), for models that do not fit one GPU; checkpoints and the final policy are saved whole, as without it"""
 
-    run_name: Optional[str] = None
-    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: hh__{exp_name}__{seed}__{unix time})"""
-
-    # computed at run time, not flags
+    # ---- computed at run time from the flags above (not flags; saved with the config) ----
     num_updates: tyro.conf.Suppress[int] = 0
     minibatch_size: tyro.conf.Suppress[int] = 0
     gradient_accumulation_steps: tyro.conf.Suppress[int] = 0
@@ -332,8 +346,9 @@ def batch_indices(update: int, batch_size: int, n: int, seed: int):
     return [int(perms[e][p % n]) for e, p in zip(epochs, positions)]
 
 
-def left_pad(sequences, pad_id: int):
-    width = max(len(s) for s in sequences)
+def left_pad(sequences, pad_id: int, width: int = 0):
+    """A (rows, max(width, longest)) tensor of token lists, padded on the left."""
+    width = max(width, max(len(s) for s in sequences))
     return torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
 
 
@@ -427,6 +442,47 @@ def penalize_missing_eos(scores, responses, eos_id: int, penalty: Optional[float
     if penalty is None:
         return scores
     return torch.where((responses == eos_id).any(-1), scores, torch.full_like(scores, penalty))
+
+
+def generate_responses(policy, states, h, response_length: int, pad_id: int, **generation):
+    """Each row's whole response, (rows, response_length): the last h tokens of its left-padded state (the reset prefix;
+    h = 0 from the prompt), then the response_length - h tokens the policy writes. One call writes response_length -
+    min(h) tokens for every row; a row with a longer prefix drops its extra ones, so every episode has the same horizon."""
+    new_tokens = response_length - int(h.min())
+    out = policy.generate(input_ids=states, attention_mask=(states != pad_id).long(), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, pad_token_id=pad_id, **generation)
+    return out.gather(1, (states.shape[1] - h).unsqueeze(1) + torch.arange(response_length, device=states.device))
+
+
+def score_responses(reward_model, reward_fn, tokenizer, prompts_ids, query_batch, responses, penalty, chunk_size: int):
+    """The EOS trick, then the score: each response is cut after its first EOS, scored with its prompt (reward model or
+    --reward-fn), and one without EOS gets the penalty instead. Returns (cut responses, raw scores, scores)."""
+    postprocessed = truncate_response(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    raw_scores = get_scores(reward_model, reward_fn, tokenizer, prompts_ids, query_batch, postprocessed, chunk_size)
+    return postprocessed, raw_scores, penalize_missing_eos(raw_scores, postprocessed, tokenizer.eos_token_id, penalty)
+
+
+def print_samples(tokenizer, prompts_ids, postprocessed, h, scores, reset, n: int = 4):
+    """A few episodes, from the prompt and reset alike (the batch is ordered by h): score, the prompt's end, [the reset
+    prefix] and what the policy wrote."""
+    starts, resets = (~reset).nonzero().flatten().tolist(), reset.nonzero().flatten().tolist()
+    print(f"{'score':>7} | query (end) | [reset prefix] response")
+    for i in starts[: max(n // 2, n - len(resets))] + resets[: max(n // 2, n - len(starts))]:
+        query = tokenizer.decode(prompts_ids[i][-40:]).replace("\n", "\\n")
+        prefix, rest = tokenizer.decode(postprocessed[i, : h[i]]), tokenizer.decode(postprocessed[i, h[i] :], skip_special_tokens=True)
+        print(f"{scores[i].item():7.3f} | ...{query} | [{prefix}]{rest!r}")
+
+
+def log_metrics(metrics: dict, log, tracker=None, writer=None):
+    """One line on the console, one json line in runs/{run_name}/metrics.jsonl; W&B and TensorBoard when asked for."""
+    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    log.write(json.dumps(metrics) + "\n")
+    log.flush()
+    if tracker is not None:
+        tracker.log(metrics, step=metrics["episodes"])
+    if writer is not None:
+        for k, v in metrics.items():
+            writer.add_scalar(k, v, metrics["episodes"])
 
 
 def masked_mean(values, mask):
@@ -816,7 +872,9 @@ if __name__ == "__main__":
                                   num_labels=1, dtype=getattr(torch, args.dtype))
     reward_model = None if reward_fn else from_pretrained(AutoModelForSequenceClassification, args.reward_model_path, num_labels=1,
                                                           dtype=getattr(torch, args.frozen_dtype))
-    for model in (policy, value_model, reward_model):
+    # the reference policy: the SFT model, frozen; with LoRA no second copy, the policy with its adapter switched off
+    ref_policy = None if args.use_lora else from_pretrained(AutoModelForCausalLM, args.sft_model_path, dtype=getattr(torch, args.frozen_dtype))
+    for model in (policy, ref_policy, value_model, reward_model):
         if model is None:
             continue
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -831,8 +889,7 @@ if __name__ == "__main__":
 
         targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
         lora_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=targets)
-        # no second copy of the model: the reference policy is the policy with the adapter switched off
-        policy, ref_policy = get_peft_model(policy, lora_config), None
+        policy = ref_policy = get_peft_model(policy, lora_config)
         if args.lora_value:  # adapters put in place: the value model stays a sequence classifier that token_scores reads
             value_model = inject_adapter_in_model(lora_config, value_model)
             for name, param in value_model.named_parameters():
@@ -842,11 +899,7 @@ if __name__ == "__main__":
             if args.lora_value:
                 value_model.load_state_dict(torch.load(f"{args.resume_from}/value_lora.pt"), strict=False)
         policy.print_trainable_parameters()
-    else:
-        ref_policy = from_pretrained(AutoModelForCausalLM, args.sft_model_path, dtype=getattr(torch, args.frozen_dtype))
-        ref_policy = ref_policy.eval().requires_grad_(False).to(device)
-        if len(tokenizer) > ref_policy.get_input_embeddings().num_embeddings:
-            ref_policy.resize_token_embeddings(len(tokenizer))
+    reference = policy.disable_adapter if args.use_lora else contextlib.nullcontext  # around every reference pass
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         value_model.gradient_checkpointing_enable()
@@ -856,10 +909,11 @@ if __name__ == "__main__":
             value_model.enable_input_require_grads()
     policy.generation_config.eos_token_id = None  # the EOS trick: sample all response_length tokens, truncate after
     policy.generation_config.bos_token_id = None
-    sampling = dict(temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, pad_token_id=pad_id, suppress_tokens=non_tokens)
+    sampling = dict(temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, suppress_tokens=non_tokens)
     policy, value_model = policy.to(device).train(), value_model.to(device).train()
-    if reward_model is not None:
-        reward_model = reward_model.to(device).eval().requires_grad_(False)
+    for model in (ref_policy, reward_model) if not args.use_lora else (reward_model,):
+        if model is not None:
+            model.to(device).eval().requires_grad_(False)
     if args.fsdp:  # each process keeps 1/processes of the trained weights, gradients and AdamW state
         shard(policy)
         shard(value_model)
@@ -888,10 +942,11 @@ if __name__ == "__main__":
             f.writelines(kept)
         os.replace(f"{log_path}.tmp", log_path)
     log = open(log_path if rank == 0 else os.devnull, "a" if checkpoint else "w")  # rank 0 writes the log
+    tracker = writer = None
     if args.track and rank == 0:
         import wandb  # only imported when asked for
 
-        wandb.init(project="drpo", name=args.run_name, config=asdict(args), resume="allow", id=args.run_name)
+        tracker = wandb.init(project="drpo", name=args.run_name, config=asdict(args), resume="allow", id=args.run_name)
     if args.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
 
@@ -907,64 +962,51 @@ if __name__ == "__main__":
         # ---- rollout: each episode writes the rest of a response_length-token response ----
         t0 = time.time()
         batch = batch_indices(update, args.batch_size, len(queries), args.seed)
-        batch_queries = [queries[i] for i in batch]
         # DR-PO: reset to a state of the offline dataset. With probability reset_prob the episode starts from the
         # prompt followed by the first h tokens of the response the labelers preferred, and the policy writes the
         # remaining response_length - h tokens. The prefix is part of the state: it is encoded in the prompt's
         # forward pass (prefill), and masked out of every loss and statistic below.
-        states, h, reset = reset_states(batch_queries, [chosens[i] for i in batch], args.reset_prob, args.reset_min_prefix,
-                                        args.response_length, reset_generator)
-        h, reset = h.to(device), reset.to(device)
+        states, h, reset = reset_states([queries[i] for i in batch], [chosens[i] for i in batch], args.reset_prob,
+                                        args.reset_min_prefix, args.response_length, reset_generator)
+        # The batch is ordered by h, once, for the whole update: a generate call writes response_length - min(h) tokens,
+        # so chunks of similar h stop early; nothing after the rollout depends on the order. A stable sort: with no
+        # reset nothing moves, so that --reset-prob 0 is PPO to the last digit.
+        by_h = torch.argsort(h, stable=True).tolist()
+        batch, states, h, reset = [batch[i] for i in by_h], [states[i] for i in by_h], h[by_h].to(device), reset[by_h].to(device)
+        batch_queries = [queries[i] for i in batch]
         query_batch = left_pad(batch_queries, pad_id).to(device)  # (batch, context_length): the prompts alone
-        state_batch = left_pad(states, pad_id).to(device)  # (batch, state_width): prompt + prefix, re-packed, left-padded
         context_length = query_batch.shape[1]
-        # generate in order of h: a call writes response_length - min(h) tokens, so chunks of similar h stop early
-        # (a stable sort: with no reset nothing moves). The results are put back in batch order after the loop.
-        gen_order = torch.argsort(h, stable=True)
         share = args.batch_size // world
         mine = slice(rank * share, (rank + 1) * share)  # this process's share of the chunks (all of them in one process)
         responses, logprobs, ref_logprobs, values = [], [], [], []
         with torch.no_grad(), autocast, gathered(policy):  # FSDP: the policy gathered once for the whole rollout
             for i in range(mine.start, mine.stop, args.local_rollout_forward_batch_size):
-                idx = gen_order[i : i + args.local_rollout_forward_batch_size]
+                chunk = slice(i, i + args.local_rollout_forward_batch_size)
                 # the samples of a chunk are a function of the seed and the chunk's place in the batch, whatever the
                 # number of processes: a run on 2 processes rolls out the episodes of a run on 1
                 torch.manual_seed(int(np.random.default_rng([args.seed, update, i]).integers(2**62)))
-                # this chunk's states, left-padded no wider than they need (never narrower than the prompts)
-                width = max(context_length, max(len(states[j]) for j in idx.tolist()))
-                query, state, chunk_h = query_batch[idx], state_batch[idx, -width:], h[idx]
-                new_tokens = args.response_length - int(chunk_h.min())  # the episode horizon is unchanged
-                state_response = policy.generate(input_ids=state, attention_mask=(state != pad_id).long(), max_new_tokens=new_tokens,
-                                                 min_new_tokens=new_tokens, **sampling)
-                # the whole response: the last h tokens of the state (the prefix), then response_length - h new ones
-                take = (state.shape[1] - chunk_h).unsqueeze(1) + torch.arange(args.response_length, device=device)
-                response = state_response.gather(1, take)  # (chunk, response_length)
-                query_response = torch.cat((query, response), 1)
+                # never narrower than the prompts: with no reset the policy sees PPO's input, padding and positions alike
+                state = left_pad(states[chunk], pad_id, width=context_length).to(device)
+                response = generate_responses(policy, state, h[chunk], args.response_length, pad_id, **sampling)
+                query_response = torch.cat((query_batch[chunk], response), 1)
                 logprobs.append(response_logprobs(policy, query_response, response, pad_id, args.temperature, non_tokens))
-                if ref_policy is None:
-                    with policy.disable_adapter():
-                        ref_logprobs.append(response_logprobs(policy, query_response, response, pad_id, args.temperature, non_tokens))
-                else:
+                with reference():
                     ref_logprobs.append(response_logprobs(ref_policy, query_response, response, pad_id, args.temperature, non_tokens))
                 values.append(token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1])
                 responses.append(response)
-            back = torch.argsort(gen_order)  # batch order again
-            # distributed: every process gets the whole batch, so that every statistic below is one of the whole batch
-            responses, logprobs, ref_logprobs, values = (gather(torch.cat(x))[back] for x in (responses, logprobs, ref_logprobs, values))
-            postprocessed = truncate_response(responses, eos_id, pad_id)  # (batch, response_length)
-            sequence_lengths = first_true_indices(postprocessed == pad_id) - 1  # index of the last real token (the EOS)
-            contain_eos = (postprocessed == eos_id).any(-1)
             rollout_time = time.time() - t0
 
             # ---- scoring: the reward model (or --reward-fn) on the whole truncated response, prefix included ----
             t0 = time.time()
-            scores = gather(get_scores(reward_model, reward_fn, tokenizer, batch_queries[mine], query_batch[mine], postprocessed[mine],
-                                       args.local_rollout_forward_batch_size))  # each process scores its share
-            raw_scores = scores.clone()
-            scores = penalize_missing_eos(scores, postprocessed, eos_id, args.missing_eos_penalty)
+            scored = score_responses(reward_model, reward_fn, tokenizer, batch_queries[mine], query_batch[mine], torch.cat(responses),
+                                     args.missing_eos_penalty, args.local_rollout_forward_batch_size)  # each process its share
+            # distributed: every process gets the whole batch, so that every statistic below is one of the whole batch
+            responses, logprobs, ref_logprobs, values = (gather(torch.cat(x)) for x in (responses, logprobs, ref_logprobs, values))
+            postprocessed, raw_scores, scores = (gather(x) for x in scored)
+            sequence_lengths = first_true_indices(postprocessed == pad_id) - 1  # index of the last real token (the EOS)
             scoring_time = time.time() - t0
 
-            # ---- rewards and advantages; the reset prefix and everything after the EOS are masked out ----
+        # ---- rewards and advantages; the reset prefix and everything after the EOS are masked out ----
             t0 = time.time()
             mask = action_mask(h, sequence_lengths, args.response_length)  # (batch, response_length)
             logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
@@ -1011,61 +1053,45 @@ if __name__ == "__main__":
         if args.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, mean_kl, args.batch_size, args.target_kl, args.kl_horizon)
 
+        # ---- evaluation: greedy responses from the prompt alone, as DR-PO is judged (resets are for training only) ----
+        eval_score = None
+        if args.eval_every and update % args.eval_every == 0:  # every process evaluates: all of them take the same early stop
+            with torch.no_grad(), autocast, gathered(policy):
+                eval_batch = left_pad(queries[: args.eval_prompts], pad_id).to(device)
+                eval_responses = generate_responses(policy, eval_batch, torch.zeros(len(eval_batch), dtype=torch.long, device=device),
+                                                    args.response_length, pad_id, do_sample=False, suppress_tokens=non_tokens)
+                eval_score = score_responses(reward_model, reward_fn, tokenizer, queries[: args.eval_prompts], eval_batch, eval_responses,
+                                             args.missing_eos_penalty, args.local_rollout_forward_batch_size)[2].mean().item()
+
         # ---- logging ----
         episodes = update * args.batch_size
+        non_score = non_score_reward.sum(1).mean().item()
         metrics = {
-            "update": update, "episodes": episodes,
-            "objective/kl": mean_kl,
+            "update": update, "episodes": episodes, "objective/kl": mean_kl,
             "objective/entropy": (-logprobs).sum(1).mean().item(),  # sampled-token estimate, summed over the policy's tokens
-            "objective/scores": scores.mean().item(),
-            "objective/raw_scores": raw_scores.mean().item(),
-            "objective/non_score_reward": non_score_reward.sum(1).mean().item(),
-            "objective/rlhf_reward": scores.mean().item() + non_score_reward.sum(1).mean().item(),
-            "objective/kl_coef": kl_coef,
+            "objective/scores": scores.mean().item(), "objective/raw_scores": raw_scores.mean().item(),
+            "objective/non_score_reward": non_score, "objective/rlhf_reward": scores.mean().item() + non_score, "objective/kl_coef": kl_coef,
             "policy/approxkl": float(np.mean(stats["approxkl"])), "policy/clipfrac": float(np.mean(stats["clipfrac"])),
             "policy/first_approxkl": stats["approxkl"][0], "policy/first_ratio": stats["ratio"][0],
             "loss/policy": float(np.mean(stats["pg_loss"])), "loss/value": float(np.mean(stats["vf_loss"])),
             "val/clipfrac": float(np.mean(stats["vf_clipfrac"])), "val/ratio": float(np.mean(stats["ratio"])),
-            "val/eos_fraction": contain_eos.float().mean().item(),
-            "val/response_length": (sequence_lengths + 1).float().mean().item(),
-            "lr": optimizer.param_groups[0]["lr"],
+            "val/eos_fraction": (postprocessed == eos_id).any(-1).float().mean().item(),
+            "val/response_length": (sequence_lengths + 1).float().mean().item(), "lr": optimizer.param_groups[0]["lr"],
             "episodes_per_s": (episodes - episodes_at_start) / (time.time() - start_time),  # since the start (or resume)
             "episodes_per_s_update": args.batch_size / (rollout_time + scoring_time + update_time),  # this update's
-            "time/rollout": rollout_time, "time/scoring": scoring_time, "time/update": update_time,
-            "peak_memory_gb": peak_memory_gb(device),
+            "time/rollout": rollout_time, "time/scoring": scoring_time, "time/update": update_time, "peak_memory_gb": peak_memory_gb(device),
             "reset/fraction": reset.float().mean().item(),
         }
-        if reset.any():  # DR-PO: the reset and the non-reset episodes, apart
-            metrics |= {"reset/mean_h": h[reset].float().mean().item(), "reset/scores": scores[reset].mean().item(),
-                        "reset/kl": kl[reset].sum(1).mean().item()}
-        if not reset.all():
-            metrics |= {"no_reset/scores": scores[~reset].mean().item(), "no_reset/kl": kl[~reset].sum(1).mean().item()}
-        if args.eval_every and update % args.eval_every == 0:  # from the prompt alone, greedy: no reset at test time
-            # (under torchrun every process runs the same evaluation, so that all of them take the same early stop)
-            with torch.no_grad(), autocast, gathered(policy):
-                eval_queries = queries[: args.eval_prompts]
-                eval_batch = left_pad(eval_queries, pad_id).to(device)
-                out = policy.generate(input_ids=eval_batch, attention_mask=(eval_batch != pad_id).long(), max_new_tokens=args.response_length,
-                                      min_new_tokens=args.response_length, do_sample=False, pad_token_id=pad_id,
-                                      suppress_tokens=non_tokens)
-                eval_responses = truncate_response(out[:, eval_batch.shape[1] :], eos_id, pad_id)
-                eval_scores = get_scores(reward_model, reward_fn, tokenizer, eval_queries, eval_batch, eval_responses,
-                                         args.local_rollout_forward_batch_size)
-                metrics["eval/score"] = penalize_missing_eos(eval_scores, eval_responses, eos_id, args.missing_eos_penalty).mean().item()
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        log.write(json.dumps(metrics) + "\n")
-        log.flush()
-        if args.track and rank == 0:
-            wandb.log(metrics, step=episodes)
-        if args.tensorboard and rank == 0:
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, episodes)
+        for name, group in (("reset", reset), ("no_reset", ~reset)):  # DR-PO's two kinds of episode, apart
+            if group.any():
+                metrics |= {f"{name}/scores": scores[group].mean().item(), f"{name}/kl": kl[group].sum(1).mean().item()}
+        if reset.any():
+            metrics["reset/mean_h"] = h[reset].float().mean().item()
+        if eval_score is not None:
+            metrics["eval/score"] = eval_score
+        log_metrics(metrics, log, tracker, writer)
         if args.print_sample_every and update % args.print_sample_every == 0:
-            print(f"{'score':>7} | query (end) | [reset prefix] response")
-            for i in range(min(4, args.batch_size)):
-                q = tokenizer.decode(batch_queries[i][-40:]).replace("\n", "\\n")
-                prefix = tokenizer.decode(postprocessed[i, : h[i]])  # the reset prefix, shown in [brackets]
-                print(f"{scores[i].item():7.3f} | ...{q} | [{prefix}]{tokenizer.decode(postprocessed[i, h[i]:], skip_special_tokens=True)!r}")
+            print_samples(tokenizer, batch_queries, postprocessed, h, scores, reset)
 
         # ---- checkpoint: models, optimizer, RNG states, update index and KL controller ----
         if args.save_every and update % args.save_every == 0 and update < args.num_updates:
@@ -1089,8 +1115,8 @@ if __name__ == "__main__":
             if rank == 0:  # one writer
                 folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
                 print(f"checkpoint written to {folder} (resume with --resume-from {folder}, or --resume-from auto)")
-        if args.early_stop_score is not None and metrics.get("eval/score", float("-inf")) >= args.early_stop_score:
-            print(f"eval/score {metrics['eval/score']:.4g} >= --early-stop-score {args.early_stop_score}: stopping at update {update}")
+        if eval_score is not None and args.early_stop_score is not None and eval_score >= args.early_stop_score:
+            print(f"eval/score {eval_score:.4g} >= --early-stop-score {args.early_stop_score}: stopping at update {update}")
             break
 
     final = policy.merge_and_unload() if args.use_lora else policy

@@ -27,6 +27,7 @@ transformers_logging.disable_progress_bar()
 
 @dataclass
 class Args:
+    # ---- models and data ----
     task: Literal["tldr", "hh"] = "tldr"
     """tldr: policy summary against the human reference summary; hh: policy response against the chosen response"""
     model_paths: list[str] = field(default_factory=list)
@@ -41,12 +42,22 @@ class Args:
     """how many eval examples are judged"""
     query_length: int = 512
     """max prompt tokens (as in training)"""
+
+    # ---- generation ----
     response_length: Optional[int] = None
     """tokens generated (as in training; default 53 tldr, 128 hh)"""
     temperature: float = 0.01
     """sampling temperature of the policies (the paper's 0.01: nearly greedy)"""
     batch_size: int = 32
     """prompts per generate call"""
+    seed: int = 1
+    """seed of sampling and of the random order"""
+    cuda: bool = True
+    """use CUDA when available"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the policies and of a local judge; auto: bfloat16 on CUDA, float32 on CPU"""
+
+    # ---- the judge ----
     judge: Literal["openai", "hf", "rm"] = "openai"
     """openai: a chat-completions endpoint; hf: a local causal LM's next-token choice; rm: a reward model's scores"""
     judge_model: str = "gpt-4"
@@ -72,14 +83,10 @@ class Args:
     """first backoff delay; it doubles at each retry"""
     cache_file: str = "eval/judge_cache.jsonl"
     """every judgement is appended here; a rerun never repeats a call"""
+
+    # ---- outputs ----
     output_dir: str = "eval"
     """where the per-example and summary files go"""
-    seed: int = 1
-    """seed of sampling and of the random order"""
-    cuda: bool = True
-    """use CUDA when available"""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """dtype of the policies and of a local judge; auto: bfloat16 on CUDA, float32 on CPU"""
 
 
 PROMPTS = {

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import tyro
 from datasets import load_dataset
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 transformers_logging.set_verbosity_error()  # its load reports flag a new value or reward head, which is expected
@@ -30,21 +30,17 @@ transformers_logging.disable_progress_bar()
 
 @dataclass
 class Args:
+    # ---- the run ----
     exp_name: str = "ppo"
     """name of this experiment (part of the run name)"""
+    run_name: Optional[str] = None
+    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: {task}__{exp_name}__{seed}__{unix time})"""
     seed: int = 1
     """seed of the experiment"""
     cuda: bool = True
     """use CUDA when available (bf16 autocast there); CPU otherwise"""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of the trained weights (policy, value model), whatever the checkpoint stores: Pythia is stored in fp16, where
-    AdamW's second moment underflows. bfloat16 halves their memory and loses small updates; bf16 autocast runs on CUDA either way"""
-    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """dtype of the frozen models (reference policy, reward model); auto: bfloat16 on CUDA (no fp32 copy needed), float32 on CPU"""
-    track: bool = False
-    """log to Weights & Biases (needs `wandb`)"""
-    tensorboard: bool = False
-    """log to TensorBoard under runs/{run_name} (needs `tensorboard`)"""
+
+    # ---- models and data ----
     task: Literal["tldr", "hh"] = "tldr"
     """tldr: Reddit TL;DR posts; hh: Anthropic HH conversations"""
     sft_model_path: Optional[str] = None
@@ -63,8 +59,8 @@ class Args:
     """max prompt tokens: TL;DR posts are cut back at their last newline, HH prompts keep their end"""
     response_length: Optional[int] = None
     """tokens generated per episode (default: 53 tldr, 128 hh)"""
-    temperature: float = 0.7
-    """sampling temperature, applied to the logits in every log-prob computation too"""
+
+    # ---- batch sizes ----
     total_episodes: int = 1_000_000
     """episodes (sampled responses) in the whole run"""
     batch_size: int = 512
@@ -77,6 +73,10 @@ class Args:
     """episodes per forward/backward pass and process; a minibatch is accumulated from these"""
     num_ppo_epochs: int = 4
     """passes over each batch of episodes"""
+
+    # ---- PPO and the N+ details ----
+    temperature: float = 0.7
+    """sampling temperature, applied to the logits in every log-prob computation too"""
     lr: float = 3e-6
     """learning rate of the policy and the value model"""
     anneal_lr: bool = True
@@ -107,6 +107,21 @@ class Args:
     """value loss coefficient"""
     missing_eos_penalty: Optional[float] = -1.0
     """score given to a response with no EOS, replacing its reward (None: keep the score)"""
+
+    # ---- evaluation ----
+    eval_every: int = 0
+    """every N updates, score greedy responses to the first --eval-prompts prompts (as drpo_tldr.py does); 0: never"""
+    eval_prompts: int = 64
+    """how many prompts the periodic evaluation uses"""
+    early_stop_score: Optional[float] = None
+    """stop (and save) once the periodic evaluation's mean score reaches this value"""
+
+    # ---- memory: dtypes, LoRA, gradient checkpointing, FSDP ----
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the trained weights (policy, value model), whatever the checkpoint stores: Pythia is stored in fp16, where
+    AdamW's second moment underflows. bfloat16 halves their memory and loses small updates; bf16 autocast runs on CUDA either way"""
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the frozen models (reference policy, reward model); auto: bfloat16 on CUDA (no fp32 copy needed), float32 on CPU"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     use_lora: bool = False
@@ -121,6 +136,15 @@ class Args:
     lora_value: bool = False
     """with --use-lora, adapters on the value model too, its backbone and head frozen (the authors' setup); otherwise the
     value model is trained in full"""
+    fsdp: bool = False
+    """under torchrun, shard the policy's and the value model's weights, gradients and AdamW state across the processes
+    (FSDP2), for models that do not fit one GPU; checkpoints and the final policy are saved whole, as without it"""
+
+    # ---- logging and checkpoints ----
+    track: bool = False
+    """log to Weights & Biases (needs `wandb`)"""
+    tensorboard: bool = False
+    """log to TensorBoard under runs/{run_name} (needs `tensorboard`)"""
     print_sample_every: int = 10
     """print a table of sample query / response / score every N updates"""
     save_every: int = 50
@@ -133,14 +157,8 @@ class Args:
     come from the checkpoint; only those in RESUMABLE may be given anew (--total-episodes extends a run)"""
     output_dir: str = "models/ppo"
     """where the final policy and tokenizer are saved"""
-    fsdp: bool = False
-    """under torchrun, shard the policy's and the value model's weights, gradients and AdamW state across the processes
-    (FSDP2), for models that do not fit one GPU; checkpoints and the final policy are saved whole, as without it"""
 
-    run_name: Optional[str] = None
-    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: {task}__{exp_name}__{seed}__{unix time})"""
-
-    # computed at run time, not flags
+    # ---- computed at run time from the flags above (not flags; saved with the config) ----
     num_updates: tyro.conf.Suppress[int] = 0
     minibatch_size: tyro.conf.Suppress[int] = 0
     gradient_accumulation_steps: tyro.conf.Suppress[int] = 0
@@ -153,7 +171,7 @@ FLAG_RULES = {"lr": POSITIVE, "eps": POSITIVE, "batch_size": POSITIVE, "local_mi
               "temperature": POSITIVE, "total_episodes": POSITIVE, "local_rollout_forward_batch_size": POSITIVE,
               "num_mini_batches": POSITIVE, "num_ppo_epochs": POSITIVE, "max_grad_norm": POSITIVE,
               "target_kl": POSITIVE, "kl_horizon": POSITIVE, "cliprange": POSITIVE, "cliprange_value": POSITIVE,
-              "lora_r": POSITIVE, "save_every": NON_NEGATIVE, "print_sample_every": NON_NEGATIVE,
+              "lora_r": POSITIVE, "eval_prompts": POSITIVE, "eval_every": NON_NEGATIVE, "save_every": NON_NEGATIVE, "print_sample_every": NON_NEGATIVE,
               "kl_coef": NON_NEGATIVE, "vf_coef": NON_NEGATIVE, "gamma": PROBABILITY, "gae_lambda": PROBABILITY}
 
 
@@ -318,8 +336,9 @@ def batch_indices(update: int, batch_size: int, n: int, seed: int):
     return [int(perms[e][p % n]) for e, p in zip(epochs, positions)]
 
 
-def left_pad(sequences, pad_id: int):
-    width = max(len(s) for s in sequences)
+def left_pad(sequences, pad_id: int, width: int = 0):
+    """A (rows, max(width, longest)) tensor of token lists, padded on the left."""
+    width = max(width, max(len(s) for s in sequences))
     return torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
 
 
@@ -392,6 +411,55 @@ def penalize_missing_eos(scores, responses, eos_id: int, penalty: Optional[float
     if penalty is None:
         return scores
     return torch.where((responses == eos_id).any(-1), scores, torch.full_like(scores, penalty))
+
+
+def get_scores(reward_model, reward_fn, tokenizer, prompts_ids, query_batch, postprocessed, chunk_size: int):
+    """Sequence scores of the truncated responses: the reward model at the last real token, or --reward-fn on text."""
+    if reward_fn is None:
+        query_responses = torch.cat((query_batch, postprocessed), 1)
+        return torch.cat([token_scores(reward_model, chunk, tokenizer.pad_token_id).gather(
+            1, last_token_index(chunk, tokenizer.pad_token_id).unsqueeze(1)).squeeze(1) + reward_offset(reward_model)
+            for chunk in query_responses.split(chunk_size)])
+    texts = tokenizer.batch_decode(postprocessed, skip_special_tokens=True)
+    scores = reward_fn(tokenizer.batch_decode(prompts_ids), texts)
+    if len(scores) != len(texts):
+        raise SystemExit(f"--reward-fn returned {len(scores)} scores for {len(texts)} responses")
+    return torch.tensor(scores, dtype=torch.float, device=postprocessed.device)
+
+
+def generate_responses(policy, queries, response_length: int, pad_id: int, **generation):
+    """The response_length tokens the policy writes after each left-padded prompt, (rows, response_length)."""
+    out = policy.generate(input_ids=queries, attention_mask=(queries != pad_id).long(), max_new_tokens=response_length,
+                          min_new_tokens=response_length, pad_token_id=pad_id, **generation)
+    return out[:, queries.shape[1] :]
+
+
+def score_responses(reward_model, reward_fn, tokenizer, prompts_ids, query_batch, responses, penalty, chunk_size: int):
+    """The EOS trick, then the score: each response is cut after its first EOS, scored with its prompt (reward model or
+    --reward-fn), and one without EOS gets the penalty instead. Returns (cut responses, raw scores, scores)."""
+    postprocessed = truncate_response(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    raw_scores = get_scores(reward_model, reward_fn, tokenizer, prompts_ids, query_batch, postprocessed, chunk_size)
+    return postprocessed, raw_scores, penalize_missing_eos(raw_scores, postprocessed, tokenizer.eos_token_id, penalty)
+
+
+def print_samples(tokenizer, prompts_ids, postprocessed, scores, n: int = 4):
+    """The first episodes of the batch: score, the prompt's end and the response."""
+    print(f"{'score':>7} | query (end) | response")
+    for i in range(min(n, len(prompts_ids))):
+        query = tokenizer.decode(prompts_ids[i][-40:]).replace("\n", "\\n")
+        print(f"{scores[i].item():7.3f} | ...{query} | {tokenizer.decode(postprocessed[i], skip_special_tokens=True)!r}")
+
+
+def log_metrics(metrics: dict, log, tracker=None, writer=None):
+    """One line on the console, one json line in runs/{run_name}/metrics.jsonl; W&B and TensorBoard when asked for."""
+    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    log.write(json.dumps(metrics) + "\n")
+    log.flush()
+    if tracker is not None:
+        tracker.log(metrics, step=metrics["episodes"])
+    if writer is not None:
+        for k, v in metrics.items():
+            writer.add_scalar(k, v, metrics["episodes"])
 
 
 def masked_mean(values, mask):
@@ -783,7 +851,9 @@ if __name__ == "__main__":
                                   num_labels=1, dtype=getattr(torch, args.dtype))
     reward_model = None if reward_fn else from_pretrained(AutoModelForSequenceClassification, args.reward_model_path, num_labels=1,
                                                           dtype=getattr(torch, args.frozen_dtype))
-    for model in (policy, value_model, reward_model):
+    # the reference policy: the SFT model, frozen; with LoRA no second copy, the policy with its adapter switched off
+    ref_policy = None if args.use_lora else from_pretrained(AutoModelForCausalLM, args.sft_model_path, dtype=getattr(torch, args.frozen_dtype))
+    for model in (policy, ref_policy, value_model, reward_model):
         if model is None:
             continue
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -798,8 +868,7 @@ if __name__ == "__main__":
 
         targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
         lora_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=targets)
-        # no second copy of the model: the reference policy is the policy with the adapter switched off
-        policy, ref_policy = get_peft_model(policy, lora_config), None
+        policy = ref_policy = get_peft_model(policy, lora_config)
         if args.lora_value:  # adapters put in place: the value model stays a sequence classifier that token_scores reads
             value_model = inject_adapter_in_model(lora_config, value_model)
             for name, param in value_model.named_parameters():
@@ -809,11 +878,7 @@ if __name__ == "__main__":
             if args.lora_value:
                 value_model.load_state_dict(torch.load(f"{args.resume_from}/value_lora.pt"), strict=False)
         policy.print_trainable_parameters()
-    else:
-        ref_policy = from_pretrained(AutoModelForCausalLM, args.sft_model_path, dtype=getattr(torch, args.frozen_dtype))
-        ref_policy = ref_policy.eval().requires_grad_(False).to(device)
-        if len(tokenizer) > ref_policy.get_input_embeddings().num_embeddings:
-            ref_policy.resize_token_embeddings(len(tokenizer))
+    reference = policy.disable_adapter if args.use_lora else contextlib.nullcontext  # around every reference pass
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         value_model.gradient_checkpointing_enable()
@@ -823,12 +888,11 @@ if __name__ == "__main__":
             value_model.enable_input_require_grads()
     policy.generation_config.eos_token_id = None  # the EOS trick: sample all response_length tokens, truncate after
     policy.generation_config.bos_token_id = None
-    generation_config = GenerationConfig(max_new_tokens=args.response_length, min_new_tokens=args.response_length,
-                                         temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, pad_token_id=pad_id,
-                                         suppress_tokens=non_tokens)
+    sampling = dict(temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, suppress_tokens=non_tokens)
     policy, value_model = policy.to(device).train(), value_model.to(device).train()
-    if reward_model is not None:
-        reward_model = reward_model.to(device).eval().requires_grad_(False)
+    for model in (ref_policy, reward_model) if not args.use_lora else (reward_model,):
+        if model is not None:
+            model.to(device).eval().requires_grad_(False)
     if args.fsdp:  # each process keeps 1/processes of the trained weights, gradients and AdamW state
         shard(policy)
         shard(value_model)
@@ -855,10 +919,11 @@ if __name__ == "__main__":
             f.writelines(kept)
         os.replace(f"{log_path}.tmp", log_path)
     log = open(log_path if rank == 0 else os.devnull, "a" if checkpoint else "w")  # rank 0 writes the log
+    tracker = writer = None
     if args.track and rank == 0:
         import wandb  # only imported when asked for
 
-        wandb.init(project="drpo", name=args.run_name, config=asdict(args), resume="allow", id=args.run_name)
+        tracker = wandb.init(project="drpo", name=args.run_name, config=asdict(args), resume="allow", id=args.run_name)
     if args.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
 
@@ -881,47 +946,30 @@ if __name__ == "__main__":
         responses, logprobs, ref_logprobs, values = [], [], [], []
         with torch.no_grad(), autocast, gathered(policy):  # FSDP: the policy gathered once for the whole rollout
             for i in range(mine.start, mine.stop, args.local_rollout_forward_batch_size):
-                query = query_batch[i : i + args.local_rollout_forward_batch_size]
+                chunk = slice(i, i + args.local_rollout_forward_batch_size)
                 # the samples of a chunk are a function of the seed and the chunk's place in the batch, whatever the
                 # number of processes: a run on 2 processes rolls out the episodes of a run on 1
                 torch.manual_seed(int(np.random.default_rng([args.seed, update, i]).integers(2**62)))
-                query_response = policy.generate(input_ids=query, attention_mask=(query != pad_id).long(), generation_config=generation_config)
-                response = query_response[:, context_length:]  # (chunk, response_length)
+                response = generate_responses(policy, query_batch[chunk], args.response_length, pad_id, **sampling)
+                query_response = torch.cat((query_batch[chunk], response), 1)
                 logprobs.append(response_logprobs(policy, query_response, response, pad_id, args.temperature, non_tokens))
-                if ref_policy is None:
-                    with policy.disable_adapter():
-                        ref_logprobs.append(response_logprobs(policy, query_response, response, pad_id, args.temperature, non_tokens))
-                else:
+                with reference():
                     ref_logprobs.append(response_logprobs(ref_policy, query_response, response, pad_id, args.temperature, non_tokens))
                 values.append(token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1])
                 responses.append(response)
-            # distributed: every process gets the whole batch, so that every statistic below is one of the whole batch
-            responses, logprobs, ref_logprobs, values = (gather(torch.cat(x)) for x in (responses, logprobs, ref_logprobs, values))
-            postprocessed = truncate_response(responses, eos_id, pad_id)  # (batch, response_length)
-            postprocessed_query_responses = torch.cat((query_batch, postprocessed), 1)
-            sequence_lengths = first_true_indices(postprocessed == pad_id) - 1  # index of the last real token (the EOS)
-            contain_eos = (postprocessed == eos_id).any(-1)
             rollout_time = time.time() - t0
 
             # ---- scoring: the reward model (or --reward-fn) on the truncated response ----
             t0 = time.time()
-            if reward_fn is None:
-                scores = torch.cat([
-                    token_scores(reward_model, chunk, pad_id).gather(1, last_token_index(chunk, pad_id).unsqueeze(1)).squeeze(1)
-                    + reward_offset(reward_model) for chunk in postprocessed_query_responses[mine].split(args.local_rollout_forward_batch_size)])
-            else:
-                prompts = tokenizer.batch_decode(batch_queries[mine])
-                texts = tokenizer.batch_decode(postprocessed[mine], skip_special_tokens=True)
-                scores = reward_fn(prompts, texts)
-                if len(scores) != len(texts):
-                    raise SystemExit(f"--reward-fn returned {len(scores)} scores for {len(texts)} responses")
-                scores = torch.tensor(scores, dtype=torch.float, device=device)
-            scores = gather(scores)  # each process scored its share
-            raw_scores = scores.clone()
-            scores = penalize_missing_eos(scores, postprocessed, eos_id, args.missing_eos_penalty)
+            scored = score_responses(reward_model, reward_fn, tokenizer, batch_queries[mine], query_batch[mine], torch.cat(responses),
+                                     args.missing_eos_penalty, args.local_rollout_forward_batch_size)  # each process its share
+            # distributed: every process gets the whole batch, so that every statistic below is one of the whole batch
+            responses, logprobs, ref_logprobs, values = (gather(torch.cat(x)) for x in (responses, logprobs, ref_logprobs, values))
+            postprocessed, raw_scores, scores = (gather(x) for x in scored)
+            sequence_lengths = first_true_indices(postprocessed == pad_id) - 1  # index of the last real token (the EOS)
             scoring_time = time.time() - t0
 
-            # ---- rewards and advantages; everything after the EOS is masked out ----
+        # ---- rewards and advantages; everything after the EOS is masked out ----
             t0 = time.time()
             response_idxs = torch.arange(args.response_length, device=device).repeat(args.batch_size, 1)
             mask = (response_idxs <= sequence_lengths.unsqueeze(1)).float()  # (batch, response_length)
@@ -969,42 +1017,39 @@ if __name__ == "__main__":
         if args.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, mean_kl, args.batch_size, args.target_kl, args.kl_horizon)
 
+        # ---- evaluation: greedy responses to the first --eval-prompts prompts, scored as in training ----
+        eval_score = None
+        if args.eval_every and update % args.eval_every == 0:  # every process evaluates: all of them take the same early stop
+            with torch.no_grad(), autocast, gathered(policy):
+                eval_batch = left_pad(queries[: args.eval_prompts], pad_id).to(device)
+                eval_responses = generate_responses(policy, eval_batch, args.response_length, pad_id, do_sample=False,
+                                                    suppress_tokens=non_tokens)
+                eval_score = score_responses(reward_model, reward_fn, tokenizer, queries[: args.eval_prompts], eval_batch, eval_responses,
+                                             args.missing_eos_penalty, args.local_rollout_forward_batch_size)[2].mean().item()
+
         # ---- logging ----
         episodes = update * args.batch_size
+        non_score = non_score_reward.sum(1).mean().item()
         metrics = {
-            "update": update, "episodes": episodes,
-            "objective/kl": mean_kl,
+            "update": update, "episodes": episodes, "objective/kl": mean_kl,
             "objective/entropy": (-logprobs).sum(1).mean().item(),  # sampled-token estimate, summed over the response
-            "objective/scores": scores.mean().item(),
-            "objective/raw_scores": raw_scores.mean().item(),
-            "objective/non_score_reward": non_score_reward.sum(1).mean().item(),
-            "objective/rlhf_reward": scores.mean().item() + non_score_reward.sum(1).mean().item(),
-            "objective/kl_coef": kl_coef,
+            "objective/scores": scores.mean().item(), "objective/raw_scores": raw_scores.mean().item(),
+            "objective/non_score_reward": non_score, "objective/rlhf_reward": scores.mean().item() + non_score, "objective/kl_coef": kl_coef,
             "policy/approxkl": float(np.mean(stats["approxkl"])), "policy/clipfrac": float(np.mean(stats["clipfrac"])),
             "policy/first_approxkl": stats["approxkl"][0], "policy/first_ratio": stats["ratio"][0],
             "loss/policy": float(np.mean(stats["pg_loss"])), "loss/value": float(np.mean(stats["vf_loss"])),
             "val/clipfrac": float(np.mean(stats["vf_clipfrac"])), "val/ratio": float(np.mean(stats["ratio"])),
-            "val/eos_fraction": contain_eos.float().mean().item(),
-            "val/response_length": (sequence_lengths + 1).float().mean().item(),
-            "lr": optimizer.param_groups[0]["lr"],
+            "val/eos_fraction": (postprocessed == eos_id).any(-1).float().mean().item(),
+            "val/response_length": (sequence_lengths + 1).float().mean().item(), "lr": optimizer.param_groups[0]["lr"],
             "episodes_per_s": (episodes - episodes_at_start) / (time.time() - start_time),  # since the start (or resume)
             "episodes_per_s_update": args.batch_size / (rollout_time + scoring_time + update_time),  # this update's
-            "time/rollout": rollout_time, "time/scoring": scoring_time, "time/update": update_time,
-            "peak_memory_gb": peak_memory_gb(device),
+            "time/rollout": rollout_time, "time/scoring": scoring_time, "time/update": update_time, "peak_memory_gb": peak_memory_gb(device),
         }
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        log.write(json.dumps(metrics) + "\n")
-        log.flush()
-        if args.track and rank == 0:
-            wandb.log(metrics, step=episodes)
-        if args.tensorboard and rank == 0:
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, episodes)
+        if eval_score is not None:
+            metrics["eval/score"] = eval_score
+        log_metrics(metrics, log, tracker, writer)
         if args.print_sample_every and update % args.print_sample_every == 0:
-            print(f"{'score':>7} | query (end) | response")
-            for i in range(min(4, args.batch_size)):
-                q = tokenizer.decode(batch_queries[i][-40:]).replace("\n", "\\n")
-                print(f"{scores[i].item():7.3f} | ...{q} | {tokenizer.decode(postprocessed[i], skip_special_tokens=True)!r}")
+            print_samples(tokenizer, batch_queries, postprocessed, scores)
 
         # ---- checkpoint: models, optimizer, RNG states, update index and KL controller ----
         if args.save_every and update % args.save_every == 0 and update < args.num_updates:
@@ -1028,6 +1073,9 @@ if __name__ == "__main__":
             if rank == 0:  # one writer
                 folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
                 print(f"checkpoint written to {folder} (resume with --resume-from {folder}, or --resume-from auto)")
+        if eval_score is not None and args.early_stop_score is not None and eval_score >= args.early_stop_score:
+            print(f"eval/score {eval_score:.4g} >= --early-stop-score {args.early_stop_score}: stopping at update {update}")
+            break
 
     final = policy.merge_and_unload() if args.use_lora else policy
     weights, _ = full_state(final, optimizer)

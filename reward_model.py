@@ -32,15 +32,17 @@ transformers_logging.disable_progress_bar()
 
 @dataclass
 class Args:
+    # ---- the run ----
     exp_name: str = "reward"
     """name of this experiment (part of the run name)"""
+    run_name: Optional[str] = None
+    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: {task}__{exp_name}__{seed}__{unix time})"""
     seed: int = 1
     """seed of the experiment"""
     cuda: bool = True
     """use CUDA when available (bf16 autocast there); CPU otherwise"""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of the trained weights, whatever the checkpoint stores: Pythia is stored in fp16, where AdamW's second moment
-    underflows. bfloat16 halves their memory and loses small updates; bf16 autocast runs on CUDA either way"""
+
+    # ---- models and data ----
     task: Literal["tldr", "hh"] = "tldr"
     """tldr: OpenAI's TL;DR comparisons; hh: Anthropic HH chosen/rejected transcripts"""
     sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
@@ -65,6 +67,8 @@ class Args:
     """use only the first N training pairs (debugging)"""
     max_eval_samples: Optional[int] = 2000
     """use only the first N eval pairs"""
+
+    # ---- optimisation and batch sizes ----
     lr: float = 3e-6
     """learning rate (cosine schedule to 0)"""
     eps: float = 1e-5
@@ -75,8 +79,20 @@ class Args:
     """pairs per optimizer step, over all processes (under torchrun each takes batch_size / processes of them)"""
     local_micro_batch_size: int = 8
     """pairs per forward pass and process (chosen and rejected share it); batch_size / (this x processes) is the gradient accumulation"""
+
+    # ---- evaluation ----
     eval_every: int = 100
     """eval accuracy every N optimizer steps (and at the end)"""
+
+    # ---- memory: dtypes, LoRA, gradient checkpointing, FSDP ----
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the trained weights, whatever the checkpoint stores: Pythia is stored in fp16, where AdamW's second moment
+    underflows. bfloat16 halves their memory and loses small updates; bf16 autocast runs on CUDA either way"""
+    fsdp: bool = False
+    """under torchrun, shard the weights, gradients and AdamW state across the processes (FSDP2), for a model that does
+    not fit one GPU; checkpoints and the final model are saved whole, as without it"""
+
+    # ---- logging and checkpoints ----
     save_every: int = 100
     """write a checkpoint every N optimizer steps (0: never), to runs/{run_name}/checkpoints/update_N"""
     keep_checkpoints: int = 2
@@ -87,14 +103,8 @@ class Args:
     come from the checkpoint; only those in RESUMABLE may be given anew"""
     output_dir: str = "models/reward"
     """where the reward model and tokenizer are saved"""
-    fsdp: bool = False
-    """under torchrun, shard the weights, gradients and AdamW state across the processes (FSDP2), for a model that does
-    not fit one GPU; checkpoints and the final model are saved whole, as without it"""
 
-    run_name: Optional[str] = None
-    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: {task}__{exp_name}__{seed}__{unix time})"""
-
-    # computed at run time, not flags
+    # ---- computed at run time from the flags above (not flags; saved with the config) ----
     gradient_accumulation_steps: tyro.conf.Suppress[int] = 0
     num_updates: tyro.conf.Suppress[int] = 0
 

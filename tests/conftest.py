@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny world (BPE tokenizer, tiny GPT-NeoX, jsonl data) and the SFT / reward models trained on it."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -220,3 +221,14 @@ def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow
         unfinished = glob.glob(os.path.join(cwd, "runs", "*", "checkpoints", "incomplete"))  # this process's save, cut short
         report.append({"during_save": any(os.path.getmtime(u) >= started for u in unfinished), "lost": logged() - (after or [0])[-1]})
     return report
+
+
+# the tiny world's RL recipe, shared by the PPO and DR-PO tests (the defaults follow the paper: no clip, whitening)
+SMALL = ["--response-length", 8, "--batch-size", 32, "--local-rollout-forward-batch-size", 32, "--local-micro-batch-size", 16,
+         "--num-mini-batches", 2, "--lr", 3e-4, "--kl-coef", 0.01, "--temperature", 1.0, "--print-sample-every", 0,
+         "--max-grad-norm", 1.0, "--no-whiten-rewards"]
+
+
+def metrics_file(stdout, cwd):
+    run_name = re.search(r"^run (\S+): ", stdout, re.M).group(1)
+    return os.path.join(cwd, "runs", run_name, "metrics.jsonl")

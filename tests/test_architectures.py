@@ -17,8 +17,8 @@ import drpo_hh
 import ppo_baseline
 import reward_model
 import sft
+from conftest import SMALL, metrics_file
 from conftest import run_script as run_one
-from test_ppo import SMALL, metrics_file
 
 ARCHS = ["gpt_neox", "llama", "gpt2"]
 STORED = {"gpt_neox": torch.float16, "llama": torch.bfloat16, "gpt2": torch.float32}  # as the Hub stores Pythia, Llama, GPT-2

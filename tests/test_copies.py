@@ -16,6 +16,8 @@ DIFFERENT = {
     "build_episodes": "TL;DR posts and comparisons, against HH transcripts",
     "comparison_texts": "DR-PO on TL;DR needs only the chosen summary (a reset state), the others the pair",
     "evaluate": "SFT's eval loss, against the reward model's accuracy",
+    "generate_responses": "DR-PO's response starts with the reset prefix (the last h tokens of the state), PPO's after the prompt",
+    "print_samples": "DR-PO's table shows reset and non-reset episodes and the prefix in [brackets]",
 }
 
 
@@ -38,7 +40,8 @@ def test_every_copied_helper_is_the_same_in_every_script():
     # what the check covers, so that a rename cannot empty it: the PPO, data, distributed and run helpers
     for name, holders in {"compute_gae": 3, "whiten": 3, "ppo_losses": 3, "truncate_response": 3, "per_token_rewards": 3,
                           "reset_states": 2, "tldr_query": 5, "hh_split": 5, "load_rows": 6, "init_distributed": 6, "shard": 6,
-                          "resume_config": 6, "save_config": 6, "check_flags": 6, "check_hub": 6, "save_checkpoint": 6}.items():
+                          "resume_config": 6, "save_config": 6, "check_flags": 6, "check_hub": 6, "save_checkpoint": 6,
+                          "score_responses": 3, "get_scores": 3, "log_metrics": 3, "left_pad": 4}.items():
         assert len(shared[name]) >= holders, (name, sorted(shared[name]))
     assert len(shared) >= 50
 

@@ -14,8 +14,7 @@ from transformers import AutoModelForCausalLM
 import drpo_hh
 import drpo_tldr
 import ppo_baseline as ppo
-from conftest import RECORDER, ROOT, kill_and_resume, newest_run, run_script, untimed
-from test_ppo import SMALL, metrics_file
+from conftest import RECORDER, ROOT, SMALL, kill_and_resume, metrics_file, newest_run, run_script, untimed
 
 SCRIPTS = [drpo_tldr, drpo_hh]
 EOS, PAD = 0, 1

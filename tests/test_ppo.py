@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ppo_baseline as ppo
-from conftest import RECORDER, ROOT, SHARED, kill_and_resume, newest_run, policy_gold, requires_shared, run_script, torchrun, untimed
+from conftest import RECORDER, ROOT, SHARED, SMALL, kill_and_resume, metrics_file, newest_run, policy_gold, requires_shared, run_script, torchrun, untimed
 
 PAD, EOS = 1, 0
 
@@ -162,9 +162,6 @@ def test_response_logprobs_match_a_manual_temperature_softmax_without_the_pad_to
 
 
 GOLD = f"{ROOT}/tiny_world.py:gold_reward"
-SMALL = ["--response-length", 8, "--batch-size", 32, "--local-rollout-forward-batch-size", 32, "--local-micro-batch-size", 16,
-         "--num-mini-batches", 2, "--lr", 3e-4, "--kl-coef", 0.01, "--temperature", 1.0, "--print-sample-every", 0,
-         "--max-grad-norm", 1.0, "--no-whiten-rewards"]  # the tiny world's recipe (the defaults follow the paper: no clip, whitening)
 
 
 def ppo_run(world, sft_model, out, *flags, task="tldr", dataset=None, script="ppo_baseline.py", launch=run_script):
@@ -173,11 +170,6 @@ def ppo_run(world, sft_model, out, *flags, task="tldr", dataset=None, script="pp
                       "--dataset-name", dataset, "--output-dir", out, *SMALL, *flags, cwd=out.parent)
     metrics = [json.loads(line) for line in open(metrics_file(proc.stdout, out.parent))]
     return proc, metrics
-
-
-def metrics_file(stdout, cwd):
-    run_name = re.search(r"^run (\S+): ", stdout, re.M).group(1)
-    return os.path.join(cwd, "runs", run_name, "metrics.jsonl")
 
 
 @pytest.mark.slow
