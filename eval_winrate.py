@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import tyro
@@ -331,6 +331,133 @@ def read_responses(path: str):
     return rows
 
 
+class System(NamedTuple):
+    """One system's outputs on the eval prompts; token lengths when its responses were generated here."""
+    prompts: list
+    responses: list
+    references: list
+    lengths: Optional[list] = None
+    reference_lengths: Optional[list] = None
+
+
+class Judgement(NamedTuple):
+    """One example's verdicts, 'A', 'B' or None (unparsed): with the policy's response first (A = policy) and with the
+    reference first (A = reference), and the judge's raw replies. One order only: the other is None."""
+    judge_policy_first: Optional[str]
+    judge_reference_first: Optional[str]
+    raw_policy_first: str
+    raw_reference_first: str = ""
+
+
+def judge_by_reward(reward_model, tokenizer, system: System, device, batch_size: int):
+    """A reward model is symmetric: one score each, no order to debias. The policy wins where it scores higher."""
+    policy = reward_scores(reward_model, tokenizer, system.prompts, system.responses, device, batch_size)
+    reference = reward_scores(reward_model, tokenizer, system.prompts, system.references, device, batch_size)
+    return [Judgement(*(("A", "B") if p > r else ("B", "A")), f"rm: policy {p:.4f} reference {r:.4f}") for p, r in zip(policy, reference)]
+
+
+def judge_one(judge_call, cache, key: str, text: str, answer: str):
+    """One judgement, cached as soon as it is made (called from a thread pool)."""
+    raw = judge_call(text)
+    cache.add(key, parse_choice(raw, answer), raw)
+
+
+def judge_pairs(name: str, system: System, judge_call, cache, args: Args, template: str, answer: str):
+    """Both orders (or one seeded random order) of each (response, reference) pair, judged once each: what the cache
+    holds is not asked again, and every reply is cached as it comes. Verdicts are parsed from the raw replies, so a
+    cached reply is read with today's answer key."""
+    rng, jobs = random.Random(args.seed), {}
+    for i, (prompt, response, reference) in enumerate(zip(system.prompts, system.responses, system.references)):
+        orders = ["policy_first", "reference_first"] if args.order == "both" else [rng.choice(["policy_first", "reference_first"])]
+        for order in orders:
+            a, b = (response, reference) if order == "policy_first" else (reference, response)
+            jobs[(i, order)] = (Cache.key(args.judge_model, template, prompt, a, b), template.format(prompt=prompt, response_a=a, response_b=b))
+    todo = [job for job in jobs.values() if job[0] not in cache.entries]
+    print(f"{name}: {len(jobs)} judgements, {len(jobs) - len(todo)} from the cache, {len(todo)} to make")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.max_concurrency if args.judge == "openai" else 1) as pool:
+            for future in concurrent.futures.as_completed([pool.submit(judge_one, judge_call, cache, key, text, answer) for key, text in todo]):
+                future.result()
+    except JudgeAuthError as e:
+        raise SystemExit(f"{e}. {len(cache.entries)} judgements are kept in {args.cache_file}; a rerun continues from there.")
+    judged = []
+    for i in range(len(system.prompts)):
+        first, second = (cache.entries[jobs[(i, o)][0]] if (i, o) in jobs else None for o in ("policy_first", "reference_first"))
+        if args.order == "random":  # one order only: map it back to the policy's view
+            choice = parse_choice((first or second)["raw"], answer)
+            policy_won = (choice == "A") if first else (choice == "B")
+            verdicts = (None, None) if choice is None else (("A", "B") if policy_won else ("B", "A"))
+            judged.append(Judgement(*verdicts, (first or second)["raw"]))
+        else:
+            judged.append(Judgement(parse_choice(first["raw"], answer), parse_choice(second["raw"], answer), first["raw"], second["raw"]))
+    return judged
+
+
+def report(name: str, system: System, judged: list, args: Args, answer: str):
+    """The win rate of one system, its interval and counts; stops when too many replies could not be parsed."""
+    outcomes = [outcome(j.judge_policy_first, j.judge_reference_first) for j in judged]
+    both = args.order == "both" and args.judge != "rm"
+    consistent = sum(None not in (j.judge_policy_first, j.judge_reference_first)
+                     and (j.judge_policy_first == "A") == (j.judge_reference_first == "B") for j in judged)
+    unparseable = sum((j.judge_policy_first is None) + (both and j.judge_reference_first is None) for j in judged)
+    made = len(judged) * (2 if both else 1)
+    if unparseable > args.max_unparseable * made:  # every pair would be a tie and every win rate 0.500: no table
+        example = next(raw for j in judged for raw, c in ((j.raw_policy_first, j.judge_policy_first),
+                                                          (j.raw_reference_first, j.judge_reference_first)) if c is None and raw)
+        raise SystemExit(f"{name}: {unparseable} of {made} judgements could not be parsed: the last line of a reply must be "
+                         f"`{answer}: A` or `{answer}: B` (the answer key comes from the judge prompt's last line, or "
+                         f"--judge-answer-key). A reply ends: {example.strip()[-200:]!r}. The replies are kept in {args.cache_file}.")
+    stats = summarize(outcomes, consistent, unparseable)
+    if not both:
+        stats["position_consistency"] = None  # one order (or a symmetric judge): nothing to compare
+    if system.lengths:
+        stats["mean_response_tokens"] = sum(system.lengths) / len(system.lengths)
+        stats["mean_reference_tokens"] = sum(system.reference_lengths) / len(system.reference_lengths)
+    rows = [{"prompt": p, "response": r, "reference": ref, "outcome": o, **j._asdict()}
+            for p, r, ref, o, j in zip(system.prompts, system.responses, system.references, outcomes, judged)]
+    return stats, rows
+
+
+def write_rows(rows: list, stem: str):
+    """Every example with its verdicts, as jsonl and as csv."""
+    with open(f"{stem}.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def print_table(summary: dict):
+    print(f"\njudge: {summary['judge']} ({summary['judge_model']}), order: {summary['order']}")
+    print(f"{'model':<40} {'win rate':>8} {'95% CI':>15} {'W/T/L':>12} {'consistent':>10} {'unparsed':>8} {'len':>6} {'ref len':>7}")
+    for name, s in summary["models"].items():
+        lengths = f"{s['mean_response_tokens']:6.1f} {s['mean_reference_tokens']:7.1f}" if "mean_response_tokens" in s else f"{'-':>6} {'-':>7}"
+        consistency = s["position_consistency"] if s["position_consistency"] is None else round(s["position_consistency"], 3)
+        print(f"{name[-40:]:<40} {s['win_rate']:8.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] "
+              f"{s['wins']:>4}/{s['ties']}/{s['losses']:<4} {consistency!s:>10} {s['unparseable']:8d} {lengths}")
+
+
+def plot_winrates(models: dict, path: str):
+    """A bar per system with its 95% interval (matplotlib, when installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no bar chart (pip install matplotlib)")
+        return
+    names = list(models)
+    rates = [models[n]["win_rate"] for n in names]
+    errors = [[r - models[n]["ci95"][0] for n, r in zip(names, rates)], [models[n]["ci95"][1] - r for n, r in zip(names, rates)]]
+    plt.bar(range(len(names)), rates, yerr=errors, capsize=4)
+    plt.xticks(range(len(names)), [n[-20:] for n in names], rotation=20)
+    plt.ylabel("win rate against the reference")
+    plt.tight_layout()
+    plt.savefig(path, dpi=120)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if not args.model_paths and not args.responses_file:
@@ -354,126 +481,41 @@ if __name__ == "__main__":
         check_endpoint(args, api_key)
 
     # ---- 1. responses: generated by each policy, or read from a file ----
-    systems = {}  # name -> (prompts, responses, references, response token lengths, reference token lengths)
+    systems = {}
     if args.responses_file:
         rows = read_responses(args.responses_file)
         name = os.path.splitext(os.path.basename(args.responses_file))[0]
-        systems[name] = ([r["prompt"] for r in rows], [r["response"] for r in rows], [r["reference"] for r in rows], None, None)
+        systems[name] = System([r["prompt"] for r in rows], [r["response"] for r in rows], [r["reference"] for r in rows])
     for path in args.model_paths:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        examples = load_examples(args, tokenizer)
+        examples = load_examples(args, AutoTokenizer.from_pretrained(path))
         responses, lengths, tokenizer = generate(path, examples, args, device)
         references = [ref for _, ref in examples]
-        systems[path] = ([p for p, _ in examples], responses, references, lengths, [len(encode(tokenizer, r, special=False)) for r in references])
+        systems[path] = System([p for p, _ in examples], responses, references, lengths,
+                               [len(encode(tokenizer, r, special=False)) for r in references])
 
     # ---- 2. the judge ----
     if args.judge == "openai":
         judge_call = openai_judge(args, api_key)
     elif args.judge == "hf":
-        judge_tokenizer = AutoTokenizer.from_pretrained(args.judge_model)
-        judge_call = hf_judge(AutoModelForCausalLM.from_pretrained(args.judge_model, dtype=getattr(torch, args.dtype)).to(device).eval(), judge_tokenizer,
-                              device, answer)
+        judge_model = AutoModelForCausalLM.from_pretrained(args.judge_model, dtype=getattr(torch, args.dtype)).to(device).eval()
+        judge_call = hf_judge(judge_model, AutoTokenizer.from_pretrained(args.judge_model), device, answer)
     else:
         rm_tokenizer = AutoTokenizer.from_pretrained(args.judge_model)
         reward_model = AutoModelForSequenceClassification.from_pretrained(args.judge_model, dtype=getattr(torch, args.dtype)).to(device).eval()
     cache = Cache(args.cache_file)
+
+    # ---- 3. judgements (cached one by one) and 4. the report ----
     summary = {"judge": args.judge, "judge_model": args.judge_model, "judge_prompt": template, "order": args.order, "task": args.task,
                "models": {}}
-
-    for name, (prompts, responses, references, lengths, ref_lengths) in systems.items():
-        # ---- 3. judgements: both orders (or one seeded random order), cached one by one ----
-        rng = random.Random(args.seed)
-        if args.judge == "rm":  # symmetric: one score each, no order to debias
-            policy_scores = reward_scores(reward_model, rm_tokenizer, prompts, responses, device, args.batch_size)
-            reference_scores = reward_scores(reward_model, rm_tokenizer, prompts, references, device, args.batch_size)
-            judged = [(("A" if p > r else "B"), ("B" if p > r else "A"), f"rm: policy {p:.4f} reference {r:.4f}", "")
-                      for p, r in zip(policy_scores, reference_scores)]
+    for name, system in systems.items():
+        if args.judge == "rm":
+            judged = judge_by_reward(reward_model, rm_tokenizer, system, device, args.batch_size)
         else:
-            jobs = {}
-            for i, (prompt, response, reference) in enumerate(zip(prompts, responses, references)):
-                orders = ["policy_first", "reference_first"] if args.order == "both" else [rng.choice(["policy_first", "reference_first"])]
-                for o in orders:
-                    a, b = (response, reference) if o == "policy_first" else (reference, response)
-                    key = Cache.key(args.judge_model, template, prompt, a, b)
-                    jobs[(i, o)] = (key, template.format(prompt=prompt, response_a=a, response_b=b))
-            todo = {k: v for k, v in jobs.items() if v[0] not in cache.entries}
-            print(f"{name}: {len(jobs)} judgements, {len(jobs) - len(todo)} from the cache, {len(todo)} to make")
-
-            def judge_one(item):
-                key, text = item  # the cache key
-                raw = judge_call(text)
-                cache.add(key, parse_choice(raw, answer), raw)
-
-            try:
-                with concurrent.futures.ThreadPoolExecutor(max_workers=args.max_concurrency if args.judge == "openai" else 1) as pool:
-                    for future in concurrent.futures.as_completed([pool.submit(judge_one, v) for v in todo.values()]):
-                        future.result()
-            except JudgeAuthError as e:
-                raise SystemExit(f"{e}. {len(cache.entries)} judgements are kept in {args.cache_file}; a rerun continues from there.")
-            judged = []
-            for i in range(len(prompts)):  # parsed from the raw replies, so a cached reply is read with today's key
-                first = cache.entries[jobs[(i, "policy_first")][0]] if (i, "policy_first") in jobs else None
-                second = cache.entries[jobs[(i, "reference_first")][0]] if (i, "reference_first") in jobs else None
-                if args.order == "random":  # one order only: map it back to the policy's view
-                    one = first or second
-                    choice = parse_choice(one["raw"], answer)
-                    policy_won = (choice == "A") if first else (choice == "B")
-                    first_choice = None if choice is None else ("A" if policy_won else "B")
-                    judged.append((first_choice, None if choice is None else ("B" if policy_won else "A"), one["raw"], ""))
-                else:
-                    judged.append((parse_choice(first["raw"], answer), parse_choice(second["raw"], answer), first["raw"], second["raw"]))
-
-        # ---- 4. report ----
-        outcomes = [outcome(a, b) for a, b, _, _ in judged]
-        consistent = sum(a is not None and b is not None and (a == "A") == (b == "B") for a, b, _, _ in judged)
-        unparseable = sum((a is None) + (b is None) for a, b, _, _ in judged) if args.order == "both" else sum(a is None for a, _, _, _ in judged)
-        made = len(judged) * (2 if args.order == "both" and args.judge != "rm" else 1)
-        if unparseable > args.max_unparseable * made:  # every pair would be a tie and every win rate 0.500: no table
-            example = next(raw for a, b, ra, rb in judged for raw, c in ((ra, a), (rb, b)) if c is None and raw)
-            raise SystemExit(f"{name}: {unparseable} of {made} judgements could not be parsed: the last line of a reply must be "
-                             f"`{answer}: A` or `{answer}: B` (the answer key comes from the judge prompt's last line, or "
-                             f"--judge-answer-key). A reply ends: {example.strip()[-200:]!r}. The replies are kept in {args.cache_file}.")
-        stats = summarize(outcomes, consistent, unparseable)
-        if args.order == "random" or args.judge == "rm":
-            stats["position_consistency"] = None  # one order (or a symmetric judge): nothing to compare
-        if lengths:
-            stats["mean_response_tokens"], stats["mean_reference_tokens"] = sum(lengths) / len(lengths), sum(ref_lengths) / len(ref_lengths)
-        summary["models"][name] = stats
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-        rows = [{"prompt": p, "response": r, "reference": ref, "outcome": o, "judge_policy_first": a, "judge_reference_first": b,
-                 "raw_policy_first": ra, "raw_reference_first": rb}
-                for p, r, ref, o, (a, b, ra, rb) in zip(prompts, responses, references, outcomes, judged)]
-        with open(f"{args.output_dir}/{stem}.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        with open(f"{args.output_dir}/{stem}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
+            judged = judge_pairs(name, system, judge_call, cache, args, template, answer)
+        summary["models"][name], rows = report(name, system, judged, args, answer)
+        write_rows(rows, f"{args.output_dir}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('_')}")
     json.dump(summary | {"args": asdict(args)}, open(f"{args.output_dir}/summary.json", "w"), indent=1)
-    print(f"\njudge: {args.judge} ({args.judge_model}), order: {args.order}")
-    print(f"{'model':<40} {'win rate':>8} {'95% CI':>15} {'W/T/L':>12} {'consistent':>10} {'unparsed':>8} {'len':>6} {'ref len':>7}")
-    for name, s in summary["models"].items():
-        lengths = f"{s['mean_response_tokens']:6.1f} {s['mean_reference_tokens']:7.1f}" if "mean_response_tokens" in s else f"{'-':>6} {'-':>7}"
-        print(f"{name[-40:]:<40} {s['win_rate']:8.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] "
-              f"{s['wins']:>4}/{s['ties']}/{s['losses']:<4} {s['position_consistency'] if s['position_consistency'] is None else round(s['position_consistency'], 3)!s:>10} "
-              f"{s['unparseable']:8d} {lengths}")
+    print_table(summary)
     if len(summary["models"]) > 1:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            names = list(summary["models"])
-            rates = [summary["models"][n]["win_rate"] for n in names]
-            errors = [[r - summary["models"][n]["ci95"][0] for n, r in zip(names, rates)],
-                      [summary["models"][n]["ci95"][1] - r for n, r in zip(names, rates)]]
-            plt.bar(range(len(names)), rates, yerr=errors, capsize=4)
-            plt.xticks(range(len(names)), [n[-20:] for n in names], rotation=20)
-            plt.ylabel("win rate against the reference")
-            plt.tight_layout()
-            plt.savefig(f"{args.output_dir}/winrates.png", dpi=120)
-        except ImportError:
-            print("matplotlib is not installed: no bar chart (pip install matplotlib)")
+        plot_winrates(summary["models"], f"{args.output_dir}/winrates.png")
     print(f"per-example files and summary.json in {args.output_dir}/")
