@@ -37,7 +37,8 @@ class Args:
     exp_name: str = "dpo"
     """name of this experiment (part of the run name)"""
     run_name: Optional[str] = None
-    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: {task}__{exp_name}__{seed}__{unix time})"""
+    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: {task}__{exp_name}__{seed}__{unix
+    time})"""
     seed: int = 1
     """seed of the experiment"""
     cuda: bool = True
@@ -49,7 +50,8 @@ class Args:
     sft_model_path: Optional[str] = None
     """policy and reference init (default: cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr for tldr, models/sft_hh for hh)"""
     dataset_name: Optional[str] = None
-    """Hub id, local folder or json/jsonl file of preference pairs (default: openai/summarize_from_feedback for tldr, Anthropic/hh-rlhf for hh)"""
+    """Hub id, local folder or json/jsonl file of preference pairs (default: openai/summarize_from_feedback for tldr,
+    Anthropic/hh-rlhf for hh)"""
     dataset_config: Optional[str] = None
     """Hub config of the dataset (default: `comparisons` for openai/summarize_from_feedback)"""
     train_split: str = "train"
@@ -90,7 +92,8 @@ class Args:
     batch_size: int = 64
     """pairs per optimizer step, over all processes (under torchrun each takes batch_size / processes of them)"""
     local_micro_batch_size: int = 8
-    """pairs per forward pass and process (chosen and rejected share it); batch_size / (this x processes) is the gradient accumulation"""
+    """pairs per forward pass and process (chosen and rejected share it); batch_size / (this x processes) is the gradient
+    accumulation"""
 
     # ---- evaluation ----
     eval_every: int = 100
@@ -134,13 +137,30 @@ class Args:
 
 
 COMPUTED = ("gradient_accumulation_steps", "num_updates")  # fields the script fills in, saved with the config
-PROBABILITY, POSITIVE, NON_NEGATIVE = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
-FLAG_RULES = {"lr": POSITIVE, "eps": POSITIVE, "batch_size": POSITIVE, "local_micro_batch_size": POSITIVE,
-              "query_length": POSITIVE, "response_length": POSITIVE, "num_train_epochs": POSITIVE,
-              "keep_checkpoints": POSITIVE, "max_train_samples": POSITIVE, "max_eval_samples": POSITIVE,
-              "beta": POSITIVE, "max_grad_norm": POSITIVE, "lora_r": POSITIVE, "eval_every": NON_NEGATIVE,
-              "save_every": NON_NEGATIVE, "rpo_alpha": NON_NEGATIVE,
-              "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)")}
+PROBABILITY, POSITIVE, NON_NEGATIVE = (
+    (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (lambda v: v > 0, "> 0"),
+    (lambda v: v >= 0, ">= 0"),
+)
+FLAG_RULES = {
+    "lr": POSITIVE,
+    "eps": POSITIVE,
+    "batch_size": POSITIVE,
+    "local_micro_batch_size": POSITIVE,
+    "query_length": POSITIVE,
+    "response_length": POSITIVE,
+    "num_train_epochs": POSITIVE,
+    "keep_checkpoints": POSITIVE,
+    "max_train_samples": POSITIVE,
+    "max_eval_samples": POSITIVE,
+    "beta": POSITIVE,
+    "max_grad_norm": POSITIVE,
+    "lora_r": POSITIVE,
+    "eval_every": NON_NEGATIVE,
+    "save_every": NON_NEGATIVE,
+    "rpo_alpha": NON_NEGATIVE,
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+}
 
 
 DEFAULT_MODELS = {"tldr": "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr", "hh": "models/sft_hh"}
@@ -172,7 +192,9 @@ def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None)
         ) from None
     missing = [c for c in schema if c not in ds.column_names]
     if missing:
-        raise SystemExit(f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}")
+        raise SystemExit(
+            f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}"
+        )
     extra = [c for c in ds.column_names if c not in schema]
     if extra:
         print(f"note: {name} has extra column(s) {extra}, which are not used")
@@ -182,7 +204,9 @@ def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None)
 def check_row(row: dict, i: int, schema: dict, source: str):
     for column, kind in schema.items():
         if not isinstance(row[column], kind):
-            raise SystemExit(f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}")
+            raise SystemExit(
+                f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}"
+            )
 
 
 def encode(tokenizer, text: str, special: bool = True):
@@ -246,7 +270,8 @@ def comparison_texts(row: dict, i: int, source: str):
     openai/summarize_from_feedback mixes into its validation split (the N+ code drops them too). A malformed TL;DR row
     stops the run with a clear error."""
     if row["info"].get("article") is not None and all(row["info"].get(k) is None for k in ("post", "title", "subreddit")):
-        return None  # a CNN/DailyMail comparison (batches batch0_cnndm, cnndm0, cnndm2 of the validation split): an article, no post
+        # a CNN/DailyMail comparison (batches batch0_cnndm, cnndm0, cnndm2 of the validation split): an article, no post
+        return None
     for key in ("post", "title", "subreddit"):
         if not isinstance(row["info"].get(key), str):
             raise SystemExit(f"{source} row {i}, column 'info.{key}': expected str, got {type(row['info'].get(key)).__name__}")
@@ -262,8 +287,19 @@ def build_pairs(args: Args, tokenizer, split: str, limit: Optional[int]):
     ds = load_rows(name, split, schema, args.dataset_config)
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
-    pairs, counts = [], {"rows": len(ds), "query_truncated": 0, "dropped_query_too_long": 0, "dropped_empty_response": 0,
-                         "dropped_identical_pair": 0, "dropped_response_too_long": 0, "dropped_no_shared_prompt": 0, "dropped_cnndm": 0}
+    pairs, counts = (
+        [],
+        {
+            "rows": len(ds),
+            "query_truncated": 0,
+            "dropped_query_too_long": 0,
+            "dropped_empty_response": 0,
+            "dropped_identical_pair": 0,
+            "dropped_response_too_long": 0,
+            "dropped_no_shared_prompt": 0,
+            "dropped_cnndm": 0,
+        },
+    )
     for i, row in enumerate(ds):
         check_row(row, i, schema, f"{name} ({split})")
         if args.task == "tldr":
@@ -311,11 +347,16 @@ def from_pretrained(cls, path: str, **kwargs):
     except OSError as e:
         if os.path.exists(path):
             raise
-        raise SystemExit(f"Could not load '{path}' ({e}). If this machine is offline, point --sft-model-path at a local "
-                         "folder saved with save_pretrained (sft.py writes one).") from None
+        raise SystemExit(
+            f"Could not load '{path}' ({e}). If this machine is offline, point --sft-model-path at a local "
+            "folder saved with save_pretrained (sft.py writes one)."
+        ) from None
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
-        print(f"{path}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} initialised from scratch (not in the checkpoint)")
+        print(
+            f"{path}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} initialised from scratch (not in the "
+            "checkpoint)"
+        )
     return model
 
 
@@ -336,8 +377,12 @@ def sequence_logprobs(model, pairs, pad_id: int, device):
     k = int(lengths.max())
     attention_mask = input_ids != pad_id
     position_ids = attention_mask.cumsum(1) - attention_mask.long()
-    logits = model(input_ids=input_ids.masked_fill(~attention_mask, 0), attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=k + 1).logits[:, :-1]  # (2n, k, vocab): predictions of the last k tokens
+    logits = model(
+        input_ids=input_ids.masked_fill(~attention_mask, 0),
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=k + 1,
+    ).logits[:, :-1]  # (2n, k, vocab): predictions of the last k tokens
     targets = input_ids[:, -k:]
     response_mask = torch.arange(k, device=device).unsqueeze(0) >= (k - lengths).unsqueeze(1)  # (2n, k)
     logps = torch.gather(logits.float().log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
@@ -345,8 +390,17 @@ def sequence_logprobs(model, pairs, pad_id: int, device):
     return summed[: len(pairs)], summed[len(pairs) :]
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0,
-             loss_type: str = "sigmoid", rpo_alpha: float = 0.0, chosen_lengths=None):
+def dpo_loss(
+    policy_chosen,
+    policy_rejected,
+    ref_chosen,
+    ref_rejected,
+    beta: float,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+    rpo_alpha: float = 0.0,
+    chosen_lengths=None,
+):
     """DPO: -log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))), with conservative label smoothing, or IPO's
     (h - 1 / (2 beta))^2; RPO adds rpo_alpha * the chosen responses' NLL per token (chosen_lengths: their token
     counts). Returns (mean loss, implicit chosen rewards, implicit rejected rewards)."""
@@ -419,8 +473,11 @@ def peak_memory_gb(device):
 def rng_states():
     """Every RNG state, as tensors, numbers and strings only (so that state.pt loads with weights_only=True)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-              "torch": torch.get_rng_state()}
+    states = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -479,8 +536,10 @@ def shard(model):
     for unit in units + [model]:
         fully_shard(unit)
     held = sum(p.to_local().numel() for p in model.parameters())
-    print(f"FSDP: {type(model).__name__} in {len(units) + 1} units; this process holds {held:,} of its "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    print(
+        f"FSDP: {type(model).__name__} in {len(units) + 1} units; this process holds {held:,} of its "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    )
 
 
 @contextlib.contextmanager
@@ -504,6 +563,7 @@ def gathered(model):
 def full_state(model, optimizer):
     """(model state, optimizer state) with whole tensors: what a checkpoint holds, the same files with FSDP or without.
     Under FSDP every process must call it, as each sharded tensor (a DTensor) is gathered from all of them."""
+
     def whole(tensor):
         return tensor.full_tensor().cpu() if hasattr(tensor, "full_tensor") else tensor
 
@@ -519,8 +579,12 @@ def load_optimizer_state(optimizer, state):
         if hasattr(params[i], "device_mesh"):  # a sharded parameter: shard its moments alike
             from torch.distributed.tensor import distribute_tensor
 
-            state["state"][i] = {k: distribute_tensor(v.to(params[i].device), params[i].device_mesh, params[i].placements)
-                                 if v.shape == params[i].shape else v for k, v in s.items()}
+            state["state"][i] = {
+                k: distribute_tensor(v.to(params[i].device), params[i].device_mesh, params[i].placements)
+                if v.shape == params[i].shape
+                else v
+                for k, v in s.items()
+            }
     optimizer.load_state_dict(state)
 
 
@@ -555,7 +619,9 @@ def checkpoint_candidates(args):
     where = args.resume_from.rstrip("/")
     if where == "auto":
         runs = sorted(glob.glob(f"runs/{args.task}__{args.exp_name}__{args.seed}__*"), key=lambda r: int(r.rsplit("__", 1)[1]))
-        return next((found for run in reversed(runs) if (found := sorted(glob.glob(f"{run}/checkpoints/update_*"), reverse=True))), [])
+        return next(
+            (found for run in reversed(runs) if (found := sorted(glob.glob(f"{run}/checkpoints/update_*"), reverse=True))), []
+        )
     if os.path.isdir(f"{where}/checkpoints") or os.path.exists(f"{where}/args.json"):  # a run folder
         return sorted(glob.glob(f"{where}/checkpoints/update_*"), reverse=True)
     if os.path.isdir(where):  # one checkpoint, then the older ones beside it
@@ -571,7 +637,9 @@ def load_checkpoint(candidates):
     for folder in candidates:
         try:
             state = torch.load(f"{folder}/state.pt", weights_only=True)  # runs no code, whatever the file holds
-            weights = sorted(os.path.basename(f) for f in glob.glob(f"{folder}/*.safetensors"))  # one file, or a large model's shards
+            weights = sorted(
+                os.path.basename(f) for f in glob.glob(f"{folder}/*.safetensors")
+            )  # one file, or a large model's shards
             for name in ["lora.pt"] if state["config"]["use_lora"] else ["config.json"] + (weights or ["model.safetensors"]):
                 if not os.path.exists(f"{folder}/{name}"):
                     raise FileNotFoundError(f"{name} is missing")
@@ -609,11 +677,16 @@ def resume_config(args):
         args.resume_from = None
         return args, None
     given = given_flags()
-    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (saved: {saved[k]})" for k in sorted(given - RESUMABLE)
-             if getattr(args, k) != saved[k]]
+    clash = [
+        f"--{k.replace('_', '-')} {getattr(args, k)} (saved: {saved[k]})"
+        for k in sorted(given - RESUMABLE)
+        if getattr(args, k) != saved[k]
+    ]
     if clash:
-        raise SystemExit(f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
-                         f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE))} may change on resume.")
+        raise SystemExit(
+            f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
+            f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE))} may change on resume."
+        )
     return Args(**{**saved, **{k: getattr(args, k) for k in given & RESUMABLE}, "resume_from": folder}), state
 
 
@@ -644,9 +717,11 @@ def check_hub(paths):
     except urllib.error.HTTPError:  # an answer, even an error status: the Hub is there
         pass
     except OSError as e:  # no answer: offline, a firewall, a wrong HF_ENDPOINT
-        raise SystemExit(f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be reached "
-                         f"({getattr(e, 'reason', e)}). Offline, point these flags at local folders or json/jsonl files, or set "
-                         "HF_HUB_OFFLINE=1 to use what the Hub cache already holds.")
+        raise SystemExit(
+            f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be reached "
+            f"({getattr(e, 'reason', e)}). Offline, point these flags at local folders or json/jsonl files, or set "
+            "HF_HUB_OFFLINE=1 to use what the Hub cache already holds."
+        )
 
 
 def save_config(args):
@@ -656,8 +731,11 @@ def save_config(args):
     with open(f"{path}.tmp", "w") as f:
         json.dump(config, f, indent=1)
     os.replace(f"{path}.tmp", path)
-    changed = [f"--{k.replace('_', '-')} {v}" for k, v in config.items()
-               if k not in COMPUTED and k != "run_name" and v != Args.__dataclass_fields__[k].default]
+    changed = [
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in config.items()
+        if k not in COMPUTED and k != "run_name" and v != Args.__dataclass_fields__[k].default
+    ]
     print(f"run {args.run_name}: {' '.join(changed) or 'the default flags'} (every flag: {path})")
 
 
@@ -675,16 +753,22 @@ if __name__ == "__main__":
     check_hub([args.sft_model_path, args.dataset_name])
     rank, world, device = init_distributed(args)  # under torchrun; (0, 1, cuda or cpu) in one process
     if args.fsdp and not dist.is_initialized():
-        raise SystemExit("--fsdp shards the policy across the processes of torchrun: torchrun --nproc_per_node N dpo_baseline.py --fsdp ...")
+        raise SystemExit(
+            "--fsdp shards the policy across the processes of torchrun: torchrun --nproc_per_node N dpo_baseline.py --fsdp ..."
+        )
     if args.fsdp and args.use_lora:
-        raise SystemExit("--fsdp with --use-lora is not supported: with LoRA only the adapters train, and the frozen base fits one GPU")
+        raise SystemExit(
+            "--fsdp with --use-lora is not supported: with LoRA only the adapters train, and the frozen base fits one GPU"
+        )
     if args.batch_size % (args.local_micro_batch_size * world):
         raise SystemExit(f"--batch-size must be a multiple of --local-micro-batch-size x processes ({world})")
     args.gradient_accumulation_steps = args.batch_size // (args.local_micro_batch_size * world)
     if not args.run_name:
         args.run_name = broadcast(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
     elif checkpoint is None and "run_name" in given_flags() and os.path.exists(f"runs/{args.run_name}/metrics.jsonl"):
-        raise SystemExit(f"runs/{args.run_name} holds a run already: choose another --run-name, or --resume-from runs/{args.run_name}")
+        raise SystemExit(
+            f"runs/{args.run_name} holds a run already: choose another --run-name, or --resume-from runs/{args.run_name}"
+        )
     writable(args.output_dir)  # fail now, not after hours of training
     writable(f"runs/{args.run_name}")
     random.seed(args.seed)
@@ -693,8 +777,10 @@ if __name__ == "__main__":
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     if args.frozen_dtype == "auto":  # a frozen model needs no fp32 copy on a GPU; on a CPU bf16 is slow
         args.frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    print(f"dtypes: policy {args.dtype} (trained), reference {args.frozen_dtype} (frozen), "
-          f"bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type}, {world} process{'es' if world > 1 else ''})")
+    print(
+        f"dtypes: policy {args.dtype} (trained), reference {args.frozen_dtype} (frozen), "
+        f"bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type}, {world} process{'es' if world > 1 else ''})"
+    )
 
     tokenizer = load_tokenizer(args.sft_model_path)
     pad_id = tokenizer.pad_token_id
@@ -713,13 +799,17 @@ if __name__ == "__main__":
         ref = torch.load(cache_file)
         print(f"reference log-probs from the cache {cache_file}; the reference model is not loaded")
     else:
-        ref_model = from_pretrained(AutoModelForCausalLM, args.sft_model_path, dtype=getattr(torch, args.frozen_dtype)).to(device)
+        ref_model = from_pretrained(AutoModelForCausalLM, args.sft_model_path, dtype=getattr(torch, args.frozen_dtype)).to(
+            device
+        )
         if len(tokenizer) > ref_model.get_input_embeddings().num_embeddings:
             ref_model.resize_token_embeddings(len(tokenizer))
         start = time.time()
         # under torchrun each process computes a share and all get the whole: the reference runs once, not once a process
-        ref = {"train": all_logprobs(ref_model, train_pairs, args, pad_id, device, autocast, rank, world),
-               "eval": all_logprobs(ref_model, eval_pairs, args, pad_id, device, autocast, rank, world)}
+        ref = {
+            "train": all_logprobs(ref_model, train_pairs, args, pad_id, device, autocast, rank, world),
+            "eval": all_logprobs(ref_model, eval_pairs, args, pad_id, device, autocast, rank, world),
+        }
         del ref_model
         if rank == 0:
             os.makedirs(args.ref_cache_dir, exist_ok=True)
@@ -727,8 +817,11 @@ if __name__ == "__main__":
             os.replace(cache_file + ".tmp", cache_file)  # a crash never leaves a half-written cache
         print(f"computed the reference log-probs in {time.time() - start:.1f}s; cached in {cache_file}")
 
-    policy = from_pretrained(AutoModelForCausalLM, args.resume_from if checkpoint and not args.use_lora else args.sft_model_path,
-                             dtype=getattr(torch, args.dtype))
+    policy = from_pretrained(
+        AutoModelForCausalLM,
+        args.resume_from if checkpoint and not args.use_lora else args.sft_model_path,
+        dtype=getattr(torch, args.dtype),
+    )
     if len(tokenizer) > policy.get_input_embeddings().num_embeddings:
         policy.resize_token_embeddings(len(tokenizer))
     policy.config.pad_token_id = pad_id
@@ -738,7 +831,9 @@ if __name__ == "__main__":
     if args.use_lora:
         from peft import LoraConfig, get_peft_model  # only imported when asked for
 
-        policy = get_peft_model(policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear"))
+        policy = get_peft_model(
+            policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
+        )
         if checkpoint:
             policy.load_state_dict(torch.load(f"{args.resume_from}/lora.pt", weights_only=True), strict=False)
         policy.print_trainable_parameters()
@@ -753,7 +848,9 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.eps)
     # cosine decay to 0, no warmup: transformers' get_cosine_schedule_with_warmup to the last bit, without the seconds its
     # import costs at start-up
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (step / args.num_updates))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (step / args.num_updates)))
+    )
     start_update = 1
     if checkpoint:
         load_optimizer_state(optimizer, checkpoint["optimizer"])
@@ -783,28 +880,57 @@ if __name__ == "__main__":
     order = torch.cat([torch.randperm(len(train_pairs), generator=generator) for _ in range(args.num_train_epochs)])
     start_time = time.time()
     # a progress bar with an ETA on a terminal (none in a log file, nor on other processes than rank 0)
-    progress = tqdm(range(start_update, args.num_updates + 1), initial=start_update - 1, total=args.num_updates, unit="update",
-                    disable=rank > 0 or not sys.stderr.isatty())
+    progress = tqdm(
+        range(start_update, args.num_updates + 1),
+        initial=start_update - 1,
+        total=args.num_updates,
+        unit="update",
+        disable=rank > 0 or not sys.stderr.isatty(),
+    )
     for update in progress:
         idx = order[(update - 1) * args.batch_size : update * args.batch_size]
         share = args.batch_size // world  # this process's share of the batch (all of it in one process)
         idx = idx[rank * share : (rank + 1) * share]
         micro_batches = args.gradient_accumulation_steps * world  # in the whole batch: each mean loss weighs 1 / this
-        stats = {k: 0.0 for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                                  "logps/chosen", "logps/rejected")}
+        stats = {
+            k: 0.0
+            for k in (
+                "loss",
+                "rewards/chosen",
+                "rewards/rejected",
+                "rewards/accuracies",
+                "rewards/margins",
+                "logps/chosen",
+                "logps/rejected",
+            )
+        }
         for start in range(0, share, args.local_micro_batch_size):
             mb = idx[start : start + args.local_micro_batch_size]
             with autocast:
                 logp_c, logp_r = sequence_logprobs(policy, [train_pairs[i] for i in mb], pad_id, device)
-            loss, reward_c, reward_r = dpo_loss(logp_c, logp_r, ref["train"][0][mb].to(device), ref["train"][1][mb].to(device),
-                                                args.beta, args.label_smoothing, args.loss_type, args.rpo_alpha,
-                                                torch.tensor([len(train_pairs[i][1]) for i in mb], device=device))
+            loss, reward_c, reward_r = dpo_loss(
+                logp_c,
+                logp_r,
+                ref["train"][0][mb].to(device),
+                ref["train"][1][mb].to(device),
+                args.beta,
+                args.label_smoothing,
+                args.loss_type,
+                args.rpo_alpha,
+                torch.tensor([len(train_pairs[i][1]) for i in mb], device=device),
+            )
             if not torch.isfinite(loss):
                 raise SystemExit(f"non-finite loss {loss.item()} at step {update}; lower --lr or check the data")
             (loss / args.gradient_accumulation_steps).backward()  # averaged over the processes below
-            for k, v in (("loss", loss.detach()), ("rewards/chosen", reward_c.mean()), ("rewards/rejected", reward_r.mean()),
-                         ("rewards/accuracies", (reward_c > reward_r).float().mean()), ("rewards/margins", (reward_c - reward_r).mean()),
-                         ("logps/chosen", logp_c.detach().mean()), ("logps/rejected", logp_r.detach().mean())):
+            for k, v in (
+                ("loss", loss.detach()),
+                ("rewards/chosen", reward_c.mean()),
+                ("rewards/rejected", reward_r.mean()),
+                ("rewards/accuracies", (reward_c > reward_r).float().mean()),
+                ("rewards/margins", (reward_c - reward_r).mean()),
+                ("logps/chosen", logp_c.detach().mean()),
+                ("logps/rejected", logp_r.detach().mean()),
+            ):
                 stats[k] += v.item() / micro_batches
         if not args.fsdp:  # (FSDP has averaged the gradient shards already)
             average_gradients(params)  # distributed: the gradient of the whole batch on every process
@@ -814,9 +940,13 @@ if __name__ == "__main__":
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-        metrics = {"update": update, **stats, "lr": scheduler.get_last_lr()[0],
-                   "pairs_per_s": (update - start_update + 1) * args.batch_size / (time.time() - start_time),
-                   "peak_memory_gb": peak_memory_gb(device)}
+        metrics = {
+            "update": update,
+            **stats,
+            "lr": scheduler.get_last_lr()[0],
+            "pairs_per_s": (update - start_update + 1) * args.batch_size / (time.time() - start_time),
+            "peak_memory_gb": peak_memory_gb(device),
+        }
         if update % args.eval_every == 0 or update == args.num_updates:
             logp_c, logp_r = all_logprobs(policy, eval_pairs, args, pad_id, device, autocast, rank, world)
             reward_margin = (logp_c - ref["eval"][0]) - (logp_r - ref["eval"][1])
@@ -831,6 +961,7 @@ if __name__ == "__main__":
         # ---- checkpoint: policy (or its adapter), optimizer, schedule, RNG states and step index ----
         if args.save_every and update % args.save_every == 0 and update < args.num_updates:
             weights, optimizer_state = full_state(policy, optimizer)  # FSDP: every process takes part in gathering them
+
             def write(folder):
                 os.makedirs(folder)
                 if args.use_lora:  # the base stays the SFT model: only the adapter is saved
@@ -840,8 +971,16 @@ if __name__ == "__main__":
                 tokenizer.save_pretrained(folder)
                 time.sleep(float(os.environ.get("SLOW_SAVE_S", 0)))  # a test hook: widens the window a kill can land in
                 # the data order is a function of the seed, so the step index is enough to continue it
-                torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states(),
-                            "update": update, "config": asdict(args)}, f"{folder}/state.pt")
+                torch.save(
+                    {
+                        "optimizer": optimizer_state,
+                        "scheduler": scheduler.state_dict(),
+                        "rng": rng_states(),
+                        "update": update,
+                        "config": asdict(args),
+                    },
+                    f"{folder}/state.pt",
+                )
 
             if rank == 0:  # one writer
                 folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)

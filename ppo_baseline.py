@@ -34,7 +34,8 @@ class Args:
     exp_name: str = "ppo"
     """name of this experiment (part of the run name)"""
     run_name: Optional[str] = None
-    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: {task}__{exp_name}__{seed}__{unix time})"""
+    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: {task}__{exp_name}__{seed}__{unix
+    time})"""
     seed: int = 1
     """seed of the experiment"""
     cuda: bool = True
@@ -52,7 +53,8 @@ class Args:
     reward_fn: Optional[str] = None
     """`path/to/file.py:function` taking (prompts, responses) lists of str and returning floats; replaces the reward model"""
     dataset_name: Optional[str] = None
-    """prompts: Hub id, folder or json/jsonl (default: vwxyzjn/summarize_from_feedback_tldr_3_filtered for tldr, Anthropic/hh-rlhf for hh)"""
+    """prompts: Hub id, folder or json/jsonl (default: vwxyzjn/summarize_from_feedback_tldr_3_filtered for tldr,
+    Anthropic/hh-rlhf for hh)"""
     train_split: str = "train"
     """split whose prompts are rolled out"""
     query_length: int = 512
@@ -119,9 +121,11 @@ class Args:
     # ---- memory: dtypes, LoRA, gradient checkpointing, FSDP ----
     dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the trained weights (policy, value model), whatever the checkpoint stores: Pythia is stored in fp16, where
-    AdamW's second moment underflows. bfloat16 halves their memory and loses small updates; bf16 autocast runs on CUDA either way"""
+    AdamW's second moment underflows. bfloat16 halves their memory and loses small updates; bf16 autocast runs on CUDA
+    either way"""
     frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """dtype of the frozen models (reference policy, reward model); auto: bfloat16 on CUDA (no fp32 copy needed), float32 on CPU"""
+    """dtype of the frozen models (reference policy, reward model); auto: bfloat16 on CUDA (no fp32 copy needed), float32 on
+    CPU"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
     use_lora: bool = False
@@ -164,19 +168,50 @@ class Args:
     gradient_accumulation_steps: tyro.conf.Suppress[int] = 0
 
 
-COMPUTED = ("num_updates", "minibatch_size", "gradient_accumulation_steps")  # fields the script fills in, saved with the config
-PROBABILITY, POSITIVE, NON_NEGATIVE = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
-FLAG_RULES = {"lr": POSITIVE, "eps": POSITIVE, "batch_size": POSITIVE, "local_micro_batch_size": POSITIVE,
-              "query_length": POSITIVE, "response_length": POSITIVE, "keep_checkpoints": POSITIVE,
-              "temperature": POSITIVE, "total_episodes": POSITIVE, "local_rollout_forward_batch_size": POSITIVE,
-              "num_mini_batches": POSITIVE, "num_ppo_epochs": POSITIVE, "max_grad_norm": POSITIVE,
-              "target_kl": POSITIVE, "kl_horizon": POSITIVE, "cliprange": POSITIVE, "cliprange_value": POSITIVE,
-              "lora_r": POSITIVE, "eval_prompts": POSITIVE, "eval_every": NON_NEGATIVE, "save_every": NON_NEGATIVE, "print_sample_every": NON_NEGATIVE,
-              "kl_coef": NON_NEGATIVE, "vf_coef": NON_NEGATIVE, "gamma": PROBABILITY, "gae_lambda": PROBABILITY}
+COMPUTED = (
+    "num_updates",
+    "minibatch_size",
+    "gradient_accumulation_steps",
+)  # fields the script fills in, saved with the config
+PROBABILITY, POSITIVE, NON_NEGATIVE = (
+    (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (lambda v: v > 0, "> 0"),
+    (lambda v: v >= 0, ">= 0"),
+)
+FLAG_RULES = {
+    "lr": POSITIVE,
+    "eps": POSITIVE,
+    "batch_size": POSITIVE,
+    "local_micro_batch_size": POSITIVE,
+    "query_length": POSITIVE,
+    "response_length": POSITIVE,
+    "keep_checkpoints": POSITIVE,
+    "temperature": POSITIVE,
+    "total_episodes": POSITIVE,
+    "local_rollout_forward_batch_size": POSITIVE,
+    "num_mini_batches": POSITIVE,
+    "num_ppo_epochs": POSITIVE,
+    "max_grad_norm": POSITIVE,
+    "target_kl": POSITIVE,
+    "kl_horizon": POSITIVE,
+    "cliprange": POSITIVE,
+    "cliprange_value": POSITIVE,
+    "lora_r": POSITIVE,
+    "eval_prompts": POSITIVE,
+    "eval_every": NON_NEGATIVE,
+    "save_every": NON_NEGATIVE,
+    "print_sample_every": NON_NEGATIVE,
+    "kl_coef": NON_NEGATIVE,
+    "vf_coef": NON_NEGATIVE,
+    "gamma": PROBABILITY,
+    "gae_lambda": PROBABILITY,
+}
 
 
-DEFAULT_MODELS = {"tldr": ("cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr", "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"),
-                  "hh": ("models/sft_hh", "models/reward_hh")}
+DEFAULT_MODELS = {
+    "tldr": ("cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr", "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"),
+    "hh": ("models/sft_hh", "models/reward_hh"),
+}
 DEFAULT_DATASETS = {"tldr": "vwxyzjn/summarize_from_feedback_tldr_3_filtered", "hh": "Anthropic/hh-rlhf"}
 DEFAULT_RESPONSE_LENGTH = {"tldr": 53, "hh": 128}
 SCHEMAS = {"tldr": {"subreddit": str, "title": str, "post": str}, "hh": {"chosen": str, "rejected": str}}
@@ -205,7 +240,9 @@ def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None)
         ) from None
     missing = [c for c in schema if c not in ds.column_names]
     if missing:
-        raise SystemExit(f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}")
+        raise SystemExit(
+            f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}"
+        )
     extra = [c for c in ds.column_names if c not in schema]
     if extra:
         print(f"note: {name} has extra column(s) {extra}, which are not used")
@@ -215,7 +252,9 @@ def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None)
 def check_row(row: dict, i: int, schema: dict, source: str):
     for column, kind in schema.items():
         if not isinstance(row[column], kind):
-            raise SystemExit(f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}")
+            raise SystemExit(
+                f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}"
+            )
 
 
 def encode(tokenizer, text: str, special: bool = True):
@@ -296,11 +335,16 @@ def from_pretrained(cls, path: str, **kwargs):
     except OSError as e:
         if os.path.exists(path):
             raise
-        raise SystemExit(f"Could not load '{path}' ({e}). If this machine is offline, point --sft-model-path, "
-                         "--reward-model-path and --dataset-name at local folders (sft.py and reward_model.py write them).") from None
+        raise SystemExit(
+            f"Could not load '{path}' ({e}). If this machine is offline, point --sft-model-path, "
+            "--reward-model-path and --dataset-name at local folders (sft.py and reward_model.py write them)."
+        ) from None
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
-        print(f"{path}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} initialised from scratch (not in the checkpoint)")
+        print(
+            f"{path}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} initialised from scratch (not in the "
+            "checkpoint)"
+        )
     return model
 
 
@@ -417,9 +461,15 @@ def get_scores(reward_model, reward_fn, tokenizer, prompts_ids, query_batch, pos
     """Sequence scores of the truncated responses: the reward model at the last real token, or --reward-fn on text."""
     if reward_fn is None:
         query_responses = torch.cat((query_batch, postprocessed), 1)
-        return torch.cat([token_scores(reward_model, chunk, tokenizer.pad_token_id).gather(
-            1, last_token_index(chunk, tokenizer.pad_token_id).unsqueeze(1)).squeeze(1) + reward_offset(reward_model)
-            for chunk in query_responses.split(chunk_size)])
+        return torch.cat(
+            [
+                token_scores(reward_model, chunk, tokenizer.pad_token_id)
+                .gather(1, last_token_index(chunk, tokenizer.pad_token_id).unsqueeze(1))
+                .squeeze(1)
+                + reward_offset(reward_model)
+                for chunk in query_responses.split(chunk_size)
+            ]
+        )
     texts = tokenizer.batch_decode(postprocessed, skip_special_tokens=True)
     scores = reward_fn(tokenizer.batch_decode(prompts_ids), texts)
     if len(scores) != len(texts):
@@ -429,8 +479,14 @@ def get_scores(reward_model, reward_fn, tokenizer, prompts_ids, query_batch, pos
 
 def generate_responses(policy, queries, response_length: int, pad_id: int, **generation):
     """The response_length tokens the policy writes after each left-padded prompt, (rows, response_length)."""
-    out = policy.generate(input_ids=queries, attention_mask=(queries != pad_id).long(), max_new_tokens=response_length,
-                          min_new_tokens=response_length, pad_token_id=pad_id, **generation)
+    out = policy.generate(
+        input_ids=queries,
+        attention_mask=(queries != pad_id).long(),
+        max_new_tokens=response_length,
+        min_new_tokens=response_length,
+        pad_token_id=pad_id,
+        **generation,
+    )
     return out[:, queries.shape[1] :]
 
 
@@ -502,7 +558,9 @@ def per_token_rewards(scores, logprobs, ref_logprobs, mask, sequence_lengths, kl
     return rewards, kl, non_score_reward
 
 
-def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, returns, mask, cliprange: float, cliprange_value: float):
+def ppo_losses(
+    new_logprobs, old_logprobs, advantages, vpred, old_values, returns, mask, cliprange: float, cliprange_value: float
+):
     """Clipped policy loss and clipped value loss, averaged over the masked tokens; plus their statistics."""
     vpredclipped = torch.clamp(vpred, old_values - cliprange_value, old_values + cliprange_value)
     vf_losses = torch.max((vpred - returns) ** 2, (vpredclipped - returns) ** 2)
@@ -513,11 +571,14 @@ def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, return
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
     with torch.no_grad():
-        stats = {"approxkl": 0.5 * masked_mean(logratio**2, mask).item(),
-                 "clipfrac": masked_mean((pg_losses2 > pg_losses).float(), mask).item(),
-                 "pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(),
-                 "vf_clipfrac": masked_mean((vf_losses > (vpred - returns) ** 2).float(), mask).item(),
-                 "ratio": masked_mean(ratio, mask).item()}
+        stats = {
+            "approxkl": 0.5 * masked_mean(logratio**2, mask).item(),
+            "clipfrac": masked_mean((pg_losses2 > pg_losses).float(), mask).item(),
+            "pg_loss": pg_loss.item(),
+            "vf_loss": vf_loss.item(),
+            "vf_clipfrac": masked_mean((vf_losses > (vpred - returns) ** 2).float(), mask).item(),
+            "ratio": masked_mean(ratio, mask).item(),
+        }
     return pg_loss, vf_loss, stats
 
 
@@ -536,8 +597,11 @@ def peak_memory_gb(device):
 def rng_states():
     """Every RNG state, as tensors, numbers and strings only (so that state.pt loads with weights_only=True)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-              "torch": torch.get_rng_state()}
+    states = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -605,8 +669,10 @@ def shard(model):
     for unit in units + [model]:
         fully_shard(unit)
     held = sum(p.to_local().numel() for p in model.parameters())
-    print(f"FSDP: {type(model).__name__} in {len(units) + 1} units; this process holds {held:,} of its "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    print(
+        f"FSDP: {type(model).__name__} in {len(units) + 1} units; this process holds {held:,} of its "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    )
 
 
 @contextlib.contextmanager
@@ -630,6 +696,7 @@ def gathered(model):
 def full_state(model, optimizer):
     """(model state, optimizer state) with whole tensors: what a checkpoint holds, the same files with FSDP or without.
     Under FSDP every process must call it, as each sharded tensor (a DTensor) is gathered from all of them."""
+
     def whole(tensor):
         return tensor.full_tensor().cpu() if hasattr(tensor, "full_tensor") else tensor
 
@@ -645,8 +712,12 @@ def load_optimizer_state(optimizer, state):
         if hasattr(params[i], "device_mesh"):  # a sharded parameter: shard its moments alike
             from torch.distributed.tensor import distribute_tensor
 
-            state["state"][i] = {k: distribute_tensor(v.to(params[i].device), params[i].device_mesh, params[i].placements)
-                                 if v.shape == params[i].shape else v for k, v in s.items()}
+            state["state"][i] = {
+                k: distribute_tensor(v.to(params[i].device), params[i].device_mesh, params[i].placements)
+                if v.shape == params[i].shape
+                else v
+                for k, v in s.items()
+            }
     optimizer.load_state_dict(state)
 
 
@@ -681,7 +752,9 @@ def checkpoint_candidates(args):
     where = args.resume_from.rstrip("/")
     if where == "auto":
         runs = sorted(glob.glob(f"runs/{args.task}__{args.exp_name}__{args.seed}__*"), key=lambda r: int(r.rsplit("__", 1)[1]))
-        return next((found for run in reversed(runs) if (found := sorted(glob.glob(f"{run}/checkpoints/update_*"), reverse=True))), [])
+        return next(
+            (found for run in reversed(runs) if (found := sorted(glob.glob(f"{run}/checkpoints/update_*"), reverse=True))), []
+        )
     if os.path.isdir(f"{where}/checkpoints") or os.path.exists(f"{where}/args.json"):  # a run folder
         return sorted(glob.glob(f"{where}/checkpoints/update_*"), reverse=True)
     if os.path.isdir(where):  # one checkpoint, then the older ones beside it
@@ -700,7 +773,9 @@ def load_checkpoint(candidates):
             lora = state["config"]["use_lora"]
             needed = ["lora.pt"] if lora else ["config.json"]
             needed += ["value_lora.pt"] if lora and state["config"]["lora_value"] else ["value/config.json"]
-            shards = [os.path.relpath(f, folder) for f in glob.glob(f"{folder}/**/*.safetensors", recursive=True)]  # sharded or not
+            shards = [
+                os.path.relpath(f, folder) for f in glob.glob(f"{folder}/**/*.safetensors", recursive=True)
+            ]  # sharded or not
             for part in ([] if lora else ["."]) + ([] if lora and state["config"]["lora_value"] else ["value"]):
                 if not any(os.path.dirname(f) == part.strip(".") for f in shards):
                     raise FileNotFoundError(f"no weights (*.safetensors) in {part}")
@@ -741,11 +816,16 @@ def resume_config(args):
         args.resume_from = None
         return args, None
     given = given_flags()
-    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (saved: {saved[k]})" for k in sorted(given - RESUMABLE)
-             if getattr(args, k) != saved[k]]
+    clash = [
+        f"--{k.replace('_', '-')} {getattr(args, k)} (saved: {saved[k]})"
+        for k in sorted(given - RESUMABLE)
+        if getattr(args, k) != saved[k]
+    ]
     if clash:
-        raise SystemExit(f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
-                         f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE))} may change on resume.")
+        raise SystemExit(
+            f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
+            f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE))} may change on resume."
+        )
     return Args(**{**saved, **{k: getattr(args, k) for k in given & RESUMABLE}, "resume_from": folder}), state
 
 
@@ -776,9 +856,11 @@ def check_hub(paths):
     except urllib.error.HTTPError:  # an answer, even an error status: the Hub is there
         pass
     except OSError as e:  # no answer: offline, a firewall, a wrong HF_ENDPOINT
-        raise SystemExit(f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be reached "
-                         f"({getattr(e, 'reason', e)}). Offline, point these flags at local folders or json/jsonl files, or set "
-                         "HF_HUB_OFFLINE=1 to use what the Hub cache already holds.")
+        raise SystemExit(
+            f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be reached "
+            f"({getattr(e, 'reason', e)}). Offline, point these flags at local folders or json/jsonl files, or set "
+            "HF_HUB_OFFLINE=1 to use what the Hub cache already holds."
+        )
 
 
 def save_config(args):
@@ -788,8 +870,11 @@ def save_config(args):
     with open(f"{path}.tmp", "w") as f:
         json.dump(config, f, indent=1)
     os.replace(f"{path}.tmp", path)
-    changed = [f"--{k.replace('_', '-')} {v}" for k, v in config.items()
-               if k not in COMPUTED and k != "run_name" and v != Args.__dataclass_fields__[k].default]
+    changed = [
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in config.items()
+        if k not in COMPUTED and k != "run_name" and v != Args.__dataclass_fields__[k].default
+    ]
     print(f"run {args.run_name}: {' '.join(changed) or 'the default flags'} (every flag: {path})")
 
 
@@ -809,13 +894,19 @@ if __name__ == "__main__":
     check_flags(args, FLAG_RULES)
     rank, world, device = init_distributed(args)  # under torchrun; (0, 1, cuda or cpu) in one process
     if args.fsdp and not dist.is_initialized():
-        raise SystemExit("--fsdp shards the models across the processes of torchrun: torchrun --nproc_per_node N ppo_baseline.py --fsdp ...")
+        raise SystemExit(
+            "--fsdp shards the models across the processes of torchrun: torchrun --nproc_per_node N ppo_baseline.py --fsdp ..."
+        )
     if args.fsdp and args.use_lora:
-        raise SystemExit("--fsdp with --use-lora is not supported: with LoRA only the adapters train, and the frozen base fits one GPU")
+        raise SystemExit(
+            "--fsdp with --use-lora is not supported: with LoRA only the adapters train, and the frozen base fits one GPU"
+        )
     args.gradient_accumulation_steps = args.minibatch_size // (args.local_micro_batch_size * world)  # per process
     if args.batch_size % args.num_mini_batches or args.minibatch_size % (args.local_micro_batch_size * world):
-        raise SystemExit(f"--batch-size must split into --num-mini-batches minibatches of whole --local-micro-batch-size x "
-                         f"processes ({world})")
+        raise SystemExit(
+            f"--batch-size must split into --num-mini-batches minibatches of whole --local-micro-batch-size x "
+            f"processes ({world})"
+        )
     if args.batch_size % (args.local_rollout_forward_batch_size * world):
         raise SystemExit(f"--batch-size must be a multiple of --local-rollout-forward-batch-size x processes ({world})")
     if args.num_updates == 0:
@@ -823,7 +914,9 @@ if __name__ == "__main__":
     if not args.run_name:
         args.run_name = broadcast(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
     elif checkpoint is None and "run_name" in given_flags() and os.path.exists(f"runs/{args.run_name}/metrics.jsonl"):
-        raise SystemExit(f"runs/{args.run_name} holds a run already: choose another --run-name, or --resume-from runs/{args.run_name}")
+        raise SystemExit(
+            f"runs/{args.run_name} holds a run already: choose another --run-name, or --resume-from runs/{args.run_name}"
+        )
     writable(args.output_dir)  # fail now, not after hours of training
     writable(f"runs/{args.run_name}")
     if rank == 0:
@@ -834,25 +927,43 @@ if __name__ == "__main__":
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     if args.frozen_dtype == "auto":  # frozen models need no fp32 copy on a GPU; on a CPU bf16 is slow
         args.frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    print(f"dtypes: policy and value model {args.dtype} (trained), reference and reward model {args.frozen_dtype} (frozen), "
-          f"bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type}, {world} process{'es' if world > 1 else ''})")
+    print(
+        f"dtypes: policy and value model {args.dtype} (trained), reference and reward model {args.frozen_dtype} (frozen), "
+        f"bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type}, {world} process{'es' if world > 1 else ''})"
+    )
 
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # a rule-based reward replaces the reward model
-    check_hub([args.sft_model_path, args.value_model_path, args.dataset_name] + ([] if args.reward_fn else [args.reward_model_path]))
+    check_hub(
+        [args.sft_model_path, args.value_model_path, args.dataset_name] + ([] if args.reward_fn else [args.reward_model_path])
+    )
 
     # ---- models: policy and reference from the SFT model, value from the reward model, reward model frozen ----
     tokenizer = load_tokenizer(args.sft_model_path)
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     queries = build_queries(args, tokenizer)
-    policy_path = args.resume_from if args.resume_from and not args.use_lora else args.sft_model_path  # LoRA keeps the base frozen
+    policy_path = (
+        args.resume_from if args.resume_from and not args.use_lora else args.sft_model_path
+    )  # LoRA keeps the base frozen
     policy = from_pretrained(AutoModelForCausalLM, policy_path, dtype=getattr(torch, args.dtype))
-    value_path = f"{args.resume_from}/value" if args.resume_from and not (args.use_lora and args.lora_value) else args.value_model_path
-    value_model = from_pretrained(AutoModelForSequenceClassification, value_path,
-                                  num_labels=1, dtype=getattr(torch, args.dtype))
-    reward_model = None if reward_fn else from_pretrained(AutoModelForSequenceClassification, args.reward_model_path, num_labels=1,
-                                                          dtype=getattr(torch, args.frozen_dtype))
+    value_path = (
+        f"{args.resume_from}/value" if args.resume_from and not (args.use_lora and args.lora_value) else args.value_model_path
+    )
+    value_model = from_pretrained(
+        AutoModelForSequenceClassification, value_path, num_labels=1, dtype=getattr(torch, args.dtype)
+    )
+    reward_model = (
+        None
+        if reward_fn
+        else from_pretrained(
+            AutoModelForSequenceClassification, args.reward_model_path, num_labels=1, dtype=getattr(torch, args.frozen_dtype)
+        )
+    )
     # the reference policy: the SFT model, frozen; with LoRA no second copy, the policy with its adapter switched off
-    ref_policy = None if args.use_lora else from_pretrained(AutoModelForCausalLM, args.sft_model_path, dtype=getattr(torch, args.frozen_dtype))
+    ref_policy = (
+        None
+        if args.use_lora
+        else from_pretrained(AutoModelForCausalLM, args.sft_model_path, dtype=getattr(torch, args.frozen_dtype))
+    )
     for model in (policy, ref_policy, value_model, reward_model):
         if model is None:
             continue
@@ -931,8 +1042,13 @@ if __name__ == "__main__":
     start_time, episodes_at_start = time.time(), (start_update - 1) * args.batch_size
 
     # a progress bar with an ETA on a terminal (none in a log file, nor on other processes than rank 0)
-    progress = tqdm(range(start_update, args.num_updates + 1), initial=start_update - 1, total=args.num_updates, unit="update",
-                    disable=rank > 0 or not sys.stderr.isatty())
+    progress = tqdm(
+        range(start_update, args.num_updates + 1),
+        initial=start_update - 1,
+        total=args.num_updates,
+        unit="update",
+        disable=rank > 0 or not sys.stderr.isatty(),
+    )
     for update in progress:
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / args.num_updates) * args.lr
@@ -954,22 +1070,34 @@ if __name__ == "__main__":
                 query_response = torch.cat((query_batch[chunk], response), 1)
                 logprobs.append(response_logprobs(policy, query_response, response, pad_id, args.temperature, non_tokens))
                 with reference():
-                    ref_logprobs.append(response_logprobs(ref_policy, query_response, response, pad_id, args.temperature, non_tokens))
+                    ref_logprobs.append(
+                        response_logprobs(ref_policy, query_response, response, pad_id, args.temperature, non_tokens)
+                    )
                 values.append(token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1])
                 responses.append(response)
             rollout_time = time.time() - t0
 
             # ---- scoring: the reward model (or --reward-fn) on the truncated response ----
             t0 = time.time()
-            scored = score_responses(reward_model, reward_fn, tokenizer, batch_queries[mine], query_batch[mine], torch.cat(responses),
-                                     args.missing_eos_penalty, args.local_rollout_forward_batch_size)  # each process its share
+            scored = score_responses(
+                reward_model,
+                reward_fn,
+                tokenizer,
+                batch_queries[mine],
+                query_batch[mine],
+                torch.cat(responses),
+                args.missing_eos_penalty,
+                args.local_rollout_forward_batch_size,
+            )  # each process its share
             # distributed: every process gets the whole batch, so that every statistic below is one of the whole batch
-            responses, logprobs, ref_logprobs, values = (gather(torch.cat(x)) for x in (responses, logprobs, ref_logprobs, values))
+            responses, logprobs, ref_logprobs, values = (
+                gather(torch.cat(x)) for x in (responses, logprobs, ref_logprobs, values)
+            )
             postprocessed, raw_scores, scores = (gather(x) for x in scored)
             sequence_lengths = first_true_indices(postprocessed == pad_id) - 1  # index of the last real token (the EOS)
             scoring_time = time.time() - t0
 
-        # ---- rewards and advantages; everything after the EOS is masked out ----
+            # ---- rewards and advantages; everything after the EOS is masked out ----
             t0 = time.time()
             response_idxs = torch.arange(args.response_length, device=device).repeat(args.batch_size, 1)
             mask = (response_idxs <= sequence_lengths.unsqueeze(1)).float()  # (batch, response_length)
@@ -985,7 +1113,9 @@ if __name__ == "__main__":
         # ---- PPO update: num_ppo_epochs passes, minibatches accumulated from micro-batches ----
         stats = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio")}
         for ppo_epoch in range(args.num_ppo_epochs):
-            order = torch.from_numpy(np.random.default_rng([args.seed, update, ppo_epoch]).permutation(args.batch_size)).to(device)
+            order = torch.from_numpy(np.random.default_rng([args.seed, update, ppo_epoch]).permutation(args.batch_size)).to(
+                device
+            )
             for mb_start in range(0, args.batch_size, args.minibatch_size):
                 # each process takes a contiguous part of the minibatch: the same micro-batches as one process, shared out
                 part = mb_start + rank * args.minibatch_size // world
@@ -994,13 +1124,26 @@ if __name__ == "__main__":
                     mb_mask = mask[idx]
                     mb_query_responses = torch.cat((query_batch[idx], responses[idx]), 1)
                     with autocast:
-                        new_logprobs = response_logprobs(policy, mb_query_responses, responses[idx], pad_id, args.temperature, non_tokens)
+                        new_logprobs = response_logprobs(
+                            policy, mb_query_responses, responses[idx], pad_id, args.temperature, non_tokens
+                        )
                         vpred = token_scores(value_model, mb_query_responses, pad_id)[:, context_length - 1 : -1]
-                    pg_loss, vf_loss, mb_stats = ppo_losses(new_logprobs, logprobs[idx], advantages[idx], vpred, values[idx],
-                                                            returns[idx], mb_mask, args.cliprange, args.cliprange_value)
+                    pg_loss, vf_loss, mb_stats = ppo_losses(
+                        new_logprobs,
+                        logprobs[idx],
+                        advantages[idx],
+                        vpred,
+                        values[idx],
+                        returns[idx],
+                        mb_mask,
+                        args.cliprange,
+                        args.cliprange_value,
+                    )
                     loss = pg_loss + args.vf_coef * vf_loss
                     if not torch.isfinite(loss):
-                        raise SystemExit(f"non-finite loss at update {update}, PPO epoch {ppo_epoch}: lower --lr or check the models")
+                        raise SystemExit(
+                            f"non-finite loss at update {update}, PPO epoch {ppo_epoch}: lower --lr or check the models"
+                        )
                     (loss / args.gradient_accumulation_steps).backward()  # averaged over the processes below
                     for k, v in mb_stats.items():
                         stats[k].append(v)
@@ -1022,28 +1165,54 @@ if __name__ == "__main__":
         if args.eval_every and update % args.eval_every == 0:  # every process evaluates: all of them take the same early stop
             with torch.no_grad(), autocast, gathered(policy):
                 eval_batch = left_pad(queries[: args.eval_prompts], pad_id).to(device)
-                eval_responses = generate_responses(policy, eval_batch, args.response_length, pad_id, do_sample=False,
-                                                    suppress_tokens=non_tokens)
-                eval_score = score_responses(reward_model, reward_fn, tokenizer, queries[: args.eval_prompts], eval_batch, eval_responses,
-                                             args.missing_eos_penalty, args.local_rollout_forward_batch_size)[2].mean().item()
+                eval_responses = generate_responses(
+                    policy, eval_batch, args.response_length, pad_id, do_sample=False, suppress_tokens=non_tokens
+                )
+                eval_score = (
+                    score_responses(
+                        reward_model,
+                        reward_fn,
+                        tokenizer,
+                        queries[: args.eval_prompts],
+                        eval_batch,
+                        eval_responses,
+                        args.missing_eos_penalty,
+                        args.local_rollout_forward_batch_size,
+                    )[2]
+                    .mean()
+                    .item()
+                )
 
         # ---- logging ----
         episodes = update * args.batch_size
         non_score = non_score_reward.sum(1).mean().item()
         metrics = {
-            "update": update, "episodes": episodes, "objective/kl": mean_kl,
+            "update": update,
+            "episodes": episodes,
+            "objective/kl": mean_kl,
             "objective/entropy": (-logprobs).sum(1).mean().item(),  # sampled-token estimate, summed over the response
-            "objective/scores": scores.mean().item(), "objective/raw_scores": raw_scores.mean().item(),
-            "objective/non_score_reward": non_score, "objective/rlhf_reward": scores.mean().item() + non_score, "objective/kl_coef": kl_coef,
-            "policy/approxkl": float(np.mean(stats["approxkl"])), "policy/clipfrac": float(np.mean(stats["clipfrac"])),
-            "policy/first_approxkl": stats["approxkl"][0], "policy/first_ratio": stats["ratio"][0],
-            "loss/policy": float(np.mean(stats["pg_loss"])), "loss/value": float(np.mean(stats["vf_loss"])),
-            "val/clipfrac": float(np.mean(stats["vf_clipfrac"])), "val/ratio": float(np.mean(stats["ratio"])),
+            "objective/scores": scores.mean().item(),
+            "objective/raw_scores": raw_scores.mean().item(),
+            "objective/non_score_reward": non_score,
+            "objective/rlhf_reward": scores.mean().item() + non_score,
+            "objective/kl_coef": kl_coef,
+            "policy/approxkl": float(np.mean(stats["approxkl"])),
+            "policy/clipfrac": float(np.mean(stats["clipfrac"])),
+            "policy/first_approxkl": stats["approxkl"][0],
+            "policy/first_ratio": stats["ratio"][0],
+            "loss/policy": float(np.mean(stats["pg_loss"])),
+            "loss/value": float(np.mean(stats["vf_loss"])),
+            "val/clipfrac": float(np.mean(stats["vf_clipfrac"])),
+            "val/ratio": float(np.mean(stats["ratio"])),
             "val/eos_fraction": (postprocessed == eos_id).any(-1).float().mean().item(),
-            "val/response_length": (sequence_lengths + 1).float().mean().item(), "lr": optimizer.param_groups[0]["lr"],
+            "val/response_length": (sequence_lengths + 1).float().mean().item(),
+            "lr": optimizer.param_groups[0]["lr"],
             "episodes_per_s": (episodes - episodes_at_start) / (time.time() - start_time),  # since the start (or resume)
             "episodes_per_s_update": args.batch_size / (rollout_time + scoring_time + update_time),  # this update's
-            "time/rollout": rollout_time, "time/scoring": scoring_time, "time/update": update_time, "peak_memory_gb": peak_memory_gb(device),
+            "time/rollout": rollout_time,
+            "time/scoring": scoring_time,
+            "time/update": update_time,
+            "peak_memory_gb": peak_memory_gb(device),
         }
         if eval_score is not None:
             metrics["eval/score"] = eval_score
@@ -1054,21 +1223,39 @@ if __name__ == "__main__":
         # ---- checkpoint: models, optimizer, RNG states, update index and KL controller ----
         if args.save_every and update % args.save_every == 0 and update < args.num_updates:
             weights, optimizer_state = full_state(trained, optimizer)  # FSDP: every process takes part in gathering them
+
             def write(folder):
                 os.makedirs(folder)
                 if args.use_lora:  # the base stays the SFT model: only the adapter is saved
-                    torch.save({k[7:]: v for k, v in weights.items() if k.startswith("policy.") and "lora_" in k}, f"{folder}/lora.pt")
+                    torch.save(
+                        {k[7:]: v for k, v in weights.items() if k.startswith("policy.") and "lora_" in k}, f"{folder}/lora.pt"
+                    )
                 else:
-                    policy.save_pretrained(folder, state_dict={k[7:]: v for k, v in weights.items() if k.startswith("policy.")})
+                    policy.save_pretrained(
+                        folder, state_dict={k[7:]: v for k, v in weights.items() if k.startswith("policy.")}
+                    )
                 if args.use_lora and args.lora_value:
-                    torch.save({k[6:]: v for k, v in weights.items() if k.startswith("value.") and "lora_" in k}, f"{folder}/value_lora.pt")
+                    torch.save(
+                        {k[6:]: v for k, v in weights.items() if k.startswith("value.") and "lora_" in k},
+                        f"{folder}/value_lora.pt",
+                    )
                 else:
-                    value_model.save_pretrained(f"{folder}/value", state_dict={k[6:]: v for k, v in weights.items() if k.startswith("value.")})
+                    value_model.save_pretrained(
+                        f"{folder}/value", state_dict={k[6:]: v for k, v in weights.items() if k.startswith("value.")}
+                    )
                 tokenizer.save_pretrained(folder)
                 time.sleep(float(os.environ.get("SLOW_SAVE_S", 0)))  # a test hook: widens the window a kill can land in
                 # the data position is a pure function of the update index (batch_indices), so the index is enough
-                torch.save({"optimizer": optimizer_state, "rng": rng_states(), "update": update, "kl_coef": kl_coef,
-                            "config": asdict(args)}, f"{folder}/state.pt")
+                torch.save(
+                    {
+                        "optimizer": optimizer_state,
+                        "rng": rng_states(),
+                        "update": update,
+                        "kl_coef": kl_coef,
+                        "config": asdict(args),
+                    },
+                    f"{folder}/state.pt",
+                )
 
             if rank == 0:  # one writer
                 folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)

@@ -36,7 +36,8 @@ class Args:
     exp_name: str = "reward"
     """name of this experiment (part of the run name)"""
     run_name: Optional[str] = None
-    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: {task}__{exp_name}__{seed}__{unix time})"""
+    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: {task}__{exp_name}__{seed}__{unix
+    time})"""
     seed: int = 1
     """seed of the experiment"""
     cuda: bool = True
@@ -48,7 +49,8 @@ class Args:
     sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
     """the SFT model the reward model starts from (a Hub id or a local folder)"""
     dataset_name: Optional[str] = None
-    """Hub id, local folder or json/jsonl file of preference pairs (default: openai/summarize_from_feedback for tldr, Anthropic/hh-rlhf for hh)"""
+    """Hub id, local folder or json/jsonl file of preference pairs (default: openai/summarize_from_feedback for tldr,
+    Anthropic/hh-rlhf for hh)"""
     dataset_config: Optional[str] = None
     """Hub config of the dataset (default: `comparisons` for openai/summarize_from_feedback)"""
     train_split: str = "train"
@@ -78,7 +80,8 @@ class Args:
     batch_size: int = 64
     """pairs per optimizer step, over all processes (under torchrun each takes batch_size / processes of them)"""
     local_micro_batch_size: int = 8
-    """pairs per forward pass and process (chosen and rejected share it); batch_size / (this x processes) is the gradient accumulation"""
+    """pairs per forward pass and process (chosen and rejected share it); batch_size / (this x processes) is the gradient
+    accumulation"""
 
     # ---- evaluation ----
     eval_every: int = 100
@@ -110,11 +113,26 @@ class Args:
 
 
 COMPUTED = ("gradient_accumulation_steps", "num_updates")  # fields the script fills in, saved with the config
-PROBABILITY, POSITIVE, NON_NEGATIVE = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
-FLAG_RULES = {"lr": POSITIVE, "eps": POSITIVE, "batch_size": POSITIVE, "local_micro_batch_size": POSITIVE,
-              "query_length": POSITIVE, "response_length": POSITIVE, "num_train_epochs": POSITIVE,
-              "keep_checkpoints": POSITIVE, "max_train_samples": POSITIVE, "max_eval_samples": POSITIVE,
-              "max_norm_samples": POSITIVE, "eval_every": NON_NEGATIVE, "save_every": NON_NEGATIVE}
+PROBABILITY, POSITIVE, NON_NEGATIVE = (
+    (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (lambda v: v > 0, "> 0"),
+    (lambda v: v >= 0, ">= 0"),
+)
+FLAG_RULES = {
+    "lr": POSITIVE,
+    "eps": POSITIVE,
+    "batch_size": POSITIVE,
+    "local_micro_batch_size": POSITIVE,
+    "query_length": POSITIVE,
+    "response_length": POSITIVE,
+    "num_train_epochs": POSITIVE,
+    "keep_checkpoints": POSITIVE,
+    "max_train_samples": POSITIVE,
+    "max_eval_samples": POSITIVE,
+    "max_norm_samples": POSITIVE,
+    "eval_every": NON_NEGATIVE,
+    "save_every": NON_NEGATIVE,
+}
 
 
 DEFAULT_DATASETS = {"tldr": ("openai/summarize_from_feedback", "comparisons"), "hh": ("Anthropic/hh-rlhf", None)}
@@ -145,7 +163,9 @@ def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None)
         ) from None
     missing = [c for c in schema if c not in ds.column_names]
     if missing:
-        raise SystemExit(f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}")
+        raise SystemExit(
+            f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}"
+        )
     extra = [c for c in ds.column_names if c not in schema]
     if extra:
         print(f"note: {name} has extra column(s) {extra}, which are not used")
@@ -155,7 +175,9 @@ def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None)
 def check_row(row: dict, i: int, schema: dict, source: str):
     for column, kind in schema.items():
         if not isinstance(row[column], kind):
-            raise SystemExit(f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}")
+            raise SystemExit(
+                f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}"
+            )
 
 
 def encode(tokenizer, text: str, special: bool = True):
@@ -219,7 +241,8 @@ def comparison_texts(row: dict, i: int, source: str):
     openai/summarize_from_feedback mixes into its validation split (the N+ code drops them too). A malformed TL;DR row
     stops the run with a clear error."""
     if row["info"].get("article") is not None and all(row["info"].get(k) is None for k in ("post", "title", "subreddit")):
-        return None  # a CNN/DailyMail comparison (batches batch0_cnndm, cnndm0, cnndm2 of the validation split): an article, no post
+        # a CNN/DailyMail comparison (batches batch0_cnndm, cnndm0, cnndm2 of the validation split): an article, no post
+        return None
     for key in ("post", "title", "subreddit"):
         if not isinstance(row["info"].get(key), str):
             raise SystemExit(f"{source} row {i}, column 'info.{key}': expected str, got {type(row['info'].get(key)).__name__}")
@@ -235,8 +258,19 @@ def build_pairs(args: Args, tokenizer, split: str, limit: Optional[int]):
     ds = load_rows(name, split, schema, args.dataset_config)
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
-    pairs, counts = [], {"rows": len(ds), "query_truncated": 0, "dropped_query_too_long": 0, "dropped_empty_response": 0,
-                         "dropped_identical_pair": 0, "dropped_response_too_long": 0, "dropped_no_shared_prompt": 0, "dropped_cnndm": 0}
+    pairs, counts = (
+        [],
+        {
+            "rows": len(ds),
+            "query_truncated": 0,
+            "dropped_query_too_long": 0,
+            "dropped_empty_response": 0,
+            "dropped_identical_pair": 0,
+            "dropped_response_too_long": 0,
+            "dropped_no_shared_prompt": 0,
+            "dropped_cnndm": 0,
+        },
+    )
     for i, row in enumerate(ds):
         check_row(row, i, schema, f"{name} ({split})")
         if args.task == "tldr":
@@ -306,13 +340,17 @@ def pair_rewards(model, pairs, pad_id: int, device, share_prompt: bool = True):
     the whole sequences: FSDP2 frees a layer's gathered weights after its first backward, which the prompt pass's graph
     would still need."""
     if not share_prompt:
-        rewards = get_reward(model, pad_right([q + c for q, c, _ in pairs] + [q + r for q, _, r in pairs], pad_id, device), pad_id)
+        rewards = get_reward(
+            model, pad_right([q + c for q, c, _ in pairs] + [q + r for q, _, r in pairs], pad_id, device), pad_id
+        )
         return rewards[: len(pairs)], rewards[len(pairs) :]
     width = max(len(q) for q, _, _ in pairs)
     prompts = torch.tensor([[pad_id] * (width - len(q)) + q for q, _, _ in pairs], device=device)  # left-padded
     prompt_mask = (prompts != pad_id).long()
     cache = DynamicCache(config=model.config)
-    cache_arg = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}  # 5.24's name
+    cache_arg = {
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache
+    }  # 5.24's name
     prompt_positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
     model(input_ids=prompts, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True, **cache_arg)
     cache.batch_repeat_interleave(2)  # the prompt of pair 0 twice, then that of pair 1 twice, ...
@@ -320,7 +358,9 @@ def pair_rewards(model, pairs, pad_id: int, device, share_prompt: bool = True):
     attention_mask = torch.cat((prompt_mask.repeat_interleave(2, 0), (responses != pad_id).long()), 1)
     position_ids = prompt_mask.sum(1, keepdim=True).repeat_interleave(2, 0) + torch.arange(responses.shape[1], device=device)
     # the reward is read at each response's last non-pad token (its EOS), as get_reward reads it in the whole sequence
-    rewards = model(input_ids=responses, attention_mask=attention_mask, position_ids=position_ids, **cache_arg).logits.squeeze(-1)
+    rewards = model(input_ids=responses, attention_mask=attention_mask, position_ids=position_ids, **cache_arg).logits.squeeze(
+        -1
+    )
     return rewards[0::2], rewards[1::2]
 
 
@@ -334,8 +374,12 @@ def evaluate(model, pairs, args: Args, pad_id: int, device, autocast, rank: int 
     for start in range(0, share, args.local_micro_batch_size):  # as many passes on every process (FSDP's are collective)
         chunk = mine[start : start + args.local_micro_batch_size]
         with autocast:
-            chosen, rejected = pair_rewards(model, chunk or pairs[:1], pad_id, device, not args.fsdp)  # a stand-in when the share ran out
-        total += torch.stack([(chosen > rejected).sum().double(), bt_loss(chosen.float(), rejected.float()).double() * len(chosen)]) * bool(chunk)
+            chosen, rejected = pair_rewards(
+                model, chunk or pairs[:1], pad_id, device, not args.fsdp
+            )  # a stand-in when the share ran out
+        total += torch.stack(
+            [(chosen > rejected).sum().double(), bt_loss(chosen.float(), rejected.float()).double() * len(chosen)]
+        ) * bool(chunk)
     model.train()
     correct, loss = all_sum(total).tolist()
     return correct / len(pairs), loss / len(pairs)
@@ -361,10 +405,14 @@ def fold_bias(model, bias: float):
     No sequence-classification head has a bias, so shift the final norm's bias along the head's direction:
     score(h + d) = score(h) + w.d, and d = bias * w / |w|^2 gives exactly `bias`. Returns False, changing nothing, where
     the final norm has no bias (the RMSNorm of Llama, Qwen2, Mistral): no weight can add a constant there."""
-    norms = [m for name, m in model.base_model.named_children() if name in ("final_layer_norm", "ln_f", "norm")]  # NeoX, GPT-2, Llama
+    norms = [
+        m for name, m in model.base_model.named_children() if name in ("final_layer_norm", "ln_f", "norm")
+    ]  # NeoX, GPT-2, Llama
     if len(norms) != 1 or getattr(norms[0], "bias", None) is None:
         return False
-    w = model.score.weight.data[0].double()  # a fresh copy in float64: its dot product does not depend on where the weights lie
+    w = model.score.weight.data[
+        0
+    ].double()  # a fresh copy in float64: its dot product does not depend on where the weights lie
     norms[0].bias.data += (bias * w / w.dot(w)).to(norms[0].bias.dtype)
     return True
 
@@ -379,19 +427,27 @@ def from_pretrained(cls, path: str, **kwargs):
     except OSError as e:
         if os.path.exists(path):
             raise
-        raise SystemExit(f"Could not load '{path}' ({e}). If this machine is offline, point --sft-model-path at a local folder "
-                         "saved with save_pretrained (sft.py writes one).") from None
+        raise SystemExit(
+            f"Could not load '{path}' ({e}). If this machine is offline, point --sft-model-path at a local folder "
+            "saved with save_pretrained (sft.py writes one)."
+        ) from None
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
-        print(f"{path}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} initialised from scratch (not in the checkpoint)")
+        print(
+            f"{path}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} initialised from scratch (not in the "
+            "checkpoint)"
+        )
     return model
 
 
 def rng_states():
     """Every RNG state, as tensors, numbers and strings only (so that state.pt loads with weights_only=True)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-              "torch": torch.get_rng_state()}
+    states = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -450,8 +506,10 @@ def shard(model):
     for unit in units + [model]:
         fully_shard(unit)
     held = sum(p.to_local().numel() for p in model.parameters())
-    print(f"FSDP: {type(model).__name__} in {len(units) + 1} units; this process holds {held:,} of its "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    print(
+        f"FSDP: {type(model).__name__} in {len(units) + 1} units; this process holds {held:,} of its "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    )
 
 
 @contextlib.contextmanager
@@ -475,6 +533,7 @@ def gathered(model):
 def full_state(model, optimizer):
     """(model state, optimizer state) with whole tensors: what a checkpoint holds, the same files with FSDP or without.
     Under FSDP every process must call it, as each sharded tensor (a DTensor) is gathered from all of them."""
+
     def whole(tensor):
         return tensor.full_tensor().cpu() if hasattr(tensor, "full_tensor") else tensor
 
@@ -490,8 +549,12 @@ def load_optimizer_state(optimizer, state):
         if hasattr(params[i], "device_mesh"):  # a sharded parameter: shard its moments alike
             from torch.distributed.tensor import distribute_tensor
 
-            state["state"][i] = {k: distribute_tensor(v.to(params[i].device), params[i].device_mesh, params[i].placements)
-                                 if v.shape == params[i].shape else v for k, v in s.items()}
+            state["state"][i] = {
+                k: distribute_tensor(v.to(params[i].device), params[i].device_mesh, params[i].placements)
+                if v.shape == params[i].shape
+                else v
+                for k, v in s.items()
+            }
     optimizer.load_state_dict(state)
 
 
@@ -526,7 +589,9 @@ def checkpoint_candidates(args):
     where = args.resume_from.rstrip("/")
     if where == "auto":
         runs = sorted(glob.glob(f"runs/{args.task}__{args.exp_name}__{args.seed}__*"), key=lambda r: int(r.rsplit("__", 1)[1]))
-        return next((found for run in reversed(runs) if (found := sorted(glob.glob(f"{run}/checkpoints/update_*"), reverse=True))), [])
+        return next(
+            (found for run in reversed(runs) if (found := sorted(glob.glob(f"{run}/checkpoints/update_*"), reverse=True))), []
+        )
     if os.path.isdir(f"{where}/checkpoints") or os.path.exists(f"{where}/args.json"):  # a run folder
         return sorted(glob.glob(f"{where}/checkpoints/update_*"), reverse=True)
     if os.path.isdir(where):  # one checkpoint, then the older ones beside it
@@ -542,7 +607,9 @@ def load_checkpoint(candidates):
     for folder in candidates:
         try:
             state = torch.load(f"{folder}/state.pt", weights_only=True)  # runs no code, whatever the file holds
-            weights = sorted(os.path.basename(f) for f in glob.glob(f"{folder}/*.safetensors"))  # one file, or a large model's shards
+            weights = sorted(
+                os.path.basename(f) for f in glob.glob(f"{folder}/*.safetensors")
+            )  # one file, or a large model's shards
             for name in ["config.json"] + (weights or ["model.safetensors"]):
                 if not os.path.exists(f"{folder}/{name}"):
                     raise FileNotFoundError(f"{name} is missing")
@@ -578,11 +645,16 @@ def resume_config(args):
         args.resume_from = None
         return args, None
     given = given_flags()
-    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (saved: {saved[k]})" for k in sorted(given - RESUMABLE)
-             if getattr(args, k) != saved[k]]
+    clash = [
+        f"--{k.replace('_', '-')} {getattr(args, k)} (saved: {saved[k]})"
+        for k in sorted(given - RESUMABLE)
+        if getattr(args, k) != saved[k]
+    ]
     if clash:
-        raise SystemExit(f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
-                         f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE))} may change on resume.")
+        raise SystemExit(
+            f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
+            f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE))} may change on resume."
+        )
     return Args(**{**saved, **{k: getattr(args, k) for k in given & RESUMABLE}, "resume_from": folder}), state
 
 
@@ -613,9 +685,11 @@ def check_hub(paths):
     except urllib.error.HTTPError:  # an answer, even an error status: the Hub is there
         pass
     except OSError as e:  # no answer: offline, a firewall, a wrong HF_ENDPOINT
-        raise SystemExit(f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be reached "
-                         f"({getattr(e, 'reason', e)}). Offline, point these flags at local folders or json/jsonl files, or set "
-                         "HF_HUB_OFFLINE=1 to use what the Hub cache already holds.")
+        raise SystemExit(
+            f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be reached "
+            f"({getattr(e, 'reason', e)}). Offline, point these flags at local folders or json/jsonl files, or set "
+            "HF_HUB_OFFLINE=1 to use what the Hub cache already holds."
+        )
 
 
 def save_config(args):
@@ -625,8 +699,11 @@ def save_config(args):
     with open(f"{path}.tmp", "w") as f:
         json.dump(config, f, indent=1)
     os.replace(f"{path}.tmp", path)
-    changed = [f"--{k.replace('_', '-')} {v}" for k, v in config.items()
-               if k not in COMPUTED and k != "run_name" and v != Args.__dataclass_fields__[k].default]
+    changed = [
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in config.items()
+        if k not in COMPUTED and k != "run_name" and v != Args.__dataclass_fields__[k].default
+    ]
     print(f"run {args.run_name}: {' '.join(changed) or 'the default flags'} (every flag: {path})")
 
 
@@ -643,22 +720,28 @@ if __name__ == "__main__":
     check_hub([args.sft_model_path, args.dataset_name] + ([args.norm_dataset_name] if args.task == "tldr" else []))
     rank, world, device = init_distributed(args)  # under torchrun; (0, 1, cuda or cpu) in one process
     if args.fsdp and not dist.is_initialized():
-        raise SystemExit("--fsdp shards the model across the processes of torchrun: torchrun --nproc_per_node N reward_model.py --fsdp ...")
+        raise SystemExit(
+            "--fsdp shards the model across the processes of torchrun: torchrun --nproc_per_node N reward_model.py --fsdp ..."
+        )
     if args.batch_size % (args.local_micro_batch_size * world):
         raise SystemExit(f"--batch-size must be a multiple of --local-micro-batch-size x processes ({world})")
     args.gradient_accumulation_steps = args.batch_size // (args.local_micro_batch_size * world)
     if not args.run_name:
         args.run_name = broadcast(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
     elif checkpoint is None and "run_name" in given_flags() and os.path.exists(f"runs/{args.run_name}/metrics.jsonl"):
-        raise SystemExit(f"runs/{args.run_name} holds a run already: choose another --run-name, or --resume-from runs/{args.run_name}")
+        raise SystemExit(
+            f"runs/{args.run_name} holds a run already: choose another --run-name, or --resume-from runs/{args.run_name}"
+        )
     writable(args.output_dir)  # fail now, not after hours of training
     writable(f"runs/{args.run_name}")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    print(f"dtypes: trained weights {args.dtype}, bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type}, "
-          f"{world} process{'es' if world > 1 else ''})")
+    print(
+        f"dtypes: trained weights {args.dtype}, bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type}, "
+        f"{world} process{'es' if world > 1 else ''})"
+    )
 
     tokenizer = load_tokenizer(args.sft_model_path)
     pad_id = tokenizer.pad_token_id
@@ -670,8 +753,13 @@ if __name__ == "__main__":
     if rank == 0:
         save_config(args)
 
-    model = from_pretrained(AutoModelForSequenceClassification, args.resume_from or args.sft_model_path, num_labels=1,
-                            pad_token_id=pad_id, dtype=getattr(torch, args.dtype)).to(device)
+    model = from_pretrained(
+        AutoModelForSequenceClassification,
+        args.resume_from or args.sft_model_path,
+        num_labels=1,
+        pad_token_id=pad_id,
+        dtype=getattr(torch, args.dtype),
+    ).to(device)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     if not checkpoint:
@@ -686,7 +774,9 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
     # cosine decay to 0, no warmup: transformers' get_cosine_schedule_with_warmup to the last bit, without the seconds its
     # import costs at start-up
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (step / args.num_updates))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (step / args.num_updates)))
+    )
     start_update = 1
     if checkpoint:
         load_optimizer_state(optimizer, checkpoint["optimizer"])
@@ -712,8 +802,13 @@ if __name__ == "__main__":
     order = torch.cat([torch.randperm(len(train_pairs), generator=generator) for _ in range(args.num_train_epochs)])
     start_time = time.time()
     # a progress bar with an ETA on a terminal (none in a log file, nor on other processes than rank 0)
-    progress = tqdm(range(start_update, args.num_updates + 1), initial=start_update - 1, total=args.num_updates, unit="update",
-                    disable=rank > 0 or not sys.stderr.isatty())
+    progress = tqdm(
+        range(start_update, args.num_updates + 1),
+        initial=start_update - 1,
+        total=args.num_updates,
+        unit="update",
+        disable=rank > 0 or not sys.stderr.isatty(),
+    )
     for update in progress:
         batch = [train_pairs[i] for i in order[(update - 1) * args.batch_size : update * args.batch_size]]
         share = args.batch_size // world  # this process's share of the batch (all of it in one process)
@@ -722,7 +817,9 @@ if __name__ == "__main__":
         sums = torch.zeros(2, dtype=torch.float64)  # loss, accuracy
         for start in range(0, share, args.local_micro_batch_size):
             with autocast:
-                chosen, rejected = pair_rewards(model, batch[start : start + args.local_micro_batch_size], pad_id, device, not args.fsdp)
+                chosen, rejected = pair_rewards(
+                    model, batch[start : start + args.local_micro_batch_size], pad_id, device, not args.fsdp
+                )
             loss = bt_loss(chosen.float(), rejected.float())
             if not torch.isfinite(loss):
                 raise SystemExit(f"non-finite loss {loss.item()} at update {update}; lower --lr or check the data")
@@ -734,10 +831,17 @@ if __name__ == "__main__":
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-        metrics = {"update": update, "loss": loss_sum, "accuracy": accuracy, "lr": scheduler.get_last_lr()[0],
-                   "pairs_per_s": (update - start_update + 1) * args.batch_size / (time.time() - start_time)}
+        metrics = {
+            "update": update,
+            "loss": loss_sum,
+            "accuracy": accuracy,
+            "lr": scheduler.get_last_lr()[0],
+            "pairs_per_s": (update - start_update + 1) * args.batch_size / (time.time() - start_time),
+        }
         if update % args.eval_every == 0 or update == args.num_updates:
-            metrics["eval_accuracy"], metrics["eval_loss"] = evaluate(model, eval_pairs, args, pad_id, device, autocast, rank, world)
+            metrics["eval_accuracy"], metrics["eval_loss"] = evaluate(
+                model, eval_pairs, args, pad_id, device, autocast, rank, world
+            )
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         log.write(json.dumps(metrics) + "\n")
         log.flush()
@@ -746,12 +850,21 @@ if __name__ == "__main__":
         # the normalisation below runs once, at the end, on the final model: a checkpoint holds the raw reward model
         if args.save_every and update % args.save_every == 0 and update < args.num_updates:
             weights, optimizer_state = full_state(model, optimizer)  # FSDP: every process takes part in gathering them
+
             def write(folder):
                 model.save_pretrained(folder, state_dict=weights)
                 tokenizer.save_pretrained(folder)
                 time.sleep(float(os.environ.get("SLOW_SAVE_S", 0)))  # a test hook: widens the window a kill can land in
-                torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states(),
-                            "update": update, "config": asdict(args)}, f"{folder}/state.pt")
+                torch.save(
+                    {
+                        "optimizer": optimizer_state,
+                        "scheduler": scheduler.state_dict(),
+                        "rng": rng_states(),
+                        "update": update,
+                        "config": asdict(args),
+                    },
+                    f"{folder}/state.pt",
+                )
 
             if rank == 0:  # one writer
                 folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
@@ -764,21 +877,33 @@ if __name__ == "__main__":
     model.save_pretrained(args.output_dir, state_dict=weights)  # saved before the normalisation: nothing below can lose it
     tokenizer.save_pretrained(args.output_dir)
     if args.fsdp:  # the normalisation below runs on rank 0 alone, on a whole copy of the model
-        model = from_pretrained(AutoModelForSequenceClassification, args.output_dir, dtype=getattr(torch, args.dtype)).to(device)
+        model = from_pretrained(AutoModelForSequenceClassification, args.output_dir, dtype=getattr(torch, args.dtype)).to(
+            device
+        )
 
     # N+ normalisation: shift the reward so that the reference responses score 0 on average
     model.eval()
     sequences = normalisation_sequences(args, tokenizer, train_pairs)
     with torch.no_grad(), autocast:
-        rewards = torch.cat([get_reward(model, pad_right(sequences[i : i + args.local_micro_batch_size], pad_id, device), pad_id).float()
-                             for i in range(0, len(sequences), args.local_micro_batch_size)])
+        rewards = torch.cat(
+            [
+                get_reward(model, pad_right(sequences[i : i + args.local_micro_batch_size], pad_id, device), pad_id).float()
+                for i in range(0, len(sequences), args.local_micro_batch_size)
+            ]
+        )
     shift = -rewards.mean().item()
     model.config.reward_bias = shift  # the shift itself; the scripts add it to the score unless it lives in the weights
     model.config.reward_bias_in_weights = fold_bias(model, shift)
-    where = ("folded into the final norm's bias: plain transformers gives normalised rewards" if model.config.reward_bias_in_weights else
-             "kept in config.reward_bias (this architecture's final norm has no bias); our scripts add it, plain transformers does not")
-    print(f"normalisation: mean reward of {len(sequences)} reference responses was {rewards.mean().item():.4f} "
-          f"(std {rewards.std().item():.4f}); a shift of {shift:.4f} is {where}")
+    where = (
+        "folded into the final norm's bias: plain transformers gives normalised rewards"
+        if model.config.reward_bias_in_weights
+        else "kept in config.reward_bias (this architecture's final norm has no bias); our scripts add it, "
+        "plain transformers does not"
+    )
+    print(
+        f"normalisation: mean reward of {len(sequences)} reference responses was {rewards.mean().item():.4f} "
+        f"(std {rewards.std().item():.4f}); a shift of {shift:.4f} is {where}"
+    )
     model.save_pretrained(args.output_dir)
     print(f"saved the reward model and tokenizer to {args.output_dir}")
     if dist.is_initialized():

@@ -34,7 +34,8 @@ class Args:
     exp_name: str = "sft"
     """name of this experiment (part of the run name)"""
     run_name: Optional[str] = None
-    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: {task}__{exp_name}__{seed}__{unix time})"""
+    """name of the run: its log, config and checkpoints go to runs/{run_name} (default: {task}__{exp_name}__{seed}__{unix
+    time})"""
     seed: int = 1
     """seed of the experiment"""
     cuda: bool = True
@@ -46,7 +47,8 @@ class Args:
     base_model: str = "EleutherAI/pythia-1b-deduped"
     """the model to fine-tune: a Hub id or a local folder"""
     dataset_name: Optional[str] = None
-    """Hub id, local folder or json/jsonl file (default: vwxyzjn/summarize_from_feedback_tldr_3_filtered for tldr, Anthropic/hh-rlhf for hh)"""
+    """Hub id, local folder or json/jsonl file (default: vwxyzjn/summarize_from_feedback_tldr_3_filtered for tldr,
+    Anthropic/hh-rlhf for hh)"""
     train_split: str = "train"
     """split to train on (datasets slicing works: `train[:90%]`; a single file has only `train`)"""
     eval_split: Optional[str] = None
@@ -102,11 +104,25 @@ class Args:
 
 
 COMPUTED = ("gradient_accumulation_steps", "num_updates")  # fields the script fills in, saved with the config
-PROBABILITY, POSITIVE, NON_NEGATIVE = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
-FLAG_RULES = {"lr": POSITIVE, "eps": POSITIVE, "batch_size": POSITIVE, "local_micro_batch_size": POSITIVE,
-              "query_length": POSITIVE, "response_length": POSITIVE, "num_train_epochs": POSITIVE,
-              "keep_checkpoints": POSITIVE, "max_train_samples": POSITIVE, "max_eval_samples": POSITIVE,
-              "eval_every": NON_NEGATIVE, "save_every": NON_NEGATIVE}
+PROBABILITY, POSITIVE, NON_NEGATIVE = (
+    (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (lambda v: v > 0, "> 0"),
+    (lambda v: v >= 0, ">= 0"),
+)
+FLAG_RULES = {
+    "lr": POSITIVE,
+    "eps": POSITIVE,
+    "batch_size": POSITIVE,
+    "local_micro_batch_size": POSITIVE,
+    "query_length": POSITIVE,
+    "response_length": POSITIVE,
+    "num_train_epochs": POSITIVE,
+    "keep_checkpoints": POSITIVE,
+    "max_train_samples": POSITIVE,
+    "max_eval_samples": POSITIVE,
+    "eval_every": NON_NEGATIVE,
+    "save_every": NON_NEGATIVE,
+}
 
 
 DEFAULT_DATASETS = {"tldr": "vwxyzjn/summarize_from_feedback_tldr_3_filtered", "hh": "Anthropic/hh-rlhf"}
@@ -137,7 +153,9 @@ def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None)
         ) from None
     missing = [c for c in schema if c not in ds.column_names]
     if missing:
-        raise SystemExit(f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}")
+        raise SystemExit(
+            f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}"
+        )
     extra = [c for c in ds.column_names if c not in schema]
     if extra:
         print(f"note: {name} has extra column(s) {extra}, which are not used")
@@ -147,7 +165,9 @@ def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None)
 def check_row(row: dict, i: int, schema: dict, source: str):
     for column, kind in schema.items():
         if not isinstance(row[column], kind):
-            raise SystemExit(f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}")
+            raise SystemExit(
+                f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}"
+            )
 
 
 def encode(tokenizer, text: str, special: bool = True):
@@ -213,8 +233,17 @@ def build_examples(args: Args, tokenizer, split: str, limit: Optional[int]):
     ds = load_rows(name, split, schema)
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
-    examples, counts = [], {"rows": len(ds), "query_truncated": 0, "dropped_query_too_long": 0,
-                            "dropped_empty_response": 0, "dropped_response_too_long": 0, "dropped_no_shared_prompt": 0}
+    examples, counts = (
+        [],
+        {
+            "rows": len(ds),
+            "query_truncated": 0,
+            "dropped_query_too_long": 0,
+            "dropped_empty_response": 0,
+            "dropped_response_too_long": 0,
+            "dropped_no_shared_prompt": 0,
+        },
+    )
     for i, row in enumerate(ds):
         check_row(row, i, schema, f"{name} ({split})")
         if args.task == "tldr":
@@ -303,19 +332,27 @@ def from_pretrained(cls, path: str, **kwargs):
     except OSError as e:
         if os.path.exists(path):
             raise
-        raise SystemExit(f"Could not load '{path}' ({e}). If this machine is offline, point --base-model at a local folder "
-                         "saved with save_pretrained (`python tiny_world.py` writes one to tiny/base).") from None
+        raise SystemExit(
+            f"Could not load '{path}' ({e}). If this machine is offline, point --base-model at a local folder "
+            "saved with save_pretrained (`python tiny_world.py` writes one to tiny/base)."
+        ) from None
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
-        print(f"{path}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} initialised from scratch (not in the checkpoint)")
+        print(
+            f"{path}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} initialised from scratch (not in the "
+            "checkpoint)"
+        )
     return model
 
 
 def rng_states():
     """Every RNG state, as tensors, numbers and strings only (so that state.pt loads with weights_only=True)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-              "torch": torch.get_rng_state()}
+    states = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -374,8 +411,10 @@ def shard(model):
     for unit in units + [model]:
         fully_shard(unit)
     held = sum(p.to_local().numel() for p in model.parameters())
-    print(f"FSDP: {type(model).__name__} in {len(units) + 1} units; this process holds {held:,} of its "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    print(
+        f"FSDP: {type(model).__name__} in {len(units) + 1} units; this process holds {held:,} of its "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    )
 
 
 @contextlib.contextmanager
@@ -399,6 +438,7 @@ def gathered(model):
 def full_state(model, optimizer):
     """(model state, optimizer state) with whole tensors: what a checkpoint holds, the same files with FSDP or without.
     Under FSDP every process must call it, as each sharded tensor (a DTensor) is gathered from all of them."""
+
     def whole(tensor):
         return tensor.full_tensor().cpu() if hasattr(tensor, "full_tensor") else tensor
 
@@ -414,8 +454,12 @@ def load_optimizer_state(optimizer, state):
         if hasattr(params[i], "device_mesh"):  # a sharded parameter: shard its moments alike
             from torch.distributed.tensor import distribute_tensor
 
-            state["state"][i] = {k: distribute_tensor(v.to(params[i].device), params[i].device_mesh, params[i].placements)
-                                 if v.shape == params[i].shape else v for k, v in s.items()}
+            state["state"][i] = {
+                k: distribute_tensor(v.to(params[i].device), params[i].device_mesh, params[i].placements)
+                if v.shape == params[i].shape
+                else v
+                for k, v in s.items()
+            }
     optimizer.load_state_dict(state)
 
 
@@ -450,7 +494,9 @@ def checkpoint_candidates(args):
     where = args.resume_from.rstrip("/")
     if where == "auto":
         runs = sorted(glob.glob(f"runs/{args.task}__{args.exp_name}__{args.seed}__*"), key=lambda r: int(r.rsplit("__", 1)[1]))
-        return next((found for run in reversed(runs) if (found := sorted(glob.glob(f"{run}/checkpoints/update_*"), reverse=True))), [])
+        return next(
+            (found for run in reversed(runs) if (found := sorted(glob.glob(f"{run}/checkpoints/update_*"), reverse=True))), []
+        )
     if os.path.isdir(f"{where}/checkpoints") or os.path.exists(f"{where}/args.json"):  # a run folder
         return sorted(glob.glob(f"{where}/checkpoints/update_*"), reverse=True)
     if os.path.isdir(where):  # one checkpoint, then the older ones beside it
@@ -466,7 +512,9 @@ def load_checkpoint(candidates):
     for folder in candidates:
         try:
             state = torch.load(f"{folder}/state.pt", weights_only=True)  # runs no code, whatever the file holds
-            weights = sorted(os.path.basename(f) for f in glob.glob(f"{folder}/*.safetensors"))  # one file, or a large model's shards
+            weights = sorted(
+                os.path.basename(f) for f in glob.glob(f"{folder}/*.safetensors")
+            )  # one file, or a large model's shards
             for name in ["config.json"] + (weights or ["model.safetensors"]):
                 if not os.path.exists(f"{folder}/{name}"):
                     raise FileNotFoundError(f"{name} is missing")
@@ -502,11 +550,16 @@ def resume_config(args):
         args.resume_from = None
         return args, None
     given = given_flags()
-    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (saved: {saved[k]})" for k in sorted(given - RESUMABLE)
-             if getattr(args, k) != saved[k]]
+    clash = [
+        f"--{k.replace('_', '-')} {getattr(args, k)} (saved: {saved[k]})"
+        for k in sorted(given - RESUMABLE)
+        if getattr(args, k) != saved[k]
+    ]
     if clash:
-        raise SystemExit(f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
-                         f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE))} may change on resume.")
+        raise SystemExit(
+            f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
+            f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE))} may change on resume."
+        )
     return Args(**{**saved, **{k: getattr(args, k) for k in given & RESUMABLE}, "resume_from": folder}), state
 
 
@@ -537,9 +590,11 @@ def check_hub(paths):
     except urllib.error.HTTPError:  # an answer, even an error status: the Hub is there
         pass
     except OSError as e:  # no answer: offline, a firewall, a wrong HF_ENDPOINT
-        raise SystemExit(f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be reached "
-                         f"({getattr(e, 'reason', e)}). Offline, point these flags at local folders or json/jsonl files, or set "
-                         "HF_HUB_OFFLINE=1 to use what the Hub cache already holds.")
+        raise SystemExit(
+            f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be reached "
+            f"({getattr(e, 'reason', e)}). Offline, point these flags at local folders or json/jsonl files, or set "
+            "HF_HUB_OFFLINE=1 to use what the Hub cache already holds."
+        )
 
 
 def save_config(args):
@@ -549,8 +604,11 @@ def save_config(args):
     with open(f"{path}.tmp", "w") as f:
         json.dump(config, f, indent=1)
     os.replace(f"{path}.tmp", path)
-    changed = [f"--{k.replace('_', '-')} {v}" for k, v in config.items()
-               if k not in COMPUTED and k != "run_name" and v != Args.__dataclass_fields__[k].default]
+    changed = [
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in config.items()
+        if k not in COMPUTED and k != "run_name" and v != Args.__dataclass_fields__[k].default
+    ]
     print(f"run {args.run_name}: {' '.join(changed) or 'the default flags'} (every flag: {path})")
 
 
@@ -566,22 +624,28 @@ if __name__ == "__main__":
     check_hub([args.base_model, args.dataset_name])
     rank, world, device = init_distributed(args)  # under torchrun; (0, 1, cuda or cpu) in one process
     if args.fsdp and not dist.is_initialized():
-        raise SystemExit("--fsdp shards the model across the processes of torchrun: torchrun --nproc_per_node N sft.py --fsdp ...")
+        raise SystemExit(
+            "--fsdp shards the model across the processes of torchrun: torchrun --nproc_per_node N sft.py --fsdp ..."
+        )
     if args.batch_size % (args.local_micro_batch_size * world):
         raise SystemExit(f"--batch-size must be a multiple of --local-micro-batch-size x processes ({world})")
     args.gradient_accumulation_steps = args.batch_size // (args.local_micro_batch_size * world)
     if not args.run_name:
         args.run_name = broadcast(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
     elif checkpoint is None and "run_name" in given_flags() and os.path.exists(f"runs/{args.run_name}/metrics.jsonl"):
-        raise SystemExit(f"runs/{args.run_name} holds a run already: choose another --run-name, or --resume-from runs/{args.run_name}")
+        raise SystemExit(
+            f"runs/{args.run_name} holds a run already: choose another --run-name, or --resume-from runs/{args.run_name}"
+        )
     writable(args.output_dir)  # fail now, not after hours of training
     writable(f"runs/{args.run_name}")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    print(f"dtypes: trained weights {args.dtype}, bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type}, "
-          f"{world} process{'es' if world > 1 else ''})")
+    print(
+        f"dtypes: trained weights {args.dtype}, bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device.type}, "
+        f"{world} process{'es' if world > 1 else ''})"
+    )
 
     tokenizer = load_tokenizer(args.base_model)
     train_examples = build_examples(args, tokenizer, args.train_split, args.max_train_samples)
@@ -592,7 +656,9 @@ if __name__ == "__main__":
     if rank == 0:
         save_config(args)
 
-    model = from_pretrained(AutoModelForCausalLM, args.resume_from or args.base_model, dtype=getattr(torch, args.dtype)).to(device)
+    model = from_pretrained(AutoModelForCausalLM, args.resume_from or args.base_model, dtype=getattr(torch, args.dtype)).to(
+        device
+    )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -603,7 +669,9 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
     # cosine decay to 0, no warmup: transformers' get_cosine_schedule_with_warmup to the last bit, without the seconds its
     # import costs at start-up
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (step / args.num_updates))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (step / args.num_updates)))
+    )
     start_update = 1
     if checkpoint:
         load_optimizer_state(optimizer, checkpoint["optimizer"])
@@ -629,8 +697,13 @@ if __name__ == "__main__":
     order = torch.cat([torch.randperm(len(train_examples), generator=generator) for _ in range(args.num_train_epochs)])
     start_time, tokens_seen = time.time(), 0
     # a progress bar with an ETA on a terminal (none in a log file, nor on other processes than rank 0)
-    progress = tqdm(range(start_update, args.num_updates + 1), initial=start_update - 1, total=args.num_updates, unit="update",
-                    disable=rank > 0 or not sys.stderr.isatty())
+    progress = tqdm(
+        range(start_update, args.num_updates + 1),
+        initial=start_update - 1,
+        total=args.num_updates,
+        unit="update",
+        disable=rank > 0 or not sys.stderr.isatty(),
+    )
     for update in progress:
         batch = [train_examples[i] for i in order[(update - 1) * args.batch_size : update * args.batch_size]]
         share = args.batch_size // world  # this process's share of the batch (all of it in one process)
@@ -639,7 +712,9 @@ if __name__ == "__main__":
         micro_batches = args.gradient_accumulation_steps * world
         sums = torch.zeros(2, dtype=torch.float64)  # loss, tokens
         for start in range(0, share, args.local_micro_batch_size):
-            input_ids, attention_mask, labels = collate(batch[start : start + args.local_micro_batch_size], tokenizer.pad_token_id, device)
+            input_ids, attention_mask, labels = collate(
+                batch[start : start + args.local_micro_batch_size], tokenizer.pad_token_id, device
+            )
             with autocast:
                 loss = response_loss(model, input_ids, attention_mask, labels)
             if not torch.isfinite(loss):
@@ -653,7 +728,12 @@ if __name__ == "__main__":
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-        metrics = {"update": update, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_seen / (time.time() - start_time)}
+        metrics = {
+            "update": update,
+            "loss": loss_sum,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens_seen / (time.time() - start_time),
+        }
         if update % args.eval_every == 0 or update == args.num_updates:
             metrics["eval_loss"] = evaluate(model, eval_examples, args, tokenizer.pad_token_id, device, autocast, rank, world)
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
@@ -663,12 +743,21 @@ if __name__ == "__main__":
         # ---- checkpoint: model, optimizer, schedule, RNG states and update index (the data order is a function of both) ----
         if args.save_every and update % args.save_every == 0 and update < args.num_updates:
             weights, optimizer_state = full_state(model, optimizer)  # FSDP: every process takes part in gathering them
+
             def write(folder):
                 model.save_pretrained(folder, state_dict=weights)
                 tokenizer.save_pretrained(folder)
                 time.sleep(float(os.environ.get("SLOW_SAVE_S", 0)))  # a test hook: widens the window a kill can land in
-                torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states(),
-                            "update": update, "config": asdict(args)}, f"{folder}/state.pt")
+                torch.save(
+                    {
+                        "optimizer": optimizer_state,
+                        "scheduler": scheduler.state_dict(),
+                        "rng": rng_states(),
+                        "update": update,
+                        "config": asdict(args),
+                    },
+                    f"{folder}/state.pt",
+                )
 
             if rank == 0:  # one writer
                 folder = save_checkpoint(f"runs/{args.run_name}", update, args.keep_checkpoints, write)
@@ -679,10 +768,19 @@ if __name__ == "__main__":
     non_tokens = [tokenizer.pad_token_id] + list(range(len(tokenizer), model.get_input_embeddings().num_embeddings))
     with gathered(model):  # FSDP: the weights gathered once for generate(); every process generates, rank 0 prints
         for query_ids, reference in eval_examples[:3]:  # a glance at what the model learnt
-            out = model.generate(torch.tensor([query_ids], device=device), max_new_tokens=args.response_length, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, suppress_tokens=non_tokens)
-            print(f"--- query: ...{tokenizer.decode(query_ids[-60:])!r}\n    sample: {tokenizer.decode(out[0, len(query_ids):], skip_special_tokens=True)!r}"
-                  f"\n    reference: {tokenizer.decode(reference, skip_special_tokens=True)!r}")
+            out = model.generate(
+                torch.tensor([query_ids], device=device),
+                max_new_tokens=args.response_length,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                suppress_tokens=non_tokens,
+            )
+            print(
+                f"--- query: ...{tokenizer.decode(query_ids[-60:])!r}\n    sample: "
+                f"{tokenizer.decode(out[0, len(query_ids) :], skip_special_tokens=True)!r}"
+                f"\n    reference: {tokenizer.decode(reference, skip_special_tokens=True)!r}"
+            )
     weights, _ = full_state(model, optimizer)
     if rank == 0:  # a standard save_pretrained folder, which loads on one device, with FSDP or without
         model.save_pretrained(args.output_dir, state_dict=weights)

@@ -21,7 +21,14 @@ TOPICS = {
 }
 NOUN_TOPIC = {noun: topic for topic, nouns in TOPICS.items() for noun in nouns}
 FILLER = ["i", "my", "the", "a", "is", "and", "so", "but", "really", "today", "help", "about", "with", "what", "do"]
-SUBREDDITS = {"pets": "pets", "cars": "cars", "food": "Cooking", "money": "personalfinance", "school": "college", "health": "Fitness"}
+SUBREDDITS = {
+    "pets": "pets",
+    "cars": "cars",
+    "food": "Cooking",
+    "money": "personalfinance",
+    "school": "college",
+    "health": "Fitness",
+}
 
 
 def prompt_topic(prompt: str):
@@ -46,8 +53,24 @@ def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
 # The hard-exploration task (DR-PO's claim at CPU scale): the gold reward needs one exact 6-word answer, which a
 # policy fine-tuned on random short answers almost never samples (about e^-17), but which the chosen responses of
 # the offline comparisons contain. Written to {out}/password/ with its own word-level tokenizer and model.
-PASSWORD_VOCAB = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
-                  "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]
+PASSWORD_VOCAB = [
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+]
 PASSWORD = "charlie hotel alpha mike papa delta"
 
 
@@ -90,15 +113,20 @@ def make_rows(n: int, rng: random.Random):
         sentences = [f"my {w} is {rng.choice(['bad', 'new', 'old', 'weird'])} ." for w in rng.sample(TOPICS[topic], 3)]
         sentences += [" ".join(rng.choices(FILLER, k=4)) + " ." for _ in range(rng.randint(1, 3))]
         rng.shuffle(sentences)
-        rows.append({
-            "id": f"tiny-{i}", "topic": topic, "subreddit": SUBREDDITS[topic], "title": title,
-            "post": "\n".join(sentences),
-            # the SFT reference is decent but imperfect (2 on-topic nouns, 1 off-topic): RL has room to improve
-            "reference": " " + " ".join(rng.sample(on[:2] + off[:1], 3)) + " .",
-            "chosen": " " + " ".join(on) + " .",
-            # off-topic nouns; half the time all from one other topic, so only the prompt tells it apart
-            "rejected": " " + " ".join(off if rng.random() < 0.5 else rng.sample(on[:1] + off[:2], 3)) + " .",
-        })
+        rows.append(
+            {
+                "id": f"tiny-{i}",
+                "topic": topic,
+                "subreddit": SUBREDDITS[topic],
+                "title": title,
+                "post": "\n".join(sentences),
+                # the SFT reference is decent but imperfect (2 on-topic nouns, 1 off-topic): RL has room to improve
+                "reference": " " + " ".join(rng.sample(on[:2] + off[:1], 3)) + " .",
+                "chosen": " " + " ".join(on) + " .",
+                # off-topic nouns; half the time all from one other topic, so only the prompt tells it apart
+                "rejected": " " + " ".join(off if rng.random() < 0.5 else rng.sample(on[:1] + off[:2], 3)) + " .",
+            }
+        )
     return rows
 
 
@@ -134,8 +162,11 @@ def tldr_comparison(row, rng):
     choice = rng.randint(0, 1)  # the chosen summary sits at a random position, as in the real data
     texts = [row["rejected"], row["rejected"]]
     texts[choice] = row["chosen"]
-    return {"info": {k: row[k] for k in ("id", "post", "title", "subreddit")},
-            "summaries": [{"text": t, "policy": "tiny"} for t in texts], "choice": choice}
+    return {
+        "info": {k: row[k] for k in ("id", "post", "title", "subreddit")},
+        "summaries": [{"text": t, "policy": "tiny"} for t in texts],
+        "choice": choice,
+    }
 
 
 def hh_pair(row, rng):
@@ -153,7 +184,12 @@ def write_password_world(out: str, n: int, rng: random.Random, args):
 
     vocab, password = password_task(args.password_length, args.password_vocab)
     length = args.password_length
-    info = {"id": "pw", "subreddit": password_subreddit(length, len(vocab)), "title": "what is the password ?", "post": "tell me the password"}
+    info = {
+        "id": "pw",
+        "subreddit": password_subreddit(length, len(vocab)),
+        "title": "what is the password ?",
+        "post": "tell me the password",
+    }
     sft, comparisons = [], []
     for i in range(n):
         answer = " ".join(rng.choices(vocab, k=rng.randint(1, length)))  # SFT: random answers, up to the password's length
@@ -162,7 +198,9 @@ def write_password_world(out: str, n: int, rng: random.Random, args):
         choice = rng.randint(0, 1)
         texts = [" " + other, " " + other]
         texts[choice] = " " + password
-        comparisons.append({"info": info | {"id": f"pw-{i}"}, "summaries": [{"text": t, "policy": "tiny"} for t in texts], "choice": choice})
+        comparisons.append(
+            {"info": info | {"id": f"pw-{i}"}, "summaries": [{"text": t, "policy": "tiny"} for t in texts], "choice": choice}
+        )
     write_jsonl(f"{out}/tldr_sft/train.jsonl", sft)
     write_jsonl(f"{out}/tldr_comparisons/train.jsonl", comparisons)
     words = ["<|endoftext|>", "<|padding|>", "[UNK]", "SUBREDDIT:", "r/password", "TITLE:", "POST:", "TL;DR:"]
@@ -213,8 +251,11 @@ def build_tokenizer(args: Args, texts: list[str]):
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         bpe.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=["<|endoftext|>", "<|padding|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         bpe.train_from_iterator(texts, trainer)
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
     # Pythia's tokenizer.json alone leaves these unset; a dedicated pad token keeps the real EOS unmasked
@@ -233,8 +274,10 @@ def main(args: Args):
         write_jsonl(f"{args.out}/tldr_sft/{split}.jsonl", [tldr_sft(r) for r in rows])
         write_jsonl(f"{args.out}/tldr_comparisons/{split}.jsonl", [tldr_comparison(r, rng) for r in rows])
         write_jsonl(f"{args.out}/hh/{'train' if split == 'train' else 'test'}.jsonl", [hh_pair(r, rng) for r in rows])
-    texts = [f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR: {r['chosen']} {r['rejected']}"
-             for r in splits["train"]] + [hh_pair(r, rng)["chosen"] for r in splits["train"]]
+    texts = [
+        f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR: {r['chosen']} {r['rejected']}"
+        for r in splits["train"]
+    ] + [hh_pair(r, rng)["chosen"] for r in splits["train"]]
     tokenizer = build_tokenizer(args, texts)
     if args.bland:
         write_bland_world(f"{args.out}/bland", args)
@@ -245,16 +288,26 @@ def main(args: Args):
     for out, tok in worlds:
         torch.manual_seed(args.seed)
         config = GPTNeoXConfig(
-            vocab_size=len(tok), hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
-            num_attention_heads=4, intermediate_size=4 * args.hidden_size, max_position_embeddings=1024,
-            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+            vocab_size=len(tok),
+            hidden_size=args.hidden_size,
+            num_hidden_layers=args.num_layers,
+            num_attention_heads=4,
+            intermediate_size=4 * args.hidden_size,
+            max_position_embeddings=1024,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
         )
         model = GPTNeoXForCausalLM(config)
         model.save_pretrained(f"{out}/base")
         tok.save_pretrained(f"{out}/base")
         print(f"wrote {out}/base/ (GPT-NeoX, {sum(p.numel() for p in model.parameters()):,} params, vocab {len(tok)})")
-    print(f"tiny world in {args.out}/: tldr_sft/, tldr_comparisons/, hh/ ({args.n_train} train, {args.n_eval} eval rows)"
-          + (", the DPO task in bland/" if args.bland else "") + (", the hard-exploration task in password/" if args.password else ""))
+    print(
+        f"tiny world in {args.out}/: tldr_sft/, tldr_comparisons/, hh/ ({args.n_train} train, {args.n_eval} eval rows)"
+        + (", the DPO task in bland/" if args.bland else "")
+        + (", the hard-exploration task in password/" if args.password else "")
+    )
 
 
 if __name__ == "__main__":

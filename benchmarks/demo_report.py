@@ -3,6 +3,7 @@ Usage: python benchmarks/demo_report.py --world tiny --policies sft=tiny/sft ppo
 Columns: mean reward-model score of sampled responses ("-" when the world has no rm/); gold win rate against the
 SFT reference summary (the tiny world's rule, ties count half); KL(policy || SFT) per response, estimated on the
 samples; the mean gold score of greedy answers."""
+
 import argparse
 import json
 import os
@@ -32,14 +33,25 @@ prompts = [f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['p
 references = [" " + r["summary"] for r in rows]
 batch = tokenizer(prompts, return_tensors="pt", padding=True)
 width = batch.input_ids.shape[1]
-reward_model = AutoModelForSequenceClassification.from_pretrained(f"{args.world}/rm").eval() if os.path.isdir(f"{args.world}/rm") else None
+reward_model = (
+    AutoModelForSequenceClassification.from_pretrained(f"{args.world}/rm").eval()
+    if os.path.isdir(f"{args.world}/rm")
+    else None
+)
 sft = AutoModelForCausalLM.from_pretrained(f"{args.world}/sft").eval()
 
 
 def logprob_sum(model, sequences):
     mask = sequences != pad
-    logits = model(input_ids=sequences.masked_fill(~mask, 0), attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
-    logp = (logits[:, width - 1 : -1] / args.temperature).log_softmax(-1).gather(2, sequences[:, width:].unsqueeze(-1)).squeeze(-1)
+    logits = model(
+        input_ids=sequences.masked_fill(~mask, 0), attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)
+    ).logits
+    logp = (
+        (logits[:, width - 1 : -1] / args.temperature)
+        .log_softmax(-1)
+        .gather(2, sequences[:, width:].unsqueeze(-1))
+        .squeeze(-1)
+    )
     return (logp * mask[:, width:]).sum(1)
 
 
@@ -49,20 +61,39 @@ for spec in args.policies:
     policy = AutoModelForCausalLM.from_pretrained(path).eval()
     torch.manual_seed(0)
     with torch.no_grad():
-        out = policy.generate(**batch, max_new_tokens=args.response_length, do_sample=True, temperature=args.temperature, top_k=0,
-                              pad_token_id=pad, eos_token_id=eos, suppress_tokens=[pad])  # the pad token is never written
+        out = policy.generate(
+            **batch,
+            max_new_tokens=args.response_length,
+            do_sample=True,
+            temperature=args.temperature,
+            top_k=0,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            suppress_tokens=[pad],
+        )  # the pad token is never written
         out = torch.cat([out, torch.full((len(out), width + args.response_length - out.shape[1]), pad)], 1)
         responses = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         mask = out != pad
         score = "-"
         if reward_model is not None:
-            scores = reward_model.score(reward_model.base_model(input_ids=out.masked_fill(~mask, 0), attention_mask=mask,
-                                                                position_ids=(mask.cumsum(1) - 1).clamp(min=0)).last_hidden_state)[:, :, 0]
+            scores = reward_model.score(
+                reward_model.base_model(
+                    input_ids=out.masked_fill(~mask, 0), attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)
+                ).last_hidden_state
+            )[:, :, 0]
             score = f"{scores.gather(1, (torch.arange(out.shape[1]) * mask).argmax(1, keepdim=True))[:, 0].mean().item():.3f}"
         kl = (logprob_sum(policy, out) - logprob_sum(sft, out)).mean().item()
-        greedy = policy.generate(**batch, max_new_tokens=args.response_length, do_sample=False, pad_token_id=pad, eos_token_id=eos,
-                                 suppress_tokens=[pad])
-    greedy_gold = sum(tiny_world.gold_reward(prompts, tokenizer.batch_decode(greedy[:, width:], skip_special_tokens=True))) / len(prompts)
+        greedy = policy.generate(
+            **batch,
+            max_new_tokens=args.response_length,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            suppress_tokens=[pad],
+        )
+    greedy_gold = sum(
+        tiny_world.gold_reward(prompts, tokenizer.batch_decode(greedy[:, width:], skip_special_tokens=True))
+    ) / len(prompts)
     gold = tiny_world.gold_reward(prompts, responses)
     gold_ref = tiny_world.gold_reward(prompts, references)
     win = sum((g > r) + 0.5 * (g == r) for g, r in zip(gold, gold_ref)) / len(gold)

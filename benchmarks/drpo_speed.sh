@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DR-PO against PPO, side by side in one run: the same models, prompts, batch and response length, interleaved
 # twice so that machine noise hits every arm alike. Needs the tiny world (bash demo.sh writes tiny/).
-# Summary: python benchmarks/ppo_speed.py /tmp/drpo_speed/runs/*/metrics.jsonl
+# Summary: python benchmarks/summarize_speed.py /tmp/drpo_speed/runs/*/metrics.jsonl
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 W=${W:-$ROOT/tiny}
@@ -14,7 +14,7 @@ for rep in 1 2; do
   python $ROOT/drpo_tldr.py --exp-name drpo0.5_$rep --reset-prob 0.5 --reset-source sft_reference $FLAGS > /dev/null 2>&1
   python $ROOT/drpo_tldr.py --exp-name drpo1.0_$rep --reset-prob 1.0 --reset-source sft_reference $FLAGS > /dev/null 2>&1
 done
-python $ROOT/benchmarks/ppo_speed.py runs/*/metrics.jsonl
+python $ROOT/benchmarks/summarize_speed.py runs/*/metrics.jsonl
 python - <<'PY'
 import glob, json
 def per_update(pattern):

@@ -6,6 +6,7 @@ Run: python benchmarks/hard_exploration.py
 More seeds or fewer arms: SEEDS=1,2,3,4,5,6 ARMS="DR-PO" python benchmarks/hard_exploration.py (ARMS: a substring of
 the arm names; the plot is written only when every arm runs). UPDATES=500 sets the number of updates. PLOT_ONLY=1 reads
 the runs already in $OUT (default /tmp/hard_exploration) and redraws the table and the plot without running."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,12 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.environ.get("OUT", "/tmp/hard_exploration")
-ARMS = {"PPO (reset_prob 0)": ["--reset-prob", "0"], "DR-PO reset_prob 0.5": ["--reset-prob", "0.5"],
-        "reset_prob 1, h_min 1": ["--reset-prob", "1"], "reset_prob 1, h_min 0": ["--reset-prob", "1", "--reset-min-prefix", "0"]}
+ARMS = {
+    "PPO (reset_prob 0)": ["--reset-prob", "0"],
+    "DR-PO reset_prob 0.5": ["--reset-prob", "0.5"],
+    "reset_prob 1, h_min 1": ["--reset-prob", "1"],
+    "reset_prob 1, h_min 0": ["--reset-prob", "1", "--reset-min-prefix", "0"],
+}
 ARMS = {k: v for k, v in ARMS.items() if os.environ.get("ARMS", "") in k}
 SEEDS = [int(s) for s in os.environ.get("SEEDS", "1,2,3").split(",")]
 UPDATES = int(os.environ.get("UPDATES", 300))
@@ -30,23 +35,95 @@ if not PLOT_ONLY:
     sh(sys.executable, f"{ROOT}/tiny_world.py", "--out", f"{OUT}/world", "--tokenizer", "bpe")
 pw = f"{OUT}/world/password"
 if not PLOT_ONLY:
-    sh(sys.executable, f"{ROOT}/sft.py", "--base-model", f"{pw}/base", "--dataset-name", f"{pw}/tldr_sft", "--eval-split", "train[:5%]",
-       "--output-dir", f"{pw}/sft", "--lr", "1e-3", "--num-train-epochs", "3", "--batch-size", "32", "--local-micro-batch-size", "32",
-       "--response-length", "8", cwd=OUT)
-common = ["--sft-model-path", f"{pw}/sft", "--value-model-path", f"{pw}/sft", "--dataset-name", f"{pw}/tldr_comparisons",
-          "--reward-fn", f"{ROOT}/tiny_world.py:password_reward", "--response-length", "8", "--batch-size", "64",
-          "--local-rollout-forward-batch-size", "64", "--local-micro-batch-size", "32", "--num-mini-batches", "2", "--lr", "1e-3",
-          "--kl-coef", "0.01", "--temperature", "1", "--reset-source", "chosen",
-          "--max-grad-norm", "1", "--no-whiten-rewards", "--total-episodes", str(UPDATES * 64), "--eval-every", "10", "--eval-prompts", "1",
-          "--print-sample-every", "0", "--save-every", "0"]
+    sh(
+        sys.executable,
+        f"{ROOT}/sft.py",
+        "--base-model",
+        f"{pw}/base",
+        "--dataset-name",
+        f"{pw}/tldr_sft",
+        "--eval-split",
+        "train[:5%]",
+        "--output-dir",
+        f"{pw}/sft",
+        "--lr",
+        "1e-3",
+        "--num-train-epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--local-micro-batch-size",
+        "32",
+        "--response-length",
+        "8",
+        cwd=OUT,
+    )
+common = [
+    "--sft-model-path",
+    f"{pw}/sft",
+    "--value-model-path",
+    f"{pw}/sft",
+    "--dataset-name",
+    f"{pw}/tldr_comparisons",
+    "--reward-fn",
+    f"{ROOT}/tiny_world.py:password_reward",
+    "--response-length",
+    "8",
+    "--batch-size",
+    "64",
+    "--local-rollout-forward-batch-size",
+    "64",
+    "--local-micro-batch-size",
+    "32",
+    "--num-mini-batches",
+    "2",
+    "--lr",
+    "1e-3",
+    "--kl-coef",
+    "0.01",
+    "--temperature",
+    "1",
+    "--reset-source",
+    "chosen",
+    "--max-grad-norm",
+    "1",
+    "--no-whiten-rewards",
+    "--total-episodes",
+    str(UPDATES * 64),
+    "--eval-every",
+    "10",
+    "--eval-prompts",
+    "1",
+    "--print-sample-every",
+    "0",
+    "--save-every",
+    "0",
+]
 jobs = [] if PLOT_ONLY else [(arm, seed) for arm in ARMS for seed in SEEDS]
 for i in range(0, len(jobs), 2):
     procs = []
     for arm, seed in jobs[i : i + 2]:
         name = f"{arm.split()[0]}_{ARMS[arm][1]}_{ARMS[arm][-1]}_{seed}".replace(" ", "")
-        procs.append(subprocess.Popen([sys.executable, f"{ROOT}/drpo_tldr.py", *ARMS[arm], *common, "--seed", str(seed), "--exp-name", name,
-                                       "--output-dir", f"{OUT}/model_{name}"], cwd=OUT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    f"{ROOT}/drpo_tldr.py",
+                    *ARMS[arm],
+                    *common,
+                    "--seed",
+                    str(seed),
+                    "--exp-name",
+                    name,
+                    "--output-dir",
+                    f"{OUT}/model_{name}",
+                ],
+                cwd=OUT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+        )
     for p in procs:
         p.wait()
 

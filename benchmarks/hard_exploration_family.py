@@ -8,6 +8,7 @@ test does); unsolved runs go the full UPDATES.
 Two runs at a time, one thread each. Prints a Markdown table; the runs stay in $OUT.
 Run: python benchmarks/hard_exploration_family.py   (SEEDS=1,2,3,4 LENGTHS=3,6,9 VOCABS=16,64 UPDATES=300 OUT=/tmp/hx_family)
 REPORT_ONLY=1 redraws the table from $OUT."""
+
 import concurrent.futures
 import json
 import math
@@ -36,24 +37,108 @@ def prepare(length, vocab):
     """The cell's world and its SFT policy (3 epochs of random answers, as benchmarks/hard_exploration.py)."""
     d = cell_dir(length, vocab)
     run = dict(check=True, cwd=OUT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    subprocess.run([sys.executable, f"{ROOT}/tiny_world.py", "--out", d, "--tokenizer", "bpe", "--no-bland",
-                    "--password-length", str(length), "--password-vocab", str(vocab)], **run)
-    subprocess.run([sys.executable, f"{ROOT}/sft.py", "--base-model", f"{d}/password/base", "--dataset-name", f"{d}/password/tldr_sft",
-                    "--eval-split", "train[:5%]", "--output-dir", f"{d}/password/sft", "--lr", "1e-3", "--num-train-epochs", "3",
-                    "--batch-size", "32", "--local-micro-batch-size", "32", "--response-length", str(length + 2), "--exp-name", f"sft_L{length}_V{vocab}"], **run)
+    subprocess.run(
+        [
+            sys.executable,
+            f"{ROOT}/tiny_world.py",
+            "--out",
+            d,
+            "--tokenizer",
+            "bpe",
+            "--no-bland",
+            "--password-length",
+            str(length),
+            "--password-vocab",
+            str(vocab),
+        ],
+        **run,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            f"{ROOT}/sft.py",
+            "--base-model",
+            f"{d}/password/base",
+            "--dataset-name",
+            f"{d}/password/tldr_sft",
+            "--eval-split",
+            "train[:5%]",
+            "--output-dir",
+            f"{d}/password/sft",
+            "--lr",
+            "1e-3",
+            "--num-train-epochs",
+            "3",
+            "--batch-size",
+            "32",
+            "--local-micro-batch-size",
+            "32",
+            "--response-length",
+            str(length + 2),
+            "--exp-name",
+            f"sft_L{length}_V{vocab}",
+        ],
+        **run,
+    )
 
 
 def train(length, vocab, arm, seed):
     """One DR-PO / PPO run; it stops once solved. Returns its (update, greedy success) evaluations."""
     pw = f"{cell_dir(length, vocab)}/password"
     name = f"L{length}_V{vocab}_{arm.replace(' ', '')}_{seed}"
-    cmd = [sys.executable, f"{ROOT}/drpo_tldr.py", "--reset-prob", ARMS[arm], "--sft-model-path", f"{pw}/sft", "--value-model-path",
-           f"{pw}/sft", "--dataset-name", f"{pw}/tldr_comparisons", "--reward-fn", f"{ROOT}/tiny_world.py:password_reward",
-           "--response-length", str(length + 2), "--batch-size", "64", "--local-rollout-forward-batch-size", "64",
-           "--local-micro-batch-size", "32", "--num-mini-batches", "2", "--lr", "1e-3", "--kl-coef", "0.01", "--temperature", "1",
-           "--reset-source", "chosen", "--max-grad-norm", "1", "--no-whiten-rewards", "--total-episodes", str(UPDATES * 64),
-           "--eval-every", "10", "--eval-prompts", "1", "--early-stop-score", "0.9", "--print-sample-every", "0", "--save-every", "0",
-           "--seed", str(seed), "--exp-name", name, "--output-dir", f"{OUT}/models/{name}"]
+    cmd = [
+        sys.executable,
+        f"{ROOT}/drpo_tldr.py",
+        "--reset-prob",
+        ARMS[arm],
+        "--sft-model-path",
+        f"{pw}/sft",
+        "--value-model-path",
+        f"{pw}/sft",
+        "--dataset-name",
+        f"{pw}/tldr_comparisons",
+        "--reward-fn",
+        f"{ROOT}/tiny_world.py:password_reward",
+        "--response-length",
+        str(length + 2),
+        "--batch-size",
+        "64",
+        "--local-rollout-forward-batch-size",
+        "64",
+        "--local-micro-batch-size",
+        "32",
+        "--num-mini-batches",
+        "2",
+        "--lr",
+        "1e-3",
+        "--kl-coef",
+        "0.01",
+        "--temperature",
+        "1",
+        "--reset-source",
+        "chosen",
+        "--max-grad-norm",
+        "1",
+        "--no-whiten-rewards",
+        "--total-episodes",
+        str(UPDATES * 64),
+        "--eval-every",
+        "10",
+        "--eval-prompts",
+        "1",
+        "--early-stop-score",
+        "0.9",
+        "--print-sample-every",
+        "0",
+        "--save-every",
+        "0",
+        "--seed",
+        str(seed),
+        "--exp-name",
+        name,
+        "--output-dir",
+        f"{OUT}/models/{name}",
+    ]
     with open(f"{OUT}/logs/{name}.txt", "w") as log:
         subprocess.run(cmd, check=True, cwd=OUT, stdout=log, stderr=subprocess.STDOUT, env=ENV)
     evals = read_evals(name)
@@ -73,21 +158,38 @@ def first_success(evals):
 
 
 def report():
-    print(f"\n{len(SEEDS)} seeds per cell, at most {UPDATES} updates of 64 episodes; solved = greedy success from the prompt >= 0.9 "
-          "(evaluated every 10 updates); median over seeds, an unsolved seed counting as never\n")
-    print("| password length | vocabulary | SFT writes it (about) | PPO: seeds solved | PPO: median update | DR-PO 0.5: seeds solved "
-          "| DR-PO 0.5: median update | DR-PO: first update per seed |")
+    print(
+        f"\n{len(SEEDS)} seeds per cell, at most {UPDATES} updates of 64 episodes; solved = greedy success from the prompt "
+        ">= 0.9 "
+        "(evaluated every 10 updates); median over seeds, an unsolved seed counting as never\n"
+    )
+    print(
+        "| password length | vocabulary | SFT writes it (about) | PPO: seeds solved | PPO: median update | DR-PO 0.5: seeds "
+        "solved "
+        "| DR-PO 0.5: median update | DR-PO: first update per seed |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for length, vocab in CELLS:
         cells = []
         for arm in ARMS:
-            firsts = [first_success(json.load(open(f"{OUT}/evals/L{length}_V{vocab}_{arm.replace(' ', '')}_{seed}.json"))) for seed in SEEDS]
+            firsts = [
+                first_success(json.load(open(f"{OUT}/evals/L{length}_V{vocab}_{arm.replace(' ', '')}_{seed}.json")))
+                for seed in SEEDS
+            ]
             ordered = sorted(math.inf if f is None else f for f in firsts)
             median = statistics.median(ordered)
-            cells.append((f"{sum(f is not None for f in firsts)}/{len(SEEDS)}", "never" if median == math.inf else f"{median:g}",
-                          ", ".join("never" if f is None else str(f) for f in firsts)))
+            cells.append(
+                (
+                    f"{sum(f is not None for f in firsts)}/{len(SEEDS)}",
+                    "never" if median == math.inf else f"{median:g}",
+                    ", ".join("never" if f is None else str(f) for f in firsts),
+                )
+            )
         log_p = -(length * math.log(vocab) + math.log(length))
-        print(f"| {length} | {vocab} | e^{log_p:.0f} | {cells[0][0]} | {cells[0][1]} | {cells[1][0]} | {cells[1][1]} | {cells[1][2]} |")
+        print(
+            f"| {length} | {vocab} | e^{log_p:.0f} | {cells[0][0]} | {cells[0][1]} | {cells[1][0]} | {cells[1][1]} | "
+            f"{cells[1][2]} |"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ rollouts; success is still judged by the gold rule, on the greedy answer from th
 DR-PO (reset_prob 0.5) against PPO (0), the seeds below, 300 updates of 64 episodes, two runs at a time, one thread
 each. Reported in BENCHMARKS.md, never asserted (a learned reward can be hacked).
 Run: python benchmarks/hard_exploration_rm.py (after python benchmarks/hard_exploration.py, which builds the world)"""
+
 import glob
 import json
 import os
@@ -37,27 +38,109 @@ for split, n in (("train", 2000), ("validation", 200)):
             choice = rng.randint(0, 1)
             texts = [" " + " ".join(near)] * 2
             texts[choice] = " " + tiny_world.PASSWORD
-            info = {"id": f"rm-{i}", "subreddit": "password", "title": "what is the password ?", "post": "tell me the password"}
-            f.write(json.dumps({"info": info, "summaries": [{"text": t, "policy": "tiny"} for t in texts], "choice": choice}) + "\n")
+            info = {
+                "id": f"rm-{i}",
+                "subreddit": "password",
+                "title": "what is the password ?",
+                "post": "tell me the password",
+            }
+            f.write(
+                json.dumps({"info": info, "summaries": [{"text": t, "policy": "tiny"} for t in texts], "choice": choice})
+                + "\n"
+            )
 
 quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=OUT)
-subprocess.run([sys.executable, f"{ROOT}/reward_model.py", "--sft-model-path", f"{pw}/sft", "--dataset-name", f"{OUT}/rm_data",
-                "--norm-dataset-name", f"{pw}/tldr_sft", "--output-dir", f"{OUT}/rm_password", "--response-length", "8", "--lr", "1e-3",
-                "--num-train-epochs", "2", "--batch-size", "32", "--local-micro-batch-size", "32", "--exp-name", "rm_password"],
-               check=True, **quiet)
+subprocess.run(
+    [
+        sys.executable,
+        f"{ROOT}/reward_model.py",
+        "--sft-model-path",
+        f"{pw}/sft",
+        "--dataset-name",
+        f"{OUT}/rm_data",
+        "--norm-dataset-name",
+        f"{pw}/tldr_sft",
+        "--output-dir",
+        f"{OUT}/rm_password",
+        "--response-length",
+        "8",
+        "--lr",
+        "1e-3",
+        "--num-train-epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--local-micro-batch-size",
+        "32",
+        "--exp-name",
+        "rm_password",
+    ],
+    check=True,
+    **quiet,
+)
 rm_log = [json.loads(x) for x in open(glob.glob(f"{OUT}/runs/*__rm_password__*/metrics.jsonl")[-1])]
-print(f"reward model: held-out accuracy {[m for m in rm_log if 'eval_accuracy' in m][-1]['eval_accuracy']:.3f} on near-miss pairs")
+print(
+    f"reward model: held-out accuracy {[m for m in rm_log if 'eval_accuracy' in m][-1]['eval_accuracy']:.3f} on near-miss "
+    "pairs"
+)
 
-common = ["--sft-model-path", f"{pw}/sft", "--reward-model-path", f"{OUT}/rm_password", "--dataset-name", f"{pw}/tldr_comparisons",
-          "--response-length", "8", "--batch-size", "64", "--local-rollout-forward-batch-size", "64", "--local-micro-batch-size", "32",
-          "--num-mini-batches", "2", "--lr", "1e-3", "--kl-coef", "0.01", "--temperature", "1", "--reset-source", "chosen",
-          "--max-grad-norm", "1", "--no-whiten-rewards", "--total-episodes", str(300 * 64),
-          "--print-sample-every", "0", "--save-every", "0"]
+common = [
+    "--sft-model-path",
+    f"{pw}/sft",
+    "--reward-model-path",
+    f"{OUT}/rm_password",
+    "--dataset-name",
+    f"{pw}/tldr_comparisons",
+    "--response-length",
+    "8",
+    "--batch-size",
+    "64",
+    "--local-rollout-forward-batch-size",
+    "64",
+    "--local-micro-batch-size",
+    "32",
+    "--num-mini-batches",
+    "2",
+    "--lr",
+    "1e-3",
+    "--kl-coef",
+    "0.01",
+    "--temperature",
+    "1",
+    "--reset-source",
+    "chosen",
+    "--max-grad-norm",
+    "1",
+    "--no-whiten-rewards",
+    "--total-episodes",
+    str(300 * 64),
+    "--print-sample-every",
+    "0",
+    "--save-every",
+    "0",
+]
 jobs = [(p, seed) for seed in SEEDS for p in ("0.5", "0")]
 for i in range(0, len(jobs), 2):
-    procs = [subprocess.Popen([sys.executable, f"{ROOT}/drpo_tldr.py", "--reset-prob", p, *common, "--seed", str(seed),
-                               "--exp-name", f"rm_{p}_{seed}", "--output-dir", f"{OUT}/rm_model_{p}_{seed}"],
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, **quiet) for p, seed in jobs[i : i + 2]]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                f"{ROOT}/drpo_tldr.py",
+                "--reset-prob",
+                p,
+                *common,
+                "--seed",
+                str(seed),
+                "--exp-name",
+                f"rm_{p}_{seed}",
+                "--output-dir",
+                f"{OUT}/rm_model_{p}_{seed}",
+            ],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            **quiet,
+        )
+        for p, seed in jobs[i : i + 2]
+    ]
     for proc in procs:
         assert proc.wait() == 0
 
@@ -68,9 +151,19 @@ print("|---|---|---|---|---|")
 for p, seed in jobs:
     model = AutoModelForCausalLM.from_pretrained(f"{OUT}/rm_model_{p}_{seed}").eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    answer = tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                             suppress_tokens=[tokenizer.pad_token_id])[0, ids.shape[1]:],
-                              skip_special_tokens=True)
+    answer = tokenizer.decode(
+        model.generate(
+            ids,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=[tokenizer.pad_token_id],
+        )[0, ids.shape[1] :],
+        skip_special_tokens=True,
+    )
     gold = tiny_world.password_reward([prompt], [answer])[0]
     log = [json.loads(x) for x in open(glob.glob(f"{OUT}/runs/*__rm_{p}_{seed}__*/metrics.jsonl")[-1])]
-    print(f"| {'PPO' if p == '0' else 'DR-PO ' + p} | {seed} | `{answer.strip()}` | {gold:.0f} | {log[-1]['objective/raw_scores']:.2f} |")
+    print(
+        f"| {'PPO' if p == '0' else 'DR-PO ' + p} | {seed} | `{answer.strip()}` | {gold:.0f} | "
+        f"{log[-1]['objective/raw_scores']:.2f} |"
+    )

@@ -8,6 +8,7 @@ complete checkpoint is still there. A run has recovered when it then finishes an
 straight run's bit for bit (times aside). Prints the Markdown table of BENCHMARKS.md and keeps it in $OUT/report.json.
 Run: python benchmarks/kill_anywhere.py        (KILLS=6, SEED=0, OUT=/tmp/kill_anywhere; about 20 minutes on 2 cores)
      REPORT_ONLY=1 python benchmarks/kill_anywhere.py   prints the table from $OUT/report.json."""
+
 import json
 import os
 import shutil
@@ -20,19 +21,60 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 OUT = os.environ.get("OUT", "/tmp/kill_anywhere")
 KILLS, SEED = int(os.environ.get("KILLS", 6)), int(os.environ.get("SEED", 0))
 UPDATES, SAVE_EVERY = 12, 2
-RL = ["--response-length", 8, "--batch-size", 32, "--local-rollout-forward-batch-size", 32, "--local-micro-batch-size", 16,
-      "--num-mini-batches", 2, "--lr", 3e-4, "--kl-coef", 0.01, "--print-sample-every", 0, "--max-grad-norm", 1.0,
-      "--no-whiten-rewards", "--total-episodes", 32 * UPDATES]
-OFFLINE = ["--lr", 1e-3, "--batch-size", 32, "--local-micro-batch-size", 16, "--max-train-samples", 32 * UPDATES,
-           "--max-eval-samples", 32, "--eval-every", 3]
+RL = [
+    "--response-length",
+    8,
+    "--batch-size",
+    32,
+    "--local-rollout-forward-batch-size",
+    32,
+    "--local-micro-batch-size",
+    16,
+    "--num-mini-batches",
+    2,
+    "--lr",
+    3e-4,
+    "--kl-coef",
+    0.01,
+    "--print-sample-every",
+    0,
+    "--max-grad-norm",
+    1.0,
+    "--no-whiten-rewards",
+    "--total-episodes",
+    32 * UPDATES,
+]
+OFFLINE = [
+    "--lr",
+    1e-3,
+    "--batch-size",
+    32,
+    "--local-micro-batch-size",
+    16,
+    "--max-train-samples",
+    32 * UPDATES,
+    "--max-eval-samples",
+    32,
+    "--eval-every",
+    3,
+]
 
 
 def flags(script, w):
     if script == "sft.py":
         return ["--base-model", f"{w}/base", "--dataset-name", f"{w}/tldr_sft", *OFFLINE]
     if script == "reward_model.py":
-        return ["--sft-model-path", f"{w}/sft", "--dataset-name", f"{w}/tldr_comparisons", "--norm-dataset-name", f"{w}/tldr_sft",
-                "--max-norm-samples", 64, *OFFLINE]
+        return [
+            "--sft-model-path",
+            f"{w}/sft",
+            "--dataset-name",
+            f"{w}/tldr_comparisons",
+            "--norm-dataset-name",
+            f"{w}/tldr_sft",
+            "--max-norm-samples",
+            64,
+            *OFFLINE,
+        ]
     if script == "dpo_baseline.py":
         return ["--sft-model-path", f"{w}/sft", "--dataset-name", f"{w}/tldr_comparisons", "--beta", 0.1, *OFFLINE]
     rl = ["--sft-model-path", f"{w}/sft", "--reward-model-path", f"{w}/rm", *RL]
@@ -60,31 +102,90 @@ def main():
 
     w, py = f"{OUT}/world", sys.executable
     if not os.path.exists(f"{w}/rm"):
-        for cmd in (["tiny_world.py", "--out", w, "--tokenizer", "bpe", "--n-train", 2000, "--n-eval", 200],
-                    ["sft.py", "--base-model", f"{w}/base", "--dataset-name", f"{w}/tldr_sft", "--output-dir", f"{w}/sft", "--lr", 1e-3,
-                     "--num-train-epochs", 6, "--batch-size", 32, "--local-micro-batch-size", 32, "--eval-every", 100],
-                    ["reward_model.py", "--sft-model-path", f"{w}/sft", "--dataset-name", f"{w}/tldr_comparisons", "--norm-dataset-name",
-                     f"{w}/tldr_sft", "--output-dir", f"{w}/rm", "--lr", 1e-3, "--num-train-epochs", 2, "--batch-size", 32,
-                     "--local-micro-batch-size", 32, "--eval-every", 50]):
+        for cmd in (
+            ["tiny_world.py", "--out", w, "--tokenizer", "bpe", "--n-train", 2000, "--n-eval", 200],
+            [
+                "sft.py",
+                "--base-model",
+                f"{w}/base",
+                "--dataset-name",
+                f"{w}/tldr_sft",
+                "--output-dir",
+                f"{w}/sft",
+                "--lr",
+                1e-3,
+                "--num-train-epochs",
+                6,
+                "--batch-size",
+                32,
+                "--local-micro-batch-size",
+                32,
+                "--eval-every",
+                100,
+            ],
+            [
+                "reward_model.py",
+                "--sft-model-path",
+                f"{w}/sft",
+                "--dataset-name",
+                f"{w}/tldr_comparisons",
+                "--norm-dataset-name",
+                f"{w}/tldr_sft",
+                "--output-dir",
+                f"{w}/rm",
+                "--lr",
+                1e-3,
+                "--num-train-epochs",
+                2,
+                "--batch-size",
+                32,
+                "--local-micro-batch-size",
+                32,
+                "--eval-every",
+                50,
+            ],
+        ):
             subprocess.run([py, f"{ROOT}/{cmd[0]}", *map(str, cmd[1:])], check=True, cwd=OUT, stdout=subprocess.DEVNULL)
     report = json.load(open(f"{OUT}/report.json")) if os.path.exists(f"{OUT}/report.json") else []  # a run cut short goes on
-    for i, script in enumerate(["sft.py", "reward_model.py", "dpo_baseline.py", "ppo_baseline.py", "drpo_tldr.py", "drpo_hh.py"]):
+    for i, script in enumerate(
+        ["sft.py", "reward_model.py", "dpo_baseline.py", "ppo_baseline.py", "drpo_tldr.py", "drpo_hh.py"]
+    ):
         if any(r["script"] == script for r in report):
             continue
-        d, f = f"{OUT}/{script[:-3]}", [*flags(script, w), "--save-every", SAVE_EVERY, "--keep-checkpoints", 1, "--output-dir", "out"]
+        d, f = (
+            f"{OUT}/{script[:-3]}",
+            [*flags(script, w), "--save-every", SAVE_EVERY, "--keep-checkpoints", 1, "--output-dir", "out"],
+        )
         for sub in ("straight", "killed"):
             shutil.rmtree(f"{d}/{sub}", ignore_errors=True)
             os.makedirs(f"{d}/{sub}")
         start = time.time()
-        subprocess.run([py, f"{ROOT}/{script}", *map(str, f)], check=True, cwd=f"{d}/straight", stdout=subprocess.DEVNULL,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run(
+            [py, f"{ROOT}/{script}", *map(str, f)],
+            check=True,
+            cwd=f"{d}/straight",
+            stdout=subprocess.DEVNULL,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         try:
-            kills, error = kill_and_resume(script, f, f"{d}/killed", seed=SEED + i, updates=UPDATES, save_every=SAVE_EVERY, kills=KILLS), None
+            kills, error = (
+                kill_and_resume(script, f, f"{d}/killed", seed=SEED + i, updates=UPDATES, save_every=SAVE_EVERY, kills=KILLS),
+                None,
+            )
             recovered = same_run(script, f"{d}/straight", f"{d}/killed")
         except AssertionError as e:  # the harness found a kill that left no usable checkpoint, or a run that did not finish
             kills, error, recovered = [], str(e)[-500:], False
-        report.append({"script": script, "updates": UPDATES, "save_every": SAVE_EVERY, "kills": kills, "recovered": recovered,
-                       "error": error, "seconds": round(time.time() - start)})
+        report.append(
+            {
+                "script": script,
+                "updates": UPDATES,
+                "save_every": SAVE_EVERY,
+                "kills": kills,
+                "recovered": recovered,
+                "error": error,
+                "seconds": round(time.time() - start),
+            }
+        )
         print(report[-1], flush=True)
         with open(f"{OUT}/report.json", "w") as fh:
             json.dump(report, fh, indent=1)
@@ -92,15 +193,25 @@ def main():
 
 def table():
     report = json.load(open(f"{OUT}/report.json"))
-    print("| script | updates (checkpoint every) | kills | during a save | recovered, bit for bit | updates lost per kill: mean, max |")
+    print(
+        "| script | updates (checkpoint every) | kills | during a save | recovered, bit for bit | updates lost per kill: "
+        "mean, max |"
+    )
     print("|---|---|---|---|---|---|")
     for r in report:
         lost = [k["lost"] for k in r["kills"]]
-        print(f"| `{r['script']}` | {r['updates']} ({r['save_every']}) | {len(lost)} | {sum(k['during_save'] for k in r['kills'])} | "
-              f"{'yes' if r['recovered'] else 'NO: ' + str(r['error'])} | {sum(lost) / max(len(lost), 1):.2f}, {max(lost, default=0)} |")
+        print(
+            f"| `{r['script']}` | {r['updates']} ({r['save_every']}) | {len(lost)} | "
+            f"{sum(k['during_save'] for k in r['kills'])} | "
+            f"{'yes' if r['recovered'] else 'NO: ' + str(r['error'])} | {sum(lost) / max(len(lost), 1):.2f}, "
+            f"{max(lost, default=0)} |"
+        )
     total = [k for r in report for k in r["kills"]]
-    print(f"\n{len(total)} kills, {sum(k['during_save'] for k in total)} during a save; {sum(r['recovered'] for r in report)} of "
-          f"{len(report)} runs recovered; {sum(r['seconds'] for r in report) / 60:.1f} min")
+    print(
+        f"\n{len(total)} kills, {sum(k['during_save'] for k in total)} during a save; {sum(r['recovered'] for r in report)} "
+        "of "
+        f"{len(report)} runs recovered; {sum(r['seconds'] for r in report) / 60:.1f} min"
+    )
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ of episodes. Every policy then answers the 200 held-out prompts, sampled (temper
 - gold: the mean gold score in [-1, 1]; RM: the mean score of the seed's reward model (normalised: references ~0);
 - KL to SFT: mean over samples of log pi(y|x) - log pi_SFT(y|x) at the sampling temperature (samples only).
 Runs two jobs at a time, one thread each. Writes docs/paper_table.png (matplotlib, a benchmark-only dependency),
-prints the tables in Markdown (and each arm's difference to PPO, paired by seed) and keeps every seed's figures in $OUT/results_*.json.
+prints the tables in Markdown (and each arm's difference to PPO, paired by seed) and keeps every seed's figures in
+$OUT/results_*.json.
 Run: python benchmarks/paper_table.py          (SEEDS=1,2,3,4,5 by default; OUT=/tmp/paper_table)
      REPORT_ONLY=1 python benchmarks/paper_table.py   redraws the tables and the plot from $OUT."""
+
 import concurrent.futures
 import json
 import math
@@ -28,20 +30,83 @@ OUT = os.environ.get("OUT", "/tmp/paper_table")
 SEEDS = [int(s) for s in os.environ.get("SEEDS", "1,2,3,4,5").split(",")]
 ARMS = ["sft", "ppo", "drpo_0.5", "drpo_1.0", "dpo"]
 LABELS = {"sft": "SFT", "ppo": "PPO", "drpo_0.5": "DR-PO reset_prob 0.5", "drpo_1.0": "DR-PO reset_prob 1.0", "dpo": "DPO"}
-SFT_FLAGS = ["--lr", "1e-3", "--num-train-epochs", "6", "--batch-size", "32", "--local-micro-batch-size", "32", "--eval-every", "100"]
-RM_FLAGS = ["--lr", "1e-3", "--num-train-epochs", "2", "--batch-size", "32", "--local-micro-batch-size", "32", "--eval-every", "50"]
+SFT_FLAGS = [
+    "--lr",
+    "1e-3",
+    "--num-train-epochs",
+    "6",
+    "--batch-size",
+    "32",
+    "--local-micro-batch-size",
+    "32",
+    "--eval-every",
+    "100",
+]
+RM_FLAGS = [
+    "--lr",
+    "1e-3",
+    "--num-train-epochs",
+    "2",
+    "--batch-size",
+    "32",
+    "--local-micro-batch-size",
+    "32",
+    "--eval-every",
+    "50",
+]
 # the demo's RL recipe: equal episodes for every RL arm; the tiny world's high learning rate wants clipping, no whitening
-RL_FLAGS = ["--response-length", "8", "--total-episodes", "1280", "--batch-size", "64", "--local-rollout-forward-batch-size", "64",
-            "--local-micro-batch-size", "16", "--num-mini-batches", "2", "--lr", "1e-3", "--kl-coef", "0.05", "--max-grad-norm", "1",
-            "--no-whiten-rewards", "--print-sample-every", "0", "--save-every", "0"]
-DPO_FLAGS = ["--lr", "3e-4", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "16", "--eval-every", "20", "--max-grad-norm", "1"]
+RL_FLAGS = [
+    "--response-length",
+    "8",
+    "--total-episodes",
+    "1280",
+    "--batch-size",
+    "64",
+    "--local-rollout-forward-batch-size",
+    "64",
+    "--local-micro-batch-size",
+    "16",
+    "--num-mini-batches",
+    "2",
+    "--lr",
+    "1e-3",
+    "--kl-coef",
+    "0.05",
+    "--max-grad-norm",
+    "1",
+    "--no-whiten-rewards",
+    "--print-sample-every",
+    "0",
+    "--save-every",
+    "0",
+]
+DPO_FLAGS = [
+    "--lr",
+    "3e-4",
+    "--beta",
+    "0.1",
+    "--batch-size",
+    "32",
+    "--local-micro-batch-size",
+    "16",
+    "--eval-every",
+    "20",
+    "--max-grad-norm",
+    "1",
+]
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student t, 97.5%
 
 
 def sh(*cmd, cwd):
     with open(os.path.join(cwd, "log.txt"), "a") as log:
-        subprocess.run([str(c) for c in cmd], check=True, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run(
+            [str(c) for c in cmd],
+            check=True,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
 
 
 def chain(task, seed):
@@ -50,27 +115,112 @@ def chain(task, seed):
     os.makedirs(d, exist_ok=True)
     py, s = sys.executable, ["--seed", seed]
     if task == "tldr":
-        sh(py, f"{ROOT}/sft.py", "--base-model", f"{w}/base", "--dataset-name", f"{w}/tldr_sft", "--output-dir", f"{d}/sft", *SFT_FLAGS, *s, cwd=d)
-        sh(py, f"{ROOT}/reward_model.py", "--sft-model-path", f"{d}/sft", "--dataset-name", f"{w}/tldr_comparisons",
-           "--norm-dataset-name", f"{w}/tldr_sft", "--output-dir", f"{d}/rm", *RM_FLAGS, *s, cwd=d)
+        sh(
+            py,
+            f"{ROOT}/sft.py",
+            "--base-model",
+            f"{w}/base",
+            "--dataset-name",
+            f"{w}/tldr_sft",
+            "--output-dir",
+            f"{d}/sft",
+            *SFT_FLAGS,
+            *s,
+            cwd=d,
+        )
+        sh(
+            py,
+            f"{ROOT}/reward_model.py",
+            "--sft-model-path",
+            f"{d}/sft",
+            "--dataset-name",
+            f"{w}/tldr_comparisons",
+            "--norm-dataset-name",
+            f"{w}/tldr_sft",
+            "--output-dir",
+            f"{d}/rm",
+            *RM_FLAGS,
+            *s,
+            cwd=d,
+        )
         rl = ["--sft-model-path", f"{d}/sft", "--reward-model-path", f"{d}/rm", *RL_FLAGS, *s]
         sh(py, f"{ROOT}/ppo_baseline.py", *rl, "--dataset-name", f"{w}/tldr_sft", "--output-dir", f"{d}/ppo", cwd=d)
         for p in ("0.5", "1.0"):
-            sh(py, f"{ROOT}/drpo_tldr.py", *rl, "--reset-prob", p, "--reset-source", "chosen", "--dataset-name", f"{w}/tldr_comparisons",
-               "--output-dir", f"{d}/drpo_{p}", cwd=d)
-        sh(py, f"{ROOT}/dpo_baseline.py", "--sft-model-path", f"{d}/sft", "--dataset-name", f"{w}/tldr_comparisons", "--output-dir",
-           f"{d}/dpo", *DPO_FLAGS, *s, cwd=d)
+            sh(
+                py,
+                f"{ROOT}/drpo_tldr.py",
+                *rl,
+                "--reset-prob",
+                p,
+                "--reset-source",
+                "chosen",
+                "--dataset-name",
+                f"{w}/tldr_comparisons",
+                "--output-dir",
+                f"{d}/drpo_{p}",
+                cwd=d,
+            )
+        sh(
+            py,
+            f"{ROOT}/dpo_baseline.py",
+            "--sft-model-path",
+            f"{d}/sft",
+            "--dataset-name",
+            f"{w}/tldr_comparisons",
+            "--output-dir",
+            f"{d}/dpo",
+            *DPO_FLAGS,
+            *s,
+            cwd=d,
+        )
     else:
         hh = ["--task", "hh", "--dataset-name", f"{w}/hh"]
-        sh(py, f"{ROOT}/sft.py", *hh, "--base-model", f"{w}/base", "--response-length", "16", "--output-dir", f"{d}/sft", *SFT_FLAGS, *s, cwd=d)
-        sh(py, f"{ROOT}/reward_model.py", *hh, "--sft-model-path", f"{d}/sft", "--response-length", "16", "--output-dir", f"{d}/rm",
-           *RM_FLAGS, *s, cwd=d)
+        sh(
+            py,
+            f"{ROOT}/sft.py",
+            *hh,
+            "--base-model",
+            f"{w}/base",
+            "--response-length",
+            "16",
+            "--output-dir",
+            f"{d}/sft",
+            *SFT_FLAGS,
+            *s,
+            cwd=d,
+        )
+        sh(
+            py,
+            f"{ROOT}/reward_model.py",
+            *hh,
+            "--sft-model-path",
+            f"{d}/sft",
+            "--response-length",
+            "16",
+            "--output-dir",
+            f"{d}/rm",
+            *RM_FLAGS,
+            *s,
+            cwd=d,
+        )
         rl = ["--sft-model-path", f"{d}/sft", "--reward-model-path", f"{d}/rm", "--dataset-name", f"{w}/hh", *RL_FLAGS, *s]
         sh(py, f"{ROOT}/ppo_baseline.py", "--task", "hh", *rl, "--output-dir", f"{d}/ppo", cwd=d)
         for p in ("0.5", "1.0"):
             sh(py, f"{ROOT}/drpo_hh.py", *rl, "--reset-prob", p, "--output-dir", f"{d}/drpo_{p}", cwd=d)
-        sh(py, f"{ROOT}/dpo_baseline.py", *hh, "--sft-model-path", f"{d}/sft", "--response-length", "16", "--output-dir", f"{d}/dpo",
-           *DPO_FLAGS, *s, cwd=d)
+        sh(
+            py,
+            f"{ROOT}/dpo_baseline.py",
+            *hh,
+            "--sft-model-path",
+            f"{d}/sft",
+            "--response-length",
+            "16",
+            "--output-dir",
+            f"{d}/dpo",
+            *DPO_FLAGS,
+            *s,
+            cwd=d,
+        )
     sh(py, os.path.abspath(__file__), "--eval", task, seed, cwd=d)
 
 
@@ -102,7 +252,9 @@ def evaluate(task, seed, n=200, temperature=0.7, response_length=8):
 
     def forward_mask(sequences):
         mask = sequences != pad
-        return dict(input_ids=sequences.masked_fill(~mask, 0), attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)), mask
+        return dict(
+            input_ids=sequences.masked_fill(~mask, 0), attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)
+        ), mask
 
     def logprob_sum(model, sequences):
         inputs, mask = forward_mask(sequences)
@@ -125,14 +277,24 @@ def evaluate(task, seed, n=200, temperature=0.7, response_length=8):
             torch.manual_seed(seed)
             sample = dict(do_sample=True, temperature=temperature, top_k=0) if mode == "sampled" else dict(do_sample=False)
             with torch.no_grad():
-                out = policy.generate(**batch, max_new_tokens=response_length, pad_token_id=pad, eos_token_id=eos, suppress_tokens=[pad], **sample)
+                out = policy.generate(
+                    **batch,
+                    max_new_tokens=response_length,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                    suppress_tokens=[pad],
+                    **sample,
+                )
                 out = torch.cat([out, torch.full((len(out), width + response_length - out.shape[1]), pad)], 1)
                 texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
                 gold = tiny_world.gold_reward(prompts, texts)
                 answers[arm, mode] = gold
-                m = {"gold": statistics.mean(gold), "rm": rm_scores(out).mean().item(),
-                     "win_vs_ref": statistics.mean((g > r) + 0.5 * (g == r) for g, r in zip(gold, gold_ref)),
-                     "win_vs_sft": statistics.mean((g > s) + 0.5 * (g == s) for g, s in zip(gold, answers["sft", mode]))}
+                m = {
+                    "gold": statistics.mean(gold),
+                    "rm": rm_scores(out).mean().item(),
+                    "win_vs_ref": statistics.mean((g > r) + 0.5 * (g == r) for g, r in zip(gold, gold_ref)),
+                    "win_vs_sft": statistics.mean((g > s) + 0.5 * (g == s) for g, s in zip(gold, answers["sft", mode])),
+                }
                 if mode == "sampled":
                     m["kl"] = (logprob_sum(policy, out) - logprob_sum(sft, out)).mean().item()
             result[arm][mode] = m
@@ -147,8 +309,17 @@ def interval(values):
 
 def report():
     results = {(t, s): json.load(open(f"{OUT}/results_{t}_{s}.json")) for t in ("tldr", "hh") for s in SEEDS}
-    columns = [("sampled", "win_vs_ref"), ("sampled", "win_vs_sft"), ("sampled", "gold"), ("sampled", "rm"), ("sampled", "kl"),
-               ("greedy", "win_vs_ref"), ("greedy", "win_vs_sft"), ("greedy", "gold"), ("greedy", "rm")]
+    columns = [
+        ("sampled", "win_vs_ref"),
+        ("sampled", "win_vs_sft"),
+        ("sampled", "gold"),
+        ("sampled", "rm"),
+        ("sampled", "kl"),
+        ("greedy", "win_vs_ref"),
+        ("greedy", "win_vs_sft"),
+        ("greedy", "gold"),
+        ("greedy", "rm"),
+    ]
     for task in ("tldr", "hh"):
         print(f"\n{'TL;DR' if task == 'tldr' else 'HH'}, {len(SEEDS)} seeds, mean ± 95% interval over seeds\n")
         print("| arm | " + " | ".join(f"{m} {c}".replace("_", " ") for m, c in columns) + " |")
@@ -156,11 +327,15 @@ def report():
         for arm in ARMS:
             cells = [interval([results[task, s][arm][m][c] for s in SEEDS]) for m, c in columns]
             print(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
-        print(f"\n{'TL;DR' if task == 'tldr' else 'HH'}: each arm minus PPO, paired by seed (same world, SFT and reward model)\n")
+        print(
+            f"\n{'TL;DR' if task == 'tldr' else 'HH'}: each arm minus PPO, paired by seed (same world, SFT and reward model)\n"
+        )
         print("| arm - PPO | " + " | ".join(f"{m} {c}".replace("_", " ") for m, c in columns) + " |")
         print("|---" * (len(columns) + 1) + "|")
         for arm in ("drpo_0.5", "drpo_1.0", "dpo"):
-            cells = [interval([results[task, s][arm][m][c] - results[task, s]["ppo"][m][c] for s in SEEDS]) for m, c in columns]
+            cells = [
+                interval([results[task, s][arm][m][c] - results[task, s]["ppo"][m][c] for s in SEEDS]) for m, c in columns
+            ]
             print(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
     try:
         import matplotlib
@@ -175,7 +350,15 @@ def report():
             kl = [results[task, s][arm]["sampled"]["kl"] for s in SEEDS]
             gold = [results[task, s][arm]["sampled"]["gold"] for s in SEEDS]
             ax.scatter(kl, gold, color=color, alpha=0.5, s=18)
-            ax.scatter([statistics.mean(kl)], [statistics.mean(gold)], color=color, marker="X", s=90, edgecolor="white", label=LABELS[arm])
+            ax.scatter(
+                [statistics.mean(kl)],
+                [statistics.mean(gold)],
+                color=color,
+                marker="X",
+                s=90,
+                edgecolor="white",
+                label=LABELS[arm],
+            )
         ax.set_xlabel("KL to SFT (nats per response, sampled)")
         ax.set_ylabel("gold reward of sampled answers")
         ax.set_title(f"{'TL;DR' if task == 'tldr' else 'HH'}: {len(SEEDS)} seeds (dots), their mean (crosses)")
@@ -194,8 +377,19 @@ if __name__ == "__main__":
     if os.environ.get("REPORT_ONLY") != "1":
         os.makedirs(OUT, exist_ok=True)
         for seed in SEEDS:  # one world per seed, shared by its two tasks
-            sh(sys.executable, f"{ROOT}/tiny_world.py", "--out", f"{OUT}/world_{seed}", "--seed", seed, "--tokenizer", "bpe",
-               "--no-password", "--no-bland", cwd=OUT)
+            sh(
+                sys.executable,
+                f"{ROOT}/tiny_world.py",
+                "--out",
+                f"{OUT}/world_{seed}",
+                "--seed",
+                seed,
+                "--tokenizer",
+                "bpe",
+                "--no-password",
+                "--no-bland",
+                cwd=OUT,
+            )
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             for future in [pool.submit(chain, task, seed) for seed in SEEDS for task in ("tldr", "hh")]:
                 future.result()

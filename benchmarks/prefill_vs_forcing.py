@@ -3,6 +3,7 @@ and force the prefix through a logits processor, one decode step per forced toke
 same batch of reset episodes: real TL;DR comparisons (../shared/data) and the tiny world's Pythia-vocabulary SFT
 model (bash demo.sh writes tiny/sft). This re-implementation lives here only, never in the scripts.
 Run: python benchmarks/prefill_vs_forcing.py"""
+
 import json
 import os
 import sys
@@ -60,8 +61,14 @@ def forced():
     for i in range(0, BATCH, CHUNK):
         q = batch[i : i + CHUNK]
         processor = ForcePrefix([chosens[j][: int(h[j])] for j in range(i, i + CHUNK)], q.shape[1])
-        model.generate(input_ids=q, attention_mask=(q != pad).long(), max_new_tokens=R, min_new_tokens=R,
-                       logits_processor=LogitsProcessorList([processor]), **sampling)
+        model.generate(
+            input_ids=q,
+            attention_mask=(q != pad).long(),
+            max_new_tokens=R,
+            min_new_tokens=R,
+            logits_processor=LogitsProcessorList([processor]),
+            **sampling,
+        )
 
 
 with torch.no_grad():
@@ -73,6 +80,11 @@ with torch.no_grad():
             fn()
             times[name].append(time.perf_counter() - start)
 t_ours, t_forced = (min(v) for v in times.values())
-print(f"{BATCH} reset episodes (p=1, mean h {h.float().mean():.1f} of chosen length {sum(map(len, chosens)) / BATCH:.1f}), "
-      f"response_length {R}, chunks of {CHUNK}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-print(f"prefill: {t_ours:.2f} s; teacher forcing: {t_forced:.2f} s; prefill is {t_forced / t_ours:.2f}x faster (best of {REPEATS})")
+print(
+    f"{BATCH} reset episodes (p=1, mean h {h.float().mean():.1f} of chosen length {sum(map(len, chosens)) / BATCH:.1f}), "
+    f"response_length {R}, chunks of {CHUNK}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+)
+print(
+    f"prefill: {t_ours:.2f} s; teacher forcing: {t_forced:.2f} s; prefill is {t_forced / t_ours:.2f}x faster (best of "
+    f"{REPEATS})"
+)

@@ -2,6 +2,7 @@
 (tiny/report.txt, tiny/bland/report.txt) and the reward-model judge's win rates (tiny/eval_rm/summary.json).
   python benchmarks/readme_demo.py            # compare: exit 1 and show each difference when the README is stale
   python benchmarks/readme_demo.py --write    # put the fresh numbers into README.md"""
+
 import argparse
 import json
 import os
@@ -27,8 +28,10 @@ def judge_sentence(path, world):
     models = json.load(open(path))["models"]
     s = {name: models[f"{world}/{name}"] for name in ("sft", "ppo", "drpo", "dpo")}
     lo, hi = s["sft"]["ci95"]
-    return (f"With the reward-model judge the win rates are SFT {s['sft']['win_rate']:.3f} [{lo:.3f}, {hi:.3f}], "
-            f"PPO {s['ppo']['win_rate']:.3f}, DR-PO {s['drpo']['win_rate']:.3f},\nDPO {s['dpo']['win_rate']:.3f}:")
+    return (
+        f"With the reward-model judge the win rates are SFT {s['sft']['win_rate']:.3f} [{lo:.3f}, {hi:.3f}], "
+        f"PPO {s['ppo']['win_rate']:.3f}, DR-PO {s['drpo']['win_rate']:.3f},\nDPO {s['dpo']['win_rate']:.3f}:"
+    )
 
 
 def main():
@@ -41,8 +44,11 @@ def main():
     blocks = re.findall(rf"```\n({re.escape(HEADER)}\n.*?)\n```", readme, re.S)
     sentence = re.search(r"With the reward-model judge the win rates are .*?\nDPO [\d.]+:", readme, re.S)
     assert len(blocks) == 2 and sentence, "README.md: the demo's two tables and the reward-model judge sentence not found"
-    fresh = [table(f"{args.world}/report.txt"), table(f"{args.world}/bland/report.txt"),
-             judge_sentence(f"{args.world}/eval_rm/summary.json", args.world)]
+    fresh = [
+        table(f"{args.world}/report.txt"),
+        table(f"{args.world}/bland/report.txt"),
+        judge_sentence(f"{args.world}/eval_rm/summary.json", args.world),
+    ]
     stale = [(old, new) for old, new in zip([*blocks, sentence.group(0)], fresh) if old != new]
     if args.write:
         for old, new in stale:
@@ -52,8 +58,11 @@ def main():
         return
     for old, new in stale:
         print(f"README.md has:\n{old}\na fresh demo gives:\n{new}\n")
-    print("README.md's demo results match the fresh demo" if not stale else f"{len(stale)} of 3 demo results are stale: "
-          "python benchmarks/readme_demo.py --write")
+    print(
+        "README.md's demo results match the fresh demo"
+        if not stale
+        else f"{len(stale)} of 3 demo results are stale: python benchmarks/readme_demo.py --write"
+    )
     sys.exit(1 if stale else 0)
 
 

@@ -14,6 +14,7 @@ hidden 768, 12 layers, the real 50k Pythia vocabulary) with random weights (spee
 TRL is a benchmark-only dependency: python -m venv --system-site-packages /tmp/trlenv && /tmp/trlenv/bin/pip install trl
 Run: /tmp/trlenv/bin/python benchmarks/vs_trl.py                         (Pythia-160m shape)
      /tmp/trlenv/bin/python benchmarks/vs_trl.py --hidden 64 --layers 2 --heads 2 --intermediate 256   (tiny shape)"""
+
 import argparse
 import json
 import os
@@ -53,32 +54,54 @@ def run_trl(trainer_name, work, batch, max_length, checkpointing):
 
     tokenizer = dpo_baseline.load_tokenizer(f"{work}/model")
     rows = json.load(open(f"{work}/{trainer_name}_rows.json"))
-    common = dict(output_dir=f"{work}/trl", per_device_train_batch_size=batch, num_train_epochs=1, report_to="none",
-                  logging_steps=1, save_strategy="no", use_cpu=True, bf16=False, gradient_checkpointing=checkpointing,
-                  max_length=max_length, disable_tqdm=True)
+    common = dict(
+        output_dir=f"{work}/trl",
+        per_device_train_batch_size=batch,
+        num_train_epochs=1,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=checkpointing,
+        max_length=max_length,
+        disable_tqdm=True,
+    )
     if trainer_name.startswith("dpo"):
         from trl import DPOConfig, DPOTrainer
 
         model = AutoModelForCausalLM.from_pretrained(f"{work}/model", dtype=torch.float32)
-        trainer = DPOTrainer(model=model, args=DPOConfig(beta=0.05, **common), train_dataset=Dataset.from_list(rows["texts"]),
-                             processing_class=tokenizer)
+        trainer = DPOTrainer(
+            model=model,
+            args=DPOConfig(beta=0.05, **common),
+            train_dataset=Dataset.from_list(rows["texts"]),
+            processing_class=tokenizer,
+        )
         data = trainer.train_dataset
-        tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]))
+        tokens = sum(
+            2 * len(p) + len(c) + len(r) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])
+        )
     elif trainer_name.startswith("rm"):
         from trl import RewardConfig, RewardTrainer
 
-        model = AutoModelForSequenceClassification.from_pretrained(f"{work}/model", num_labels=1, dtype=torch.float32,
-                                                                   pad_token_id=tokenizer.pad_token_id)
-        trainer = RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=Dataset.from_list(rows["ids"]),
-                                processing_class=tokenizer)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            f"{work}/model", num_labels=1, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id
+        )
+        trainer = RewardTrainer(
+            model=model, args=RewardConfig(**common), train_dataset=Dataset.from_list(rows["ids"]), processing_class=tokenizer
+        )
         data = trainer.train_dataset
         tokens = sum(len(c) + len(r) for c, r in zip(data["chosen_ids"], data["rejected_ids"]))
     else:
         from trl import SFTConfig, SFTTrainer
 
         model = AutoModelForCausalLM.from_pretrained(f"{work}/model", dtype=torch.float32)
-        trainer = SFTTrainer(model=model, args=SFTConfig(completion_only_loss=True, **common),
-                             train_dataset=Dataset.from_list(rows["ids"]), processing_class=tokenizer)
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(completion_only_loss=True, **common),
+            train_dataset=Dataset.from_list(rows["ids"]),
+            processing_class=tokenizer,
+        )
         data = trainer.train_dataset
         tokens = sum(len(ids) for ids in data["input_ids"])
     start = time.time()
@@ -93,9 +116,19 @@ def build_model(work, hidden, layers, heads, intermediate):
 
     tokenizer = AutoTokenizer.from_pretrained(f"{SHARED}/tokenizers/pythia")
     tokenizer.eos_token, tokenizer.pad_token = "<|endoftext|>", "<|padding|>"
-    config = GPTNeoXConfig(vocab_size=50304, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                           intermediate_size=intermediate, rotary_pct=0.25, max_position_embeddings=2048, bos_token_id=0,
-                           eos_token_id=0, pad_token_id=1, tie_word_embeddings=False)
+    config = GPTNeoXConfig(
+        vocab_size=50304,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        rotary_pct=0.25,
+        max_position_embeddings=2048,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(config)
     model.save_pretrained(f"{work}/model")
@@ -143,10 +176,21 @@ def select_rows(work, task, kind, n, query_length, response_length):
         eos = tokenizer.eos_token
         if kind == "sft":
             texts.append({"prompt": prompt_text, "completion": " " + responses[0].strip()})
-            ids.append({"input_ids": query_ids + response_ids[0], "completion_mask": [0] * len(query_ids) + [1] * len(response_ids[0])})
+            ids.append(
+                {
+                    "input_ids": query_ids + response_ids[0],
+                    "completion_mask": [0] * len(query_ids) + [1] * len(response_ids[0]),
+                }
+            )
             tokens += len(query_ids) + len(response_ids[0])
         else:
-            texts.append({"prompt": prompt_text, "chosen": " " + responses[0].strip() + eos, "rejected": " " + responses[1].strip() + eos})
+            texts.append(
+                {
+                    "prompt": prompt_text,
+                    "chosen": " " + responses[0].strip() + eos,
+                    "rejected": " " + responses[1].strip() + eos,
+                }
+            )
             ids.append({"chosen_ids": query_ids + response_ids[0], "rejected_ids": query_ids + response_ids[1]})
             tokens += 2 * len(query_ids) + len(response_ids[0]) + len(response_ids[1])
         if len(kept) == n:
@@ -176,8 +220,10 @@ def main():
     import torch
     import trl
 
-    print(f"torch {torch.__version__}, trl {trl.__version__}, {torch.get_num_threads()} threads; GPT-NeoX hidden {args.hidden}, "
-          f"{args.layers} layers, {params / 1e6:.1f}M parameters, vocabulary 50304; {args.n} rows, batch {args.batch}, fp32, CPU")
+    print(
+        f"torch {torch.__version__}, trl {trl.__version__}, {torch.get_num_threads()} threads; GPT-NeoX hidden {args.hidden}, "
+        f"{args.layers} layers, {params / 1e6:.1f}M parameters, vocabulary 50304; {args.n} rows, batch {args.batch}, fp32, CPU"
+    )
     lengths = {"tldr": (512, 53), "hh": (512, 128)}
     results = []
     for run in args.runs.split(","):
@@ -188,17 +234,45 @@ def main():
         for side in args.sides.split(","):
             if side == "ours":
                 script = {"dpo": "dpo_baseline.py", "rm": "reward_model.py", "sft": "sft.py"}[kind]
-                flags = ["--task", task, "--dataset-name", f"{work}/{name}.jsonl", "--train-split", "train", "--eval-split", "train[:1]",
-                         "--batch-size", str(args.batch), "--local-micro-batch-size", str(args.batch), "--query-length", str(query_length),
-                         "--response-length", str(response_length), "--eval-every", "100000", "--save-every", "0",
-                         "--output-dir", f"{work}/ours_{name}"]
+                flags = [
+                    "--task",
+                    task,
+                    "--dataset-name",
+                    f"{work}/{name}.jsonl",
+                    "--train-split",
+                    "train",
+                    "--eval-split",
+                    "train[:1]",
+                    "--batch-size",
+                    str(args.batch),
+                    "--local-micro-batch-size",
+                    str(args.batch),
+                    "--query-length",
+                    str(query_length),
+                    "--response-length",
+                    str(response_length),
+                    "--eval-every",
+                    "100000",
+                    "--save-every",
+                    "0",
+                    "--output-dir",
+                    f"{work}/ours_{name}",
+                ]
                 flags += ["--base-model" if kind == "sft" else "--sft-model-path", f"{work}/model"]
                 if kind == "rm":
                     flags += ["--max-norm-samples", "1", "--norm-dataset-name", f"{SHARED}/data/tldr/sft_posts_dev.jsonl"]
                 command = [sys.executable, __file__, "--child-ours", f"{ROOT}/{script}"] + flags
             else:
-                command = [sys.executable, __file__, "--child-trl", name, work, str(args.batch), str(query_length + response_length),
-                           str(side == "trl")]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--child-trl",
+                    name,
+                    work,
+                    str(args.batch),
+                    str(query_length + response_length),
+                    str(side == "trl"),
+                ]
             proc = subprocess.run(command, cwd=work, capture_output=True, text=True)
             assert proc.returncode == 0, " ".join(command) + "\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
             if side == "ours":
@@ -209,8 +283,12 @@ def main():
                 if kind == "dpo":
                     seconds += float(re.search(r"reference log-probs in ([\d.]+)s", proc.stdout).group(1))
                 kept = int(re.search(r"(\d+) (?:pairs|examples) kept", proc.stdout).group(1))
-                result = {"seconds": seconds, "rows": kept, "tokens": tokens,
-                          "peak_rss_gb": float(re.search(r"PEAK_RSS_GB=([\d.]+)", proc.stdout).group(1))}
+                result = {
+                    "seconds": seconds,
+                    "rows": kept,
+                    "tokens": tokens,
+                    "peak_rss_gb": float(re.search(r"PEAK_RSS_GB=([\d.]+)", proc.stdout).group(1)),
+                }
             else:
                 result = json.loads(re.search(r"RESULT=(.*)", proc.stdout).group(1))
             assert result["rows"] == args.n and result["tokens"] == tokens, (name, side, result, tokens)
@@ -222,8 +300,10 @@ def main():
     for r in results:
         ours = next(o for o in results if o["run"] == r["run"] and o["side"] == "ours")
         kind, task = r["run"].split("_")
-        print(f"| {kind} | {task} | {r['side']} | {r['rows_per_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_rss_gb']:.2f} GB | "
-              f"{ours['rows_per_s'] / r['rows_per_s']:.2f}x |")
+        print(
+            f"| {kind} | {task} | {r['side']} | {r['rows_per_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_rss_gb']:.2f} GB | "
+            f"{ours['rows_per_s'] / r['rows_per_s']:.2f}x |"
+        )
     json.dump(results, open(f"{work}/results.json", "w"), indent=1)
     print(f"results in {work}/results.json")
 

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny world (BPE tokenizer, tiny GPT-NeoX, jsonl data) and the SFT / reward models trained on it."""
+
 import json
 import os
 import re
@@ -14,32 +15,63 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"  # two workers on two cores: one thread each (set before torch is imported)
 
 # small, fast settings for the tiny world; the demo (demo.sh) uses the same ones
-SFT_FLAGS = ["--lr", "1e-3", "--num-train-epochs", "6", "--batch-size", "32", "--local-micro-batch-size", "32", "--eval-every", "100"]
-RM_FLAGS = ["--lr", "1e-3", "--num-train-epochs", "2", "--batch-size", "32", "--local-micro-batch-size", "32", "--eval-every", "50"]
+SFT_FLAGS = [
+    "--lr",
+    "1e-3",
+    "--num-train-epochs",
+    "6",
+    "--batch-size",
+    "32",
+    "--local-micro-batch-size",
+    "32",
+    "--eval-every",
+    "100",
+]
+RM_FLAGS = [
+    "--lr",
+    "1e-3",
+    "--num-train-epochs",
+    "2",
+    "--batch-size",
+    "32",
+    "--local-micro-batch-size",
+    "32",
+    "--eval-every",
+    "50",
+]
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a long run (learning runs, the pipeline on every architecture); "
-                                       "`pytest -m 'not slow'` skips them for a quick check")
+    config.addinivalue_line(
+        "markers",
+        "slow: a long run (learning runs, the pipeline on every architecture); "
+        "`pytest -m 'not slow'` skips them for a quick check",
+    )
 
 
 def run_script(script, *flags, cwd=None, env=None, check=True):
     """Runs a top-level script as a user would, returns the completed process (stdout+stderr in .stdout)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # one thread a run: two workers, two cores
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, flags)], cwd=cwd or ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *map(str, flags)],
+        cwd=cwd or ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
     return proc
 
 
 # a --reward-fn that records every scored (prompt, response) pair to $RECORD_FILE and scores 0
-RECORDER = '''import json, os
+RECORDER = """import json, os
 def record(prompts, responses):
     with open(os.environ["RECORD_FILE"], "a") as f:
         f.writelines(json.dumps([p, r]) + "\\n" for p, r in zip(prompts, responses))
     return [0.0] * len(prompts)
-'''
+"""
 
 
 def policy_gold(model_dir, data, n, seed=0, **generate_kwargs):
@@ -58,9 +90,15 @@ def policy_gold(model_dir, data, n, seed=0, **generate_kwargs):
     prompts = [f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR:" for r in rows]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     torch.manual_seed(seed)
-    out = model.generate(**batch, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         suppress_tokens=[tokenizer.pad_token_id], **generate_kwargs)  # as the scripts: pad is never written
-    answers = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        **batch,
+        max_new_tokens=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        suppress_tokens=[tokenizer.pad_token_id],
+        **generate_kwargs,
+    )  # as the scripts: pad is never written
+    answers = tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
     return tiny_world.gold_reward(prompts, answers), answers
 
 
@@ -82,33 +120,75 @@ def once(tmp_path_factory, key, build):
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    root = once(tmp_path_factory, "world", lambda root: run_script("tiny_world.py", "--out", root / "tiny", "--tokenizer", "bpe",
-                                                                   "--n-train", 2000, "--n-eval", 200))
+    root = once(
+        tmp_path_factory,
+        "world",
+        lambda root: run_script(
+            "tiny_world.py", "--out", root / "tiny", "--tokenizer", "bpe", "--n-train", 2000, "--n-eval", 200
+        ),
+    )
     return root / "tiny"
 
 
 @pytest.fixture(scope="session")
 def sft_model(world, tmp_path_factory):
-    once(tmp_path_factory, "sft", lambda _: run_script("sft.py", "--base-model", world / "base", "--dataset-name", world / "tldr_sft",
-                                                       "--output-dir", world / "sft", *SFT_FLAGS, cwd=world))
+    once(
+        tmp_path_factory,
+        "sft",
+        lambda _: run_script(
+            "sft.py",
+            "--base-model",
+            world / "base",
+            "--dataset-name",
+            world / "tldr_sft",
+            "--output-dir",
+            world / "sft",
+            *SFT_FLAGS,
+            cwd=world,
+        ),
+    )
     return world / "sft"
 
 
 @pytest.fixture(scope="session")
 def bland_sft_model(world, tmp_path_factory):
     """The SFT policy of the DPO task (tiny_world.py's bland/): its greedy answer is the bland one."""
-    once(tmp_path_factory, "bland_sft", lambda _: run_script("sft.py", "--base-model", world / "base", "--dataset-name",
-                                                             world / "bland" / "tldr_sft", "--output-dir", world / "bland" / "sft",
-                                                             *SFT_FLAGS, cwd=world / "bland"))
+    once(
+        tmp_path_factory,
+        "bland_sft",
+        lambda _: run_script(
+            "sft.py",
+            "--base-model",
+            world / "base",
+            "--dataset-name",
+            world / "bland" / "tldr_sft",
+            "--output-dir",
+            world / "bland" / "sft",
+            *SFT_FLAGS,
+            cwd=world / "bland",
+        ),
+    )
     return world / "bland" / "sft"
 
 
 @pytest.fixture(scope="session")
 def reward_run(world, sft_model, tmp_path_factory):
     """(the reward model's folder, the run's output)."""
+
     def build(_):
-        proc = run_script("reward_model.py", "--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons",
-                          "--norm-dataset-name", world / "tldr_sft", "--output-dir", world / "rm", *RM_FLAGS, cwd=world)
+        proc = run_script(
+            "reward_model.py",
+            "--sft-model-path",
+            sft_model,
+            "--dataset-name",
+            world / "tldr_comparisons",
+            "--norm-dataset-name",
+            world / "tldr_sft",
+            "--output-dir",
+            world / "rm",
+            *RM_FLAGS,
+            cwd=world,
+        )
         (world / "rm_output.txt").write_text(proc.stdout)
 
     once(tmp_path_factory, "reward_model", build)
@@ -148,8 +228,14 @@ TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 def torchrun(script, *flags, cwd=None, env=None, check=True):
     """run_script, under torchrun with 2 processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run([*TORCHRUN, os.path.join(ROOT, script), *map(str, flags)], cwd=cwd or ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.run(
+        [*TORCHRUN, os.path.join(ROOT, script), *map(str, flags)],
+        cwd=cwd or ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
     return proc
@@ -198,7 +284,9 @@ def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow
         during_save = k % 2 == 0 and k < kills and resumed_at + save_every < updates  # a save is still to come
         env = {**os.environ, "OMP_NUM_THREADS": "1", "SLOW_SAVE_S": str(slow_save if during_save else 0)}
         output = os.path.join(cwd, f"output_{k}.txt")  # a file, not a pipe: a pipe nobody reads fills up and stalls the run
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=open(output, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, stdout=open(output, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         if k == kills:
             assert proc.wait() == 0, open(output).read()[-3000:]
             return report
@@ -219,14 +307,36 @@ def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow
         after = complete()
         assert not before or (after and after[-1] >= before[-1]), (before, after)  # the kill took no complete checkpoint away
         unfinished = glob.glob(os.path.join(cwd, "runs", "*", "checkpoints", "incomplete"))  # this process's save, cut short
-        report.append({"during_save": any(os.path.getmtime(u) >= started for u in unfinished), "lost": logged() - (after or [0])[-1]})
+        report.append(
+            {"during_save": any(os.path.getmtime(u) >= started for u in unfinished), "lost": logged() - (after or [0])[-1]}
+        )
     return report
 
 
 # the tiny world's RL recipe, shared by the PPO and DR-PO tests (the defaults follow the paper: no clip, whitening)
-SMALL = ["--response-length", 8, "--batch-size", 32, "--local-rollout-forward-batch-size", 32, "--local-micro-batch-size", 16,
-         "--num-mini-batches", 2, "--lr", 3e-4, "--kl-coef", 0.01, "--temperature", 1.0, "--print-sample-every", 0,
-         "--max-grad-norm", 1.0, "--no-whiten-rewards"]
+SMALL = [
+    "--response-length",
+    8,
+    "--batch-size",
+    32,
+    "--local-rollout-forward-batch-size",
+    32,
+    "--local-micro-batch-size",
+    16,
+    "--num-mini-batches",
+    2,
+    "--lr",
+    3e-4,
+    "--kl-coef",
+    0.01,
+    "--temperature",
+    1.0,
+    "--print-sample-every",
+    0,
+    "--max-grad-norm",
+    1.0,
+    "--no-whiten-rewards",
+]
 
 
 def metrics_file(stdout, cwd):

@@ -3,22 +3,31 @@
 a padded vocabulary), GPT-2 saved in fp32 (learned absolute positions, tied embeddings, no pad token). Cheap checks
 run on all three in-process; the whole pipeline (SFT, reward model, PPO, both DR-PO scripts, DPO, eval_winrate)
 runs on each, a few updates per stage."""
+
 import concurrent.futures
 import json
 import math
 
 import pytest
 import torch
+from conftest import SMALL, metrics_file
+from conftest import run_script as run_one
 from safetensors import safe_open
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
-                          GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import drpo_hh
 import ppo_baseline
 import reward_model
 import sft
-from conftest import SMALL, metrics_file
-from conftest import run_script as run_one
 
 ARCHS = ["gpt_neox", "llama", "gpt2"]
 STORED = {"gpt_neox": torch.float16, "llama": torch.bfloat16, "gpt2": torch.float32}  # as the Hub stores Pythia, Llama, GPT-2
@@ -30,14 +39,20 @@ def build_tokenizer(arch, texts):
     from transformers import PreTrainedTokenizerFast
 
     specials, kwargs = {
-        "gpt_neox": (["<|endoftext|>", "<|padding|>"], dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|padding|>")),
+        "gpt_neox": (
+            ["<|endoftext|>", "<|padding|>"],
+            dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|padding|>"),
+        ),
         "llama": (["<unk>", "<s>", "</s>"], dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")),  # no pad token
         "gpt2": (["<|endoftext|>"], dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")),
     }[arch]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
     if arch == "llama":  # Llama's tokenizer puts a BOS before every text it encodes
         bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, **kwargs)
@@ -45,14 +60,38 @@ def build_tokenizer(arch, texts):
 
 def build_model(arch, tokenizer):
     torch.manual_seed(0)
-    rows = 448 if arch != "gpt2" else len(tokenizer)  # Pythia-1B: 50304 embedding rows for ~50280 tokens; GPT-2: as many as tokens
+    rows = (
+        448 if arch != "gpt2" else len(tokenizer)
+    )  # Pythia-1B: 50304 embedding rows for ~50280 tokens; GPT-2: as many as tokens
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if arch == "gpt_neox":
-        return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=rows, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                                max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, **ids))
+        return GPTNeoXForCausalLM(
+            GPTNeoXConfig(
+                vocab_size=rows,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=512,
+                tie_word_embeddings=False,
+                pad_token_id=tokenizer.pad_token_id,
+                **ids,
+            )
+        )
     if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(vocab_size=rows, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            intermediate_size=64, max_position_embeddings=512, tie_word_embeddings=True, **ids))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=rows,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=512,
+                tie_word_embeddings=True,
+                **ids,
+            )
+        )
     return GPT2LMHeadModel(GPT2Config(vocab_size=rows, n_embd=32, n_layer=2, n_head=4, n_positions=512, **ids))
 
 
@@ -60,7 +99,9 @@ def build_model(arch, tokenizer):
 def arch_folders(world, tmp_path_factory):
     """{name: folder}: {folder}/base holds the family's tokenizer and model, saved in the family's Hub dtype."""
     rows = [json.loads(x) for x in open(world / "tldr_sft" / "train.jsonl")]
-    texts = [sft.TLDR_FORMAT.format(**r) + " " + r["summary"] for r in rows] + [json.loads(x)["chosen"] for x in open(world / "hh" / "train.jsonl")]
+    texts = [sft.TLDR_FORMAT.format(**r) + " " + r["summary"] for r in rows] + [
+        json.loads(x)["chosen"] for x in open(world / "hh" / "train.jsonl")
+    ]
     folders = {}
     for name in ARCHS:
         folders[name] = tmp_path_factory.mktemp(name)
@@ -82,6 +123,7 @@ def stored_dtypes(folder):
 
 # ---- cheap checks, in-process ----
 
+
 def test_the_checkpoints_are_stored_as_the_hub_stores_them(arch):
     name, out = arch
     assert stored_dtypes(out / "base") == {{torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}[STORED[name]]}
@@ -95,14 +137,16 @@ def test_tokenizer_conventions(arch):
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert tokenizer.pad_token == ("<|padding|>" if name == "gpt_neox" else "[PAD]")  # added where the family has none
     # a response has no BOS inside, one leading space and the EOS id; a prompt starts with the tokenizer's BOS
-    assert sft.response_ids(tokenizer, "my cat .") == tokenizer.encode(" my cat .", add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert sft.response_ids(tokenizer, "my cat .") == tokenizer.encode(" my cat .", add_special_tokens=False) + [
+        tokenizer.eos_token_id
+    ]
     query, _ = ppo_baseline.tldr_query(tokenizer, {"subreddit": "pets", "title": "my cat", "post": "a\nb"}, 512)
     assert query[: len(head)] == head and query.count(tokenizer.bos_token_id) == len(head)
     # a long HH prompt keeps its end and its BOS, within the budget
     prompt = "\n\nHuman: " + "my cat is old . " * 40 + "\n\nAssistant:"
     ids, truncated = drpo_hh.hh_prompt(tokenizer, prompt, 32)
     body = tokenizer.encode(prompt, add_special_tokens=False)
-    assert truncated and len(ids) == 32 and ids == head + body[len(body) - 32 + len(head):]
+    assert truncated and len(ids) == 32 and ids == head + body[len(body) - 32 + len(head) :]
     assert drpo_hh.hh_prompt(tokenizer, prompt, 4096) == (tokenizer.encode(prompt), False)
 
 
@@ -112,16 +156,23 @@ def test_value_and_reward_heads_read_like_transformers(arch):
     name, out = arch
     tokenizer = ppo_baseline.load_tokenizer(str(out / "base"))
     pad = tokenizer.pad_token_id
-    model = AutoModelForSequenceClassification.from_pretrained(out / "base", num_labels=1, pad_token_id=pad, dtype=torch.float32).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        out / "base", num_labels=1, pad_token_id=pad, dtype=torch.float32
+    ).eval()
     model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))
-    seqs = [tokenizer.encode("my cat is old .") + [tokenizer.eos_token_id], tokenizer.encode("my dog .") + [tokenizer.eos_token_id]]
+    seqs = [
+        tokenizer.encode("my cat is old .") + [tokenizer.eos_token_id],
+        tokenizer.encode("my dog .") + [tokenizer.eos_token_id],
+    ]
     width = max(map(len, seqs))
     right = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
     left = ppo_baseline.left_pad(seqs, pad)
     with torch.no_grad():
         theirs = model(input_ids=right, attention_mask=(right != pad).long()).logits[:, 0]
         for batch in (left, right):
-            ours = ppo_baseline.token_scores(model, batch, pad).gather(1, ppo_baseline.last_token_index(batch, pad).unsqueeze(1))[:, 0]
+            ours = ppo_baseline.token_scores(model, batch, pad).gather(
+                1, ppo_baseline.last_token_index(batch, pad).unsqueeze(1)
+            )[:, 0]
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
@@ -132,11 +183,23 @@ def test_pair_rewards_share_the_prompt_and_equal_two_whole_passes(arch):
     name, out = arch
     tokenizer = reward_model.load_tokenizer(str(out / "base"))
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    model = AutoModelForSequenceClassification.from_pretrained(out / "base", num_labels=1, pad_token_id=pad, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        out / "base", num_labels=1, pad_token_id=pad, dtype=torch.float32
+    )
     model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))
-    texts = [("my cat is old and sick .", "vet", "my car"), ("money ?", "save money now please", "no"), ("school is hard . help", "study", "ok then")]
-    pairs = [(tokenizer.encode(q), tokenizer.encode(" " + c, add_special_tokens=False) + [eos],
-              tokenizer.encode(" " + r, add_special_tokens=False) + [eos]) for q, c, r in texts]
+    texts = [
+        ("my cat is old and sick .", "vet", "my car"),
+        ("money ?", "save money now please", "no"),
+        ("school is hard . help", "study", "ok then"),
+    ]
+    pairs = [
+        (
+            tokenizer.encode(q),
+            tokenizer.encode(" " + c, add_special_tokens=False) + [eos],
+            tokenizer.encode(" " + r, add_special_tokens=False) + [eos],
+        )
+        for q, c, r in texts
+    ]
     grads = []
     for shared in (True, False):
         model.zero_grad()
@@ -146,7 +209,13 @@ def test_pair_rewards_share_the_prompt_and_equal_two_whole_passes(arch):
             sequences = reward_model.pad_right([q + c for q, c, _ in pairs] + [q + r for q, _, r in pairs], pad, "cpu")
             chosen, rejected = reward_model.get_reward(model, sequences, pad).split(len(pairs))
         reward_model.bt_loss(chosen, rejected).backward()
-        grads.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, chosen.detach(), rejected.detach()))
+        grads.append(
+            (
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                chosen.detach(),
+                rejected.detach(),
+            )
+        )
     (g_shared, c_shared, r_shared), (g_whole, c_whole, r_whole) = grads
     torch.testing.assert_close(c_shared, c_whole, atol=1e-5, rtol=0)
     torch.testing.assert_close(r_shared, r_whole, atol=1e-5, rtol=0)
@@ -165,13 +234,27 @@ def test_sampling_and_training_use_the_same_distribution_and_never_write_a_non_t
     model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))
     non_tokens = ppo_baseline.non_token_ids(tokenizer, model.get_input_embeddings().num_embeddings)
     assert non_tokens[0] == pad and len(non_tokens) == (1 if name == "gpt2" else 448 - len(tokenizer) + 1)
-    queries = ppo_baseline.left_pad([tokenizer.encode("my cat is"), tokenizer.encode("TITLE: help with my old dog and")] * 32, pad)
+    queries = ppo_baseline.left_pad(
+        [tokenizer.encode("my cat is"), tokenizer.encode("TITLE: help with my old dog and")] * 32, pad
+    )
     torch.manual_seed(0)
     with torch.no_grad():
-        out_ = model.generate(input_ids=queries, attention_mask=(queries != pad).long(), max_new_tokens=12, min_new_tokens=12, do_sample=True,
-                              temperature=0.7 + 1e-7, top_k=0, top_p=1.0, pad_token_id=pad, eos_token_id=None, suppress_tokens=non_tokens,
-                              output_scores=True, return_dict_in_generate=True)
-        responses = out_.sequences[:, queries.shape[1]:]
+        out_ = model.generate(
+            input_ids=queries,
+            attention_mask=(queries != pad).long(),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=True,
+            temperature=0.7 + 1e-7,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=pad,
+            eos_token_id=None,
+            suppress_tokens=non_tokens,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        responses = out_.sequences[:, queries.shape[1] :]
         sampled = torch.stack(out_.scores, 1).log_softmax(-1).gather(2, responses.unsqueeze(-1)).squeeze(-1)
         ours = ppo_baseline.response_logprobs(model, out_.sequences, responses, pad, 0.7, non_tokens)
     assert not torch.isin(responses, torch.tensor(non_tokens)).any()
@@ -180,7 +263,9 @@ def test_sampling_and_training_use_the_same_distribution_and_never_write_a_non_t
 
 def test_fold_bias_is_exact_where_the_final_norm_has_a_bias(arch):
     name, out = arch
-    model = AutoModelForSequenceClassification.from_pretrained(out / "base", num_labels=1, pad_token_id=0, dtype=torch.float32).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        out / "base", num_labels=1, pad_token_id=0, dtype=torch.float32
+    ).eval()
     ids = torch.randint(2, 300, (4, 9))
     with torch.no_grad():
         before = reward_model.get_reward(model, ids, 0)
@@ -196,14 +281,22 @@ def test_lora_targets_the_architectures_linear_layers(arch):
 
     name, out = arch
     model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))  # as the scripts
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    )  # as the scripts
     targeted = {n.split(".")[-2] for n, _ in peft_model.named_modules() if n.endswith("lora_A")}
-    assert targeted == {"gpt_neox": {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"},
-                        "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
-                        "gpt2": {"c_attn", "c_proj", "c_fc"}}[name]  # every linear layer but the LM head (GPT-2's are Conv1D)
+    assert (
+        targeted
+        == {
+            "gpt_neox": {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"},
+            "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+            "gpt2": {"c_attn", "c_proj", "c_fc"},
+        }[name]
+    )  # every linear layer but the LM head (GPT-2's are Conv1D)
 
 
 # ---- the whole pipeline on each family ----
+
 
 @pytest.mark.slow
 def test_the_pipeline_runs_on_every_architecture(arch_folders, world, tmp_path):
@@ -225,15 +318,32 @@ def pipeline(name, out, world, tmp_path):
     few = ["--lr", 1e-3, "--batch-size", 32, "--local-micro-batch-size", 32, "--response-length", 16, "--max-eval-samples", 64]
 
     # SFT from the stored dtype: fp32 master weights, they move and the loss falls; the saved config says float32
-    sft_flags = ["--dataset-name", data["tldr"], *few, "--lr", 3e-3, "--batch-size", 8, "--local-micro-batch-size", 8, "--max-train-samples", 256,
-                 "--eval-every", 16]  # 32 updates
+    sft_flags = [
+        "--dataset-name",
+        data["tldr"],
+        *few,
+        "--lr",
+        3e-3,
+        "--batch-size",
+        8,
+        "--local-micro-batch-size",
+        8,
+        "--max-train-samples",
+        256,
+        "--eval-every",
+        16,
+    ]  # 32 updates
     proc = run_script("sft.py", "--base-model", out / "base", *sft_flags, "--output-dir", tmp_path / "sft", cwd=tmp_path)
     assert "dtypes: trained weights float32" in proc.stdout
     evals = [float(x.split("eval_loss=")[1].split()[0]) for x in proc.stdout.splitlines() if "eval_loss=" in x]
     uniform = math.log(AutoModelForCausalLM.from_pretrained(out / "base").config.vocab_size)  # about the random init's loss
     assert len(evals) == 2 and evals[1] < evals[0] - 0.1 and evals[1] < uniform - 1.5, evals
-    assert stored_dtypes(tmp_path / "sft") == {"F32"} and json.load(open(tmp_path / "sft" / "config.json"))["dtype"] == "float32"
-    base, tuned = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).state_dict() for p in (out / "base", tmp_path / "sft"))
+    assert (
+        stored_dtypes(tmp_path / "sft") == {"F32"} and json.load(open(tmp_path / "sft" / "config.json"))["dtype"] == "float32"
+    )
+    base, tuned = (
+        AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).state_dict() for p in (out / "base", tmp_path / "sft")
+    )
     matrices = [k for k, v in base.items() if v.dim() == 2]
     assert len(matrices) >= 8 and all(not torch.equal(base[k], tuned[k]) for k in matrices)  # every weight matrix moved
     if name == "gpt_neox":  # the fp16 checkpoint trains exactly as its weights upcast to fp32 and stored so
@@ -244,17 +354,45 @@ def pipeline(name, out, world, tmp_path):
         assert all(torch.equal(tuned[k], from32[k]) for k in tuned)
 
     if name == "gpt2":  # --dtype bfloat16 trains and saves bf16 weights, whatever the checkpoint stores (fp32 here)
-        proc = run_script("sft.py", "--base-model", out / "base", *sft_flags, "--max-train-samples", 16, "--dtype", "bfloat16",
-                          "--output-dir", tmp_path / "sft_bf16", cwd=tmp_path)
+        proc = run_script(
+            "sft.py",
+            "--base-model",
+            out / "base",
+            *sft_flags,
+            "--max-train-samples",
+            16,
+            "--dtype",
+            "bfloat16",
+            "--output-dir",
+            tmp_path / "sft_bf16",
+            cwd=tmp_path,
+        )
         assert "dtypes: trained weights bfloat16" in proc.stdout and stored_dtypes(tmp_path / "sft_bf16") == {"BF16"}
 
     # reward model: saved, loadable by plain transformers, normalised (in the weights, or in the config for Llama)
-    proc = run_script("reward_model.py", "--sft-model-path", tmp_path / "sft", "--dataset-name", data["comparisons"], "--norm-dataset-name",
-                      data["tldr"], "--output-dir", tmp_path / "rm", *few, "--max-train-samples", 256, "--max-norm-samples", 256, cwd=tmp_path)
+    proc = run_script(
+        "reward_model.py",
+        "--sft-model-path",
+        tmp_path / "sft",
+        "--dataset-name",
+        data["comparisons"],
+        "--norm-dataset-name",
+        data["tldr"],
+        "--output-dir",
+        tmp_path / "rm",
+        *few,
+        "--max-train-samples",
+        256,
+        "--max-norm-samples",
+        256,
+        cwd=tmp_path,
+    )
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     assert rm.config.reward_bias_in_weights == (name != "llama") and rm.dtype == torch.float32
     tokenizer = reward_model.load_tokenizer(str(tmp_path / "rm"))
-    sequences = reward_model.normalisation_sequences(reward_model.Args(norm_dataset_name=str(data["tldr"]), max_norm_samples=256), tokenizer, None)
+    sequences = reward_model.normalisation_sequences(
+        reward_model.Args(norm_dataset_name=str(data["tldr"]), max_norm_samples=256), tokenizer, None
+    )
     ids = reward_model.pad_right(sequences, tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
         plain = rm(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits[:, 0]
@@ -263,30 +401,76 @@ def pipeline(name, out, world, tmp_path):
     if name == "llama":  # what plain transformers gives: the raw score, the shift being in the config
         assert plain.mean().item() == pytest.approx(-rm.config.reward_bias, abs=1e-3) and abs(rm.config.reward_bias) > 1e-2
 
-    # PPO, DR-PO on TL;DR and on HH: the first ratio is 1 (rollout and training agree), trained weights are fp32
+    # DR-PO on TL;DR and on HH: the first ratio is 1 (rollout and training agree), trained weights are fp32. (PPO is
+    # DR-PO's rollout and update without the reset: --reset-prob 0 equals ppo_baseline.py to the last digit, test_drpo.py)
     rl = ["--sft-model-path", tmp_path / "sft", "--reward-model-path", tmp_path / "rm", *SMALL, "--total-episodes", 64]
-    for script, dataset, flags in (("ppo_baseline.py", data["tldr"], []), ("drpo_tldr.py", data["tldr"], ["--reset-prob", 0.5]),
-                                   ("drpo_hh.py", data["hh"], ["--reset-prob", 0.5])):
+    for script, dataset, flags in (
+        ("drpo_tldr.py", data["tldr"], ["--reset-prob", 0.5]),
+        ("drpo_hh.py", data["hh"], ["--reset-prob", 0.5]),
+    ):
         proc = run_script(script, *rl, *flags, "--dataset-name", dataset, "--output-dir", tmp_path / script[:-3], cwd=tmp_path)
         assert "dtypes: policy and value model float32 (trained), reference and reward model float32 (frozen)" in proc.stdout
         log = [json.loads(x) for x in open(metrics_file(proc.stdout, tmp_path))]
-        assert len(log) == 2 and all(abs(m["policy/first_ratio"] - 1) < 1e-5 and math.isfinite(m["objective/entropy"]) for m in log)
+        assert len(log) == 2 and all(
+            abs(m["policy/first_ratio"] - 1) < 1e-5 and math.isfinite(m["objective/entropy"]) for m in log
+        )
         assert all(m.get("reset/fraction", 0.5) > 0 for m in log)
         assert stored_dtypes(tmp_path / script[:-3]) == {"F32"}
 
     # DPO: at step 0 the policy is the reference (loss log 2); with LoRA on GPT-2, whose linear layers are Conv1D
     lora = ["--use-lora", "--lora-r", 4] if name == "gpt2" else []
-    proc = run_script("dpo_baseline.py", "--sft-model-path", tmp_path / "sft", "--dataset-name", data["comparisons"], "--output-dir",
-                      tmp_path / "dpo", "--max-train-samples", 64, "--max-eval-samples", 16, "--batch-size", 32, "--local-micro-batch-size", 16,
-                      "--lr", 1e-3, "--max-grad-norm", 1.0, "--response-length", 16, *lora, cwd=tmp_path)
+    proc = run_script(
+        "dpo_baseline.py",
+        "--sft-model-path",
+        tmp_path / "sft",
+        "--dataset-name",
+        data["comparisons"],
+        "--output-dir",
+        tmp_path / "dpo",
+        "--max-train-samples",
+        64,
+        "--max-eval-samples",
+        16,
+        "--batch-size",
+        32,
+        "--local-micro-batch-size",
+        16,
+        "--lr",
+        1e-3,
+        "--max-grad-norm",
+        1.0,
+        "--response-length",
+        16,
+        *lora,
+        cwd=tmp_path,
+    )
     first = [x for x in proc.stdout.splitlines() if x.startswith("update=1 ")][0]
     assert float(first.split(" loss=")[1].split()[0]) == pytest.approx(math.log(2), abs=1e-4)
     dpo, sft_weights = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (tmp_path / "dpo", tmp_path / "sft"))
     assert set(dpo) == set(sft_weights) and any(not torch.equal(dpo[k], sft_weights[k]) for k in dpo)
 
-    # eval_winrate: generates from the PPO policy and judges with the reward model
-    run_script("eval_winrate.py", "--model-paths", tmp_path / "ppo_baseline", "--dataset-name", data["tldr"], "--split", "validation",
-               "--num-examples", 16, "--response-length", 8, "--judge", "rm", "--judge-model", tmp_path / "rm", "--output-dir", tmp_path / "eval",
-               "--cache-file", tmp_path / "eval" / "cache.jsonl", cwd=tmp_path)
+    # eval_winrate: generates from the DR-PO policy and judges with the reward model
+    run_script(
+        "eval_winrate.py",
+        "--model-paths",
+        tmp_path / "drpo_tldr",
+        "--dataset-name",
+        data["tldr"],
+        "--split",
+        "validation",
+        "--num-examples",
+        16,
+        "--response-length",
+        8,
+        "--judge",
+        "rm",
+        "--judge-model",
+        tmp_path / "rm",
+        "--output-dir",
+        tmp_path / "eval",
+        "--cache-file",
+        tmp_path / "eval" / "cache.jsonl",
+        cwd=tmp_path,
+    )
     summary = json.load(open(tmp_path / "eval" / "summary.json"))
     assert [s["n"] for s in summary["models"].values()] == [16]

@@ -1,28 +1,51 @@
 """Checkpoints of sft.py, reward_model.py and dpo_baseline.py: SIGKILLed anywhere (during a save too) and resumed, a
 run equals a straight one bit for bit; a sharded or damaged checkpoint; flags that clash with the checkpoint's.
 (The RL scripts' fault injection is in test_ppo.py and test_drpo.py; the harness, kill_and_resume, in conftest.py.)"""
+
 import glob
 import json
 import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
 from conftest import kill_and_resume, newest_run, run_script, untimed
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 UPDATES = 10  # of 32 examples (or pairs), a checkpoint every 2
 
 
 def short_run(script, world, sft_model):
     """Flags of a 10-update run of `script` on the tiny world, evaluated every 3 updates."""
-    common = ["--lr", "1e-3", "--batch-size", 32, "--local-micro-batch-size", 16, "--max-train-samples", 32 * UPDATES,
-              "--max-eval-samples", 32, "--eval-every", 3, "--output-dir", "out"]
+    common = [
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        32,
+        "--local-micro-batch-size",
+        16,
+        "--max-train-samples",
+        32 * UPDATES,
+        "--max-eval-samples",
+        32,
+        "--eval-every",
+        3,
+        "--output-dir",
+        "out",
+    ]
     if script == "sft.py":
         return ["--base-model", world / "base", "--dataset-name", world / "tldr_sft", *common]
     if script == "reward_model.py":
-        return ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--norm-dataset-name",
-                world / "tldr_sft", "--max-norm-samples", 64, *common]
+        return [
+            "--sft-model-path",
+            sft_model,
+            "--dataset-name",
+            world / "tldr_comparisons",
+            "--norm-dataset-name",
+            world / "tldr_sft",
+            "--max-norm-samples",
+            64,
+            *common,
+        ]
     return ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--beta", 0.1, *common]
 
 
@@ -54,7 +77,9 @@ def test_killed_anywhere_the_run_resumes_to_the_straight_run(script, world, sft_
     if script == "reward_model.py":  # normalised once, by the same shift
         a_cfg, b_cfg = (json.load(open(tmp_path / d / "out" / "config.json")) for d in ("straight", "killed"))
         assert a_cfg["reward_bias"] == b_cfg["reward_bias"] != 0 and a_cfg["reward_bias_in_weights"]
-    assert os.listdir(f"{a_run}/checkpoints") == os.listdir(f"{b_run}/checkpoints") == ["update_0000008"]  # --keep-checkpoints 1
+    assert (
+        os.listdir(f"{a_run}/checkpoints") == os.listdir(f"{b_run}/checkpoints") == ["update_0000008"]
+    )  # --keep-checkpoints 1
     a_state, b_state = (torch.load(f"{r}/checkpoints/update_0000008/state.pt", weights_only=True) for r in (a_run, b_run))
     a_opt, b_opt = a_state["optimizer"]["state"], b_state["optimizer"]["state"]
     assert len(a_opt) > 0 and all(torch.equal(a_opt[i][k], b_opt[i][k]) for i in a_opt for k in a_opt[i])
@@ -65,8 +90,24 @@ def test_a_sharded_checkpoint_resumes_a_damaged_shard_is_passed_over_and_other_f
     """A large model is saved in shards: the checkpoint check reads every shard. A truncated shard is named and the
     previous checkpoint is used; the run still ends where a straight run ends. A flag that differs from the
     checkpoint's is refused before any model is loaded; one that may change on resume (--output-dir) is not."""
-    flags = ["--base-model", world / "base", "--dataset-name", world / "tldr_sft", "--lr", "1e-3", "--batch-size", 32,
-             "--local-micro-batch-size", 32, "--max-train-samples", 192, "--max-eval-samples", 16, "--eval-every", 100]
+    flags = [
+        "--base-model",
+        world / "base",
+        "--dataset-name",
+        world / "tldr_sft",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        32,
+        "--local-micro-batch-size",
+        32,
+        "--max-train-samples",
+        192,
+        "--max-eval-samples",
+        16,
+        "--eval-every",
+        100,
+    ]
     run_script("sft.py", *flags, "--save-every", 2, "--output-dir", tmp_path / "straight", cwd=tmp_path)
     run = newest_run(tmp_path)
     assert sorted(os.listdir(f"{run}/checkpoints")) == ["update_0000002", "update_0000004"]
@@ -94,5 +135,8 @@ def test_a_sharded_checkpoint_resumes_a_damaged_shard_is_passed_over_and_other_f
     assert [json.loads(x)["update"] for x in open(f"{run}/metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
     proc = run_script("sft.py", "--resume-from", run, "--lr", "1e-4", "--batch-size", 16, check=False, cwd=tmp_path)
-    assert proc.returncode != 0 and "the run was started with other flags: --batch-size 16 (saved: 32); --lr 0.0001" \
-        " (saved: 0.001)" in proc.stdout and "dtypes:" not in proc.stdout
+    assert (
+        proc.returncode != 0
+        and "the run was started with other flags: --batch-size 16 (saved: 32); --lr 0.0001 (saved: 0.001)" in proc.stdout
+        and "dtypes:" not in proc.stdout
+    )

@@ -1,5 +1,6 @@
 """What a user meets first: flags checked at start-up, a run's config saved and read back, the run name honoured, a fast
 failure when the Hub cannot be reached, the judge's key checked before any generation, the training-curve plot."""
+
 import importlib
 import json
 import os
@@ -10,14 +11,17 @@ import pytest
 from conftest import run_script, untimed
 
 
-@pytest.mark.parametrize("script,field,value,must", [
-    ("drpo_tldr.py", "reset_prob", 1.5, "in [0, 1]"),
-    ("drpo_hh.py", "eval_prompts", 0, "> 0"),
-    ("ppo_baseline.py", "gamma", 2.0, "in [0, 1]"),
-    ("sft.py", "batch_size", 0, "> 0"),
-    ("reward_model.py", "lr", -1.0, "> 0"),
-    ("dpo_baseline.py", "label_smoothing", 0.5, "in [0, 0.5)"),
-])
+@pytest.mark.parametrize(
+    "script,field,value,must",
+    [
+        ("drpo_tldr.py", "reset_prob", 1.5, "in [0, 1]"),
+        ("drpo_hh.py", "eval_prompts", 0, "> 0"),
+        ("ppo_baseline.py", "gamma", 2.0, "in [0, 1]"),
+        ("sft.py", "batch_size", 0, "> 0"),
+        ("reward_model.py", "lr", -1.0, "> 0"),
+        ("dpo_baseline.py", "label_smoothing", 0.5, "in [0, 0.5)"),
+    ],
+)
 def test_every_script_refuses_a_flag_out_of_range_naming_it(script, field, value, must):
     module = importlib.import_module(script[:-3])
     args = module.Args(**{field: value})
@@ -52,14 +56,36 @@ def test_the_config_is_saved_read_back_on_resume_and_the_run_name_honoured(world
     """A run named by --run-name writes runs/{name}/args.json. --resume-from alone restarts a run stopped before its
     first checkpoint with the saved flags (none repeated), a flag that differs from the saved one is refused, and a new
     run may not reuse the name."""
-    flags = ["--base-model", world / "base", "--dataset-name", world / "tldr_sft", "--output-dir", tmp_path / "out", "--lr", "1e-3",
-             "--max-train-samples", 64, "--max-eval-samples", 16, "--batch-size", 32, "--local-micro-batch-size", 32,
-             "--save-every", 0]
+    flags = [
+        "--base-model",
+        world / "base",
+        "--dataset-name",
+        world / "tldr_sft",
+        "--output-dir",
+        tmp_path / "out",
+        "--lr",
+        "1e-3",
+        "--max-train-samples",
+        64,
+        "--max-eval-samples",
+        16,
+        "--batch-size",
+        32,
+        "--local-micro-batch-size",
+        32,
+        "--save-every",
+        0,
+    ]
     proc = run_script("sft.py", *flags, "--run-name", "mine", cwd=tmp_path)
     assert "run mine: " in proc.stdout and "--lr 0.001" in proc.stdout and "--batch-size 32" in proc.stdout
     config = json.load(open(tmp_path / "runs" / "mine" / "args.json"))
-    assert (config["run_name"], config["lr"], config["batch_size"], config["max_train_samples"], config["num_updates"]) == \
-        ("mine", 1e-3, 32, 64, 2)
+    assert (config["run_name"], config["lr"], config["batch_size"], config["max_train_samples"], config["num_updates"]) == (
+        "mine",
+        1e-3,
+        32,
+        64,
+        2,
+    )
     log = [json.loads(x) for x in open(tmp_path / "runs" / "mine" / "metrics.jsonl")]
     assert [row["update"] for row in log] == [1, 2]
 
@@ -81,8 +107,15 @@ def test_the_openai_judge_checks_its_key_and_endpoint_before_generating(tmp_path
     common = ["--model-paths", tmp_path / "no_policy", "--judge", "openai", "--output-dir", tmp_path / "out"]
     proc = run_script("eval_winrate.py", *common, cwd=tmp_path, check=False, env={"OPENAI_API_KEY": ""})
     assert proc.returncode != 0 and "--judge openai needs an API key in $OPENAI_API_KEY" in proc.stdout
-    proc = run_script("eval_winrate.py", *common, "--base-url", "http://127.0.0.1:9/v1", cwd=tmp_path, check=False,
-                      env={"OPENAI_API_KEY": "k"})
+    proc = run_script(
+        "eval_winrate.py",
+        *common,
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        cwd=tmp_path,
+        check=False,
+        env={"OPENAI_API_KEY": "k"},
+    )
     assert proc.returncode != 0 and "the judge endpoint http://127.0.0.1:9/v1 cannot be reached" in proc.stdout
     assert "Traceback" not in proc.stdout
 
@@ -92,8 +125,20 @@ def test_plot_runs_draws_the_metrics_of_the_readme(tmp_path):
     os.makedirs(run)
     with open(run / "metrics.jsonl", "w") as f:
         for u in range(1, 4):
-            f.write(json.dumps({"update": u, "episodes": 64 * u, "objective/scores": u, "objective/kl": 0.1 * u, "reset/scores": u + 1,
-                                "no_reset/scores": u - 1, "objective/rlhf_reward": u - 0.05}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "update": u,
+                        "episodes": 64 * u,
+                        "objective/scores": u,
+                        "objective/kl": 0.1 * u,
+                        "reset/scores": u + 1,
+                        "no_reset/scores": u - 1,
+                        "objective/rlhf_reward": u - 0.05,
+                    }
+                )
+                + "\n"
+            )
         f.write('{"update": 4, "epis')  # a line cut by a kill
     proc = run_script("plot_runs.py", run, "--out", tmp_path / "c.png", cwd=tmp_path)
     assert "line 4: not json, skipped" in proc.stdout

@@ -2,12 +2,22 @@
 the others silently, and a test of one copy would no longer vouch for the rest: every function defined under the same
 name in several scripts must be the same source in all of them, except those listed in DIFFERENT, which differ on
 purpose (a script-specific message, dataset or run-name pattern)."""
+
 import ast
 import os
 
 from conftest import ROOT
 
-SCRIPTS = ["sft.py", "reward_model.py", "dpo_baseline.py", "ppo_baseline.py", "drpo_tldr.py", "drpo_hh.py", "eval_winrate.py", "tiny_world.py"]
+SCRIPTS = [
+    "sft.py",
+    "reward_model.py",
+    "dpo_baseline.py",
+    "ppo_baseline.py",
+    "drpo_tldr.py",
+    "drpo_hh.py",
+    "eval_winrate.py",
+    "tiny_world.py",
+]
 DIFFERENT = {
     "from_pretrained": "its offline message names the script's own model flags",
     "load_tokenizer": "padding side: left for generation (RL, DPO, SFT), right for the reward model",
@@ -16,7 +26,7 @@ DIFFERENT = {
     "build_episodes": "TL;DR posts and comparisons, against HH transcripts",
     "comparison_texts": "DR-PO on TL;DR needs only the chosen summary (a reset state), the others the pair",
     "evaluate": "SFT's eval loss, against the reward model's accuracy",
-    "generate_responses": "DR-PO's response starts with the reset prefix (the last h tokens of the state), PPO's after the prompt",
+    "generate_responses": "DR-PO's response begins with the reset prefix (its state's last h tokens), PPO's after the prompt",
     "print_samples": "DR-PO's table shows reset and non-reset episodes and the prefix in [brackets]",
 }
 
@@ -34,14 +44,35 @@ def copies(root=ROOT):
 
 def test_every_copied_helper_is_the_same_in_every_script():
     shared = copies()
-    drifted = [f"{name}: {len(set(by.values()))} versions in {sorted(by)}" for name, by in shared.items()
-               if name not in DIFFERENT and len(set(by.values())) > 1]
+    drifted = [
+        f"{name}: {len(set(by.values()))} versions in {sorted(by)}"
+        for name, by in shared.items()
+        if name not in DIFFERENT and len(set(by.values())) > 1
+    ]
     assert not drifted, drifted
     # what the check covers, so that a rename cannot empty it: the PPO, data, distributed and run helpers
-    for name, holders in {"compute_gae": 3, "whiten": 3, "ppo_losses": 3, "truncate_response": 3, "per_token_rewards": 3,
-                          "reset_states": 2, "tldr_query": 5, "hh_split": 5, "load_rows": 6, "init_distributed": 6, "shard": 6,
-                          "resume_config": 6, "save_config": 6, "check_flags": 6, "check_hub": 6, "save_checkpoint": 6,
-                          "score_responses": 3, "get_scores": 3, "log_metrics": 3, "left_pad": 4}.items():
+    for name, holders in {
+        "compute_gae": 3,
+        "whiten": 3,
+        "ppo_losses": 3,
+        "truncate_response": 3,
+        "per_token_rewards": 3,
+        "reset_states": 2,
+        "tldr_query": 5,
+        "hh_split": 5,
+        "load_rows": 6,
+        "init_distributed": 6,
+        "shard": 6,
+        "resume_config": 6,
+        "save_config": 6,
+        "check_flags": 6,
+        "check_hub": 6,
+        "save_checkpoint": 6,
+        "score_responses": 3,
+        "get_scores": 3,
+        "log_metrics": 3,
+        "left_pad": 4,
+    }.items():
         assert len(shared[name]) >= holders, (name, sorted(shared[name]))
     assert len(shared) >= 50
 
@@ -51,7 +82,9 @@ def test_an_edited_copy_is_caught(tmp_path):
     for script in SCRIPTS:
         text = open(os.path.join(ROOT, script)).read()
         if script == "drpo_hh.py":
-            text = text.replace("def whiten(values, mask, shift_mean: bool = True):", "def whiten(values, mask, shift_mean: bool = False):")
+            text = text.replace(
+                "def whiten(values, mask, shift_mean: bool = True):", "def whiten(values, mask, shift_mean: bool = False):"
+            )
         (tmp_path / script).write_text(text)
     versions = copies(tmp_path)["whiten"]
     assert len(set(versions.values())) == 2 and sorted(versions) == ["drpo_hh.py", "drpo_tldr.py", "ppo_baseline.py"]

@@ -1,8 +1,10 @@
 """Data loading shared by sft.py and reward_model.py (each script carries its own copy; both copies are checked)."""
+
 import json
 
 import pytest
 import torch
+from conftest import SHARED, requires_shared, run_script
 
 import dpo_baseline
 import drpo_hh
@@ -11,7 +13,6 @@ import eval_winrate
 import ppo_baseline
 import reward_model
 import sft
-from conftest import SHARED, requires_shared, run_script
 
 SCRIPTS = [sft, reward_model]
 ROW = {"subreddit": "pets", "title": "help with my cat", "post": "line one .\nline two .\nline three ."}
@@ -71,7 +72,11 @@ def test_special_token_strings_in_data_are_plain_text(script, tokenizer):
     specials = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     if hasattr(script, "response_ids"):  # the EOS is the last id, and only there
         ids = script.response_ids(tokenizer, SPECIAL_TEXT)
-        assert ids[-1] == tokenizer.eos_token_id and not specials & set(ids[:-1]) and tokenizer.decode(ids[:-1]) == " " + SPECIAL_TEXT
+        assert (
+            ids[-1] == tokenizer.eos_token_id
+            and not specials & set(ids[:-1])
+            and tokenizer.decode(ids[:-1]) == " " + SPECIAL_TEXT
+        )
     if hasattr(script, "tldr_query"):
         for budget in (512, 60):  # whole, and hard-truncated (the post has no newline)
             ids, _ = script.tldr_query(tokenizer, dict(ROW, post=SPECIAL_TEXT * 3), budget)
@@ -113,8 +118,13 @@ def test_missing_column_names_column_file_and_schema(tmp_path, world):
 
 
 def test_non_string_field_names_row_and_column(tmp_path, tokenizer):
-    path = write(tmp_path / "bad.jsonl", [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
-                                         {"chosen": 3, "rejected": "x"}])
+    path = write(
+        tmp_path / "bad.jsonl",
+        [
+            {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
+            {"chosen": 3, "rejected": "x"},
+        ],
+    )
     args = reward_model.Args(task="hh", dataset_name=path, response_length=16)
     with pytest.raises(SystemExit, match=r"row 1, column 'chosen': expected str, got int"):
         reward_model.build_pairs(args, tokenizer, "train", None)
@@ -122,15 +132,22 @@ def test_non_string_field_names_row_and_column(tmp_path, tokenizer):
 
 def test_empty_and_identical_pairs_are_skipped_and_counted(tmp_path, tokenizer, capsys):
     prompt = "\n\nHuman: my cat ?\n\nAssistant:"
-    rows = [{"chosen": prompt + " cat vet .", "rejected": prompt + " pizza ."},
-            {"chosen": prompt + " ", "rejected": prompt + " pizza ."},       # empty chosen
-            {"chosen": prompt + " cat .", "rejected": prompt + " cat ."},     # identical
-            {"chosen": "no turns at all", "rejected": "nothing shared"}]      # no prompt
+    rows = [
+        {"chosen": prompt + " cat vet .", "rejected": prompt + " pizza ."},
+        {"chosen": prompt + " ", "rejected": prompt + " pizza ."},  # empty chosen
+        {"chosen": prompt + " cat .", "rejected": prompt + " cat ."},  # identical
+        {"chosen": "no turns at all", "rejected": "nothing shared"},
+    ]  # no prompt
     args = reward_model.Args(task="hh", dataset_name=write(tmp_path / "hh.jsonl", rows), response_length=16, query_length=4)
     pairs = reward_model.build_pairs(args, tokenizer, "train", None)
     out = capsys.readouterr().out
     assert len(pairs) == 1
-    for key in ("'dropped_empty_response': 1", "'dropped_identical_pair': 1", "'dropped_no_shared_prompt': 1", "'query_truncated': 3"):
+    for key in (
+        "'dropped_empty_response': 1",
+        "'dropped_identical_pair': 1",
+        "'dropped_no_shared_prompt': 1",
+        "'query_truncated': 3",
+    ):
         assert key in out
     query, chosen, rejected = pairs[0]
     assert query == tokenizer.encode(prompt)[-4:]  # HH keeps the end of a long prompt
@@ -146,8 +163,15 @@ def test_single_file_split_slicing_and_bad_split(tmp_path):
 
 
 def test_unreachable_hub_gives_a_one_paragraph_hint(world):
-    proc = run_script("sft.py", "--base-model", world / "base", "--dataset-name", "nobody/not-a-dataset", check=False,
-                      env={"HF_HUB_OFFLINE": "1"})
+    proc = run_script(
+        "sft.py",
+        "--base-model",
+        world / "base",
+        "--dataset-name",
+        "nobody/not-a-dataset",
+        check=False,
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode != 0 and "Could not load the dataset 'nobody/not-a-dataset'" in proc.stdout
     assert "point --dataset-name at a local folder" in proc.stdout and "Traceback" not in proc.stdout
     proc = run_script("reward_model.py", "--sft-model-path", "nobody/not-a-model", check=False, env={"HF_HUB_OFFLINE": "1"})
@@ -183,18 +207,31 @@ def hub_comparison(chosen, rejected, choice=0, post="my cat is old .\nhelp", art
     if article is not None:
         info |= {"id": "dm-1", "post": None, "title": None, "subreddit": None, "site": "dailymail", "article": article}
     texts = [chosen, rejected] if choice == 0 else [rejected, chosen]
-    return {"info": info, "summaries": [{"text": x, "policy": "sup2", "note": None} for x in texts], "choice": choice,
-            "worker": "w7", "batch": batch, "split": "valid1", "extra": {"confidence": 8}}
+    return {
+        "info": info,
+        "summaries": [{"text": x, "policy": "sup2", "note": None} for x in texts],
+        "choice": choice,
+        "worker": "w7",
+        "batch": batch,
+        "split": "valid1",
+        "extra": {"confidence": 8},
+    }
 
 
 @pytest.mark.parametrize("script", [reward_model, dpo_baseline, drpo_tldr])
 def test_cnndm_rows_of_the_hub_comparisons_are_skipped_and_counted(script, tokenizer, tmp_path, capsys):
-    rows = [hub_comparison(" cat vet .", " pizza ."), hub_comparison(" a story .", " another .", article="(CNN) a story", batch="cnndm0"),
-            hub_comparison(" vet .", " soup .", choice=1), hub_comparison(" x .", " y .", article="(CNN) more", batch="batch0_cnndm")]
+    rows = [
+        hub_comparison(" cat vet .", " pizza ."),
+        hub_comparison(" a story .", " another .", article="(CNN) a story", batch="cnndm0"),
+        hub_comparison(" vet .", " soup .", choice=1),
+        hub_comparison(" x .", " y .", article="(CNN) more", batch="batch0_cnndm"),
+    ]
 
     def build(path):
         if script is drpo_tldr:
-            return drpo_tldr.build_episodes(drpo_tldr.Args(dataset_name=path, reset_source="chosen", response_length=16), tokenizer)[0]
+            return drpo_tldr.build_episodes(
+                drpo_tldr.Args(dataset_name=path, reset_source="chosen", response_length=16), tokenizer
+            )[0]
         return script.build_pairs(script.Args(task="tldr", dataset_name=path, response_length=16), tokenizer, "train", None)
 
     kept = build(write(tmp_path / "valid.jsonl", rows))
@@ -215,8 +252,13 @@ def test_chosen_responses_longer_than_an_episode_are_never_reset(script, tokeniz
         args = drpo_tldr.Args(dataset_name=path, reset_source="chosen", response_length=8)
     else:
         prompt = "\n\nHuman: my cat ?\n\nAssistant:"
-        path = write(tmp_path / "h.jsonl", [{"chosen": prompt + " cat vet .", "rejected": prompt + " no ."},
-                                            {"chosen": prompt + long, "rejected": prompt + " no ."}])
+        path = write(
+            tmp_path / "h.jsonl",
+            [
+                {"chosen": prompt + " cat vet .", "rejected": prompt + " no ."},
+                {"chosen": prompt + long, "rejected": prompt + " no ."},
+            ],
+        )
         args = drpo_hh.Args(dataset_name=path, response_length=8)
     queries, chosens = script.build_episodes(args, tokenizer)
     assert len(queries) == 2 and chosens[0] == script.response_ids(tokenizer, "cat vet .") and chosens[1] == []
@@ -232,7 +274,11 @@ def nplus_queries():
 
     tokenizer = AutoTokenizer.from_pretrained(f"{SHARED}/tokenizers/pythia")
     rows = [json.loads(x) for x in open(f"{SHARED}/data/tldr/sft_posts_dev.jsonl")]
-    cases = [(row, length, nplus_process_query(tokenizer, row, length)) for length, subset in ((512, rows), (256, rows[:100])) for row in subset]
+    cases = [
+        (row, length, nplus_process_query(tokenizer, row, length))
+        for length, subset in ((512, rows), (256, rows[:100]))
+        for row in subset
+    ]
     return tokenizer, cases
 
 
@@ -251,13 +297,19 @@ def test_tldr_truncation_is_the_n_plus_rule_token_for_token_on_real_posts(script
 
 
 def test_eval_winrate_cuts_tldr_posts_as_training_does(tokenizer, tmp_path):
-    row = {"id": "x", "subreddit": "pets", "title": "my cat", "post": "line one .  \n\nline two .\nthree words here", "summary": "s"}
+    row = {
+        "id": "x",
+        "subreddit": "pets",
+        "title": "my cat",
+        "post": "line one .  \n\nline two .\nthree words here",
+        "summary": "s",
+    }
     write(tmp_path / "d.jsonl", [row])
     empty = len(sft.tldr_query(tokenizer, dict(row, post=""), 512)[0])
     for length in (empty + 1, empty + 4, empty + 9, empty + 14, 512):  # cut character by character, at newlines, not at all
         expected, _ = sft.tldr_query(tokenizer, row, length)
         args = eval_winrate.Args(dataset_name=str(tmp_path / "d.jsonl"), split="train", query_length=length, num_examples=1)
-        (prompt, _), = eval_winrate.load_examples(args, tokenizer)
+        ((prompt, _),) = eval_winrate.load_examples(args, tokenizer)
         assert eval_winrate.encode(tokenizer, prompt) == expected
 
 

@@ -1,6 +1,7 @@
 """Every training script under torchrun (2 processes, gloo, on CPU) trains exactly as one process on the same global
 batch: the same episodes or pairs, the same logged statistics and the same weights, to float tolerance (the gradients
 are summed in another order). CI has no GPU; these are the multi-process tests."""
+
 import glob
 import json
 import math
@@ -11,14 +12,37 @@ import time
 
 import pytest
 import torch
-from test_architectures import arch_folders  # noqa: F401 (a fixture)
 from conftest import RECORDER, ROOT, TORCHRUN, newest_run, run_script, torchrun, untimed
+from test_architectures import arch_folders  # noqa: F401 (a fixture)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-
-SMALL_RL = ["--response-length", 8, "--batch-size", 32, "--local-rollout-forward-batch-size", 8, "--local-micro-batch-size", 4,
-            "--num-mini-batches", 2, "--num-ppo-epochs", 2, "--lr", 3e-4, "--kl-coef", 0.01, "--temperature", 1.0,
-            "--print-sample-every", 0, "--max-grad-norm", 1.0, "--no-whiten-rewards", "--save-every", 0]
+SMALL_RL = [
+    "--response-length",
+    8,
+    "--batch-size",
+    32,
+    "--local-rollout-forward-batch-size",
+    8,
+    "--local-micro-batch-size",
+    4,
+    "--num-mini-batches",
+    2,
+    "--num-ppo-epochs",
+    2,
+    "--lr",
+    3e-4,
+    "--kl-coef",
+    0.01,
+    "--temperature",
+    1.0,
+    "--print-sample-every",
+    0,
+    "--max-grad-norm",
+    1.0,
+    "--no-whiten-rewards",
+    "--save-every",
+    0,
+]
 
 
 # the torchrun mode each script is tested in (two runs a script keep the suite short): "two" data parallel, "fsdp"
@@ -35,7 +59,9 @@ def one_and_two(script, flags, tmp_path, env=None):
             continue
         os.makedirs(tmp_path / name)
         record = {"RECORD_FILE": str(tmp_path / name / "episodes.jsonl")}  # read by the recorder --reward-fn, if any
-        proc = launch(script, *flags, *extra, "--output-dir", tmp_path / name / "out", cwd=tmp_path / name, env={**record, **(env or {})})
+        proc = launch(
+            script, *flags, *extra, "--output-dir", tmp_path / name / "out", cwd=tmp_path / name, env={**record, **(env or {})}
+        )
         runs[name] = [json.loads(line) for line in open(f"{newest_run(tmp_path / name)}/metrics.jsonl")], proc.stdout
     return runs
 
@@ -65,19 +91,60 @@ def assert_same_weights(one, two, cls=AutoModelForCausalLM):
 
 @pytest.mark.slow  # starts torchrun
 @pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "dpo_baseline.py"])
-def test_two_processes_train_as_one(script, world, sft_model, arch_folders, tmp_path):
-    """SFT (on a tiny Llama), the reward model and DPO: each process takes half of every batch of 32 (two micro-batches of 8); the loss
-    trajectory, every logged statistic (eval included) and the final weights equal the one-process run's, with FSDP, where
-    each process holds half of the model (the reward model's FSDP path encodes whole sequences, its one-process path
-    shares each pair's prompt: they agree). Data parallel without FSDP is the DR-PO-on-HH case below."""
-    common = ["--lr", 1e-3, "--num-train-epochs", 1, "--batch-size", 32, "--local-micro-batch-size", 8, "--max-train-samples", 192,
-              "--eval-every", 3, "--save-every", 0, "--max-eval-samples", 51]  # 51: the last process's share is shorter
+def test_two_processes_train_as_one(script, world, sft_model, arch_folders, tmp_path):  # noqa: F811 (the fixture)
+    """SFT (on a tiny Llama), the reward model and DPO: each process takes half of every batch of 32 (two micro-batches
+    of 8); the loss trajectory, every logged statistic (eval included) and the final weights equal the one-process
+    run's, with FSDP, where each process holds half of the model (the reward model's FSDP path encodes whole
+    sequences, its one-process path shares each pair's prompt: they agree). Data parallel without FSDP is the
+    DR-PO-on-HH case below."""
+    common = [
+        "--lr",
+        1e-3,
+        "--num-train-epochs",
+        1,
+        "--batch-size",
+        32,
+        "--local-micro-batch-size",
+        8,
+        "--max-train-samples",
+        192,
+        "--eval-every",
+        3,
+        "--save-every",
+        0,
+        "--max-eval-samples",
+        51,
+    ]  # 51: the last process's share is shorter
     if script == "sft.py":  # on the tiny Llama (stored in bf16), whose LM head is its input embedding: FSDP keeps them tied
-        flags = ["--base-model", arch_folders["llama"] / "base", "--dataset-name", world / "tldr_sft", "--response-length", 40, *common]
+        flags = [
+            "--base-model",
+            arch_folders["llama"] / "base",
+            "--dataset-name",
+            world / "tldr_sft",
+            "--response-length",
+            40,
+            *common,
+        ]
     elif script == "reward_model.py":
-        flags = ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--norm-dataset-name", world / "tldr_sft", *common]
+        flags = [
+            "--sft-model-path",
+            sft_model,
+            "--dataset-name",
+            world / "tldr_comparisons",
+            "--norm-dataset-name",
+            world / "tldr_sft",
+            *common,
+        ]
     else:
-        flags = ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--ref-cache-dir", "ref_cache", *common]
+        flags = [
+            "--sft-model-path",
+            sft_model,
+            "--dataset-name",
+            world / "tldr_comparisons",
+            "--ref-cache-dir",
+            "ref_cache",
+            *common,
+        ]
     runs = one_and_two(script, flags, tmp_path)
     one = runs["one"][0]
     assert len(one) == 6 and sum("eval_loss" in m or "eval/rewards/margins" in m for m in one) == 2
@@ -109,12 +176,30 @@ def test_rl_two_processes_roll_out_and_update_as_one(script, world, sft_model, r
     half)."""
     flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", *SMALL_RL, "--total-episodes", 3 * 32]
     if script == "drpo_tldr.py":
-        flags += ["--dataset-name", world / "tldr_comparisons", "--reset-source", "chosen", "--reset-prob", 0.5, "--eval-every", 2,
-                  "--eval-prompts", 4]
+        flags += [
+            "--dataset-name",
+            world / "tldr_comparisons",
+            "--reset-source",
+            "chosen",
+            "--reset-prob",
+            0.5,
+            "--eval-every",
+            2,
+            "--eval-prompts",
+            4,
+        ]
     else:  # every scored episode recorded as text, and the runs' episodes compared one by one
         (tmp_path / "recorder.py").write_text(RECORDER)
-        flags += ["--dataset-name", world / "hh", "--reset-prob", 0.5, "--reward-fn", f"{tmp_path / 'recorder.py'}:record",
-                  "--value-model-path", sft_model]
+        flags += [
+            "--dataset-name",
+            world / "hh",
+            "--reset-prob",
+            0.5,
+            "--reward-fn",
+            f"{tmp_path / 'recorder.py'}:record",
+            "--value-model-path",
+            sft_model,
+        ]
     runs = one_and_two(script, flags, tmp_path)
     one = runs["one"][0]
     assert len(one) == 3 and (script != "drpo_tldr.py" or "eval/score" in one[1])
@@ -135,25 +220,51 @@ def test_killed_under_torchrun_resumes_to_the_straight_torchrun_run(world, sft_m
     (each save held open 3 s by SLOW_SAVE_S), after the one of update 2 (gathered from both processes, written by
     rank 0); resumed under torchrun with --resume-from auto, it resumes at update 3, and the log and the final model
     equal a straight torchrun run's, bit for bit."""
-    flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / "tldr_comparisons",
-             "--reset-source", "chosen", *SMALL_RL[:-2], "--total-episodes", 5 * 32, "--fsdp", "--save-every", 2, "--output-dir", "out",
-             "--exp-name", f"killed{os.getpid()}"]  # a name on every process's command line, for pkill
+    flags = [
+        "--sft-model-path",
+        sft_model,
+        "--reward-model-path",
+        world / "rm",
+        "--dataset-name",
+        world / "tldr_comparisons",
+        "--reset-source",
+        "chosen",
+        *SMALL_RL[:-2],
+        "--total-episodes",
+        5 * 32,
+        "--fsdp",
+        "--save-every",
+        2,
+        "--output-dir",
+        "out",
+        "--exp-name",
+        f"killed{os.getpid()}",
+    ]  # a name on every process's command line, for pkill
     for d in ("straight", "killed"):
         os.makedirs(tmp_path / d)
     torchrun("drpo_tldr.py", *flags, cwd=tmp_path / "straight")
     cmd = [*TORCHRUN, f"{ROOT}/drpo_tldr.py", *map(str, flags), "--resume-from", "auto"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path / "killed", stdout=open(tmp_path / "killed" / "first.txt", "w"), stderr=subprocess.STDOUT,
-                            env={**env, "SLOW_SAVE_S": "3"})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path / "killed",
+        stdout=open(tmp_path / "killed" / "first.txt", "w"),
+        stderr=subprocess.STDOUT,
+        env={**env, "SLOW_SAVE_S": "3"},
+    )
     checkpoints = tmp_path / "killed" / "runs" / "*" / "checkpoints"
-    while proc.poll() is None and not (glob.glob(str(checkpoints / "update_0000002")) and glob.glob(str(checkpoints / "incomplete" / "*"))):
+    while proc.poll() is None and not (
+        glob.glob(str(checkpoints / "update_0000002")) and glob.glob(str(checkpoints / "incomplete" / "*"))
+    ):
         time.sleep(0.05)
     subprocess.run(["pkill", "-KILL", "-f", f"killed{os.getpid()}"])  # the launcher and both workers (their own sessions)
     proc.wait()
     run = newest_run(tmp_path / "killed")
     assert sum(1 for _ in open(f"{run}/metrics.jsonl")) == 4, open(tmp_path / "killed" / "first.txt").read()[-2000:]
     assert sorted(os.listdir(f"{run}/checkpoints")) == ["incomplete", "update_0000002"]
-    resumed = subprocess.run(cmd, cwd=tmp_path / "killed", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    resumed = subprocess.run(
+        cmd, cwd=tmp_path / "killed", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     assert resumed.returncode == 0 and "at update 3" in resumed.stdout, resumed.stdout[-3000:]
     a_log, b_log = ([json.loads(x) for x in open(f"{newest_run(tmp_path / d)}/metrics.jsonl")] for d in ("straight", "killed"))
     assert [m["update"] for m in b_log] == list(range(1, 6)) and untimed(a_log) == untimed(b_log)
@@ -179,11 +290,30 @@ def test_a_rank_that_dies_stops_the_job(world, sft_model, tmp_path):
     within seconds with a non-zero status that names the failed rank and its signal; nothing hangs."""
     (tmp_path / "dies.py").write_text(DIES)
     start = time.time()
-    flags = ["--sft-model-path", sft_model, "--value-model-path", sft_model, "--dataset-name", world / "tldr_sft",
-             "--reward-fn", f"{tmp_path / 'dies.py'}:score", *SMALL_RL, "--total-episodes", 10 * 32, "--output-dir", tmp_path / "out"]
-    proc = subprocess.run([*TORCHRUN, f"{ROOT}/ppo_baseline.py", *map(str, flags)],
-                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    flags = [
+        "--sft-model-path",
+        sft_model,
+        "--value-model-path",
+        sft_model,
+        "--dataset-name",
+        world / "tldr_sft",
+        "--reward-fn",
+        f"{tmp_path / 'dies.py'}:score",
+        *SMALL_RL,
+        "--total-episodes",
+        10 * 32,
+        "--output-dir",
+        tmp_path / "out",
+    ]
+    proc = subprocess.run(
+        [*TORCHRUN, f"{ROOT}/ppo_baseline.py", *map(str, flags)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode != 0 and time.time() - start < 120, proc.stdout[-3000:]
     assert "rank      : 1" in proc.stdout and "Signal 9 (SIGKILL)" in proc.stdout, proc.stdout[-3000:]
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")

@@ -1,5 +1,6 @@
 """dpo_baseline.py: the loss against hand-computed values, the response-only log-probs, the reference cache, and
 learning on the tiny world."""
+
 import glob
 import json
 import math
@@ -8,11 +9,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import ROOT, policy_gold, run_script
 from transformers import AutoModelForCausalLM
 
 import dpo_baseline as dpo
 import tiny_world
-from conftest import ROOT, policy_gold, run_script
 
 PAD, EOS = 1, 0
 
@@ -44,7 +45,20 @@ def test_sequence_logprobs_mask_prompt_and_padding_exactly(sft_model):
                 assert got.item() == pytest.approx(logp[len(q) - 1 :].sum().item(), abs=1e-4)
 
 
-FLAGS = ["--lr", "1e-3", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "16", "--eval-every", "20", "--max-grad-norm", "1"]
+FLAGS = [
+    "--lr",
+    "1e-3",
+    "--beta",
+    "0.1",
+    "--batch-size",
+    "32",
+    "--local-micro-batch-size",
+    "16",
+    "--eval-every",
+    "20",
+    "--max-grad-norm",
+    "1",
+]
 
 
 def last_log(cwd):
@@ -56,8 +70,19 @@ def test_dpo_learns_on_the_tiny_world(world, bland_sft_model, tmp_path):
     # The DPO task of the tiny world (bland/): half the SFT references are one bland answer, so the SFT policy's
     # greedy answer is that answer (gold 0); the comparisons prefer specific on-topic answers to it.
     data = world / "bland"
-    proc = run_script("dpo_baseline.py", "--sft-model-path", bland_sft_model, "--dataset-name", data / "tldr_comparisons",
-                      "--output-dir", tmp_path / "dpo", "--lr", "3e-4", *FLAGS[2:], cwd=tmp_path)
+    proc = run_script(
+        "dpo_baseline.py",
+        "--sft-model-path",
+        bland_sft_model,
+        "--dataset-name",
+        data / "tldr_comparisons",
+        "--output-dir",
+        tmp_path / "dpo",
+        "--lr",
+        "3e-4",
+        *FLAGS[2:],
+        cwd=tmp_path,
+    )
     log = last_log(tmp_path)
     # step 0: the policy is the reference: implicit rewards 0, loss log 2 (to float tolerance: the reference's
     # log-probs were computed in other micro-batches, whose padding can move the last bits)
@@ -76,8 +101,17 @@ def test_dpo_learns_on_the_tiny_world(world, bland_sft_model, tmp_path):
 
 
 def test_reference_cache_is_reused_and_invalidated(world, sft_model, tmp_path):
-    base = ["--dataset-name", world / "tldr_comparisons", "--max-train-samples", 32, "--max-eval-samples", 8,
-            "--output-dir", tmp_path / "o", *FLAGS]
+    base = [
+        "--dataset-name",
+        world / "tldr_comparisons",
+        "--max-train-samples",
+        32,
+        "--max-eval-samples",
+        8,
+        "--output-dir",
+        tmp_path / "o",
+        *FLAGS,
+    ]
     model = tmp_path / "sft"
     shutil.copytree(sft_model, model)
     first = run_script("dpo_baseline.py", "--sft-model-path", model, *base, cwd=tmp_path).stdout
@@ -87,10 +121,15 @@ def test_reference_cache_is_reused_and_invalidated(world, sft_model, tmp_path):
     assert last_log(tmp_path)[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # the cached values fit the policy
     tokens = run_script("dpo_baseline.py", "--sft-model-path", model, *base, "--query-length", 40, cwd=tmp_path).stdout
     assert "query_truncated': 32" in tokens and "computed the reference log-probs" in tokens  # other token ids: a miss
-    data = run_script("dpo_baseline.py", "--sft-model-path", model, *base[:2], "--max-train-samples", 64, *base[4:], cwd=tmp_path).stdout
+    data = run_script(
+        "dpo_baseline.py", "--sft-model-path", model, *base[:2], "--max-train-samples", 64, *base[4:], cwd=tmp_path
+    ).stdout
     assert "computed the reference log-probs" in data  # other data: a miss
     os.utime(model / "model.safetensors", ns=(1, 1))  # a changed model file
-    assert "computed the reference log-probs" in run_script("dpo_baseline.py", "--sft-model-path", model, *base, cwd=tmp_path).stdout
+    assert (
+        "computed the reference log-probs"
+        in run_script("dpo_baseline.py", "--sft-model-path", model, *base, cwd=tmp_path).stdout
+    )
     assert len(os.listdir(tmp_path / "cache" / "ref_logprobs")) == 4
 
 
@@ -105,9 +144,23 @@ def test_reference_cache_misses_when_the_hub_model_or_its_dtype_changes(world, s
         (repo / "refs" / "main").write_text(commit)
 
     def run(*extra):
-        return run_script("dpo_baseline.py", "--sft-model-path", "tiny/sft", "--dataset-name", world / "tldr_comparisons", "--max-train-samples",
-                          32, "--max-eval-samples", 8, "--output-dir", tmp_path / "o", *FLAGS, *extra, cwd=tmp_path,
-                          env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}).stdout
+        return run_script(
+            "dpo_baseline.py",
+            "--sft-model-path",
+            "tiny/sft",
+            "--dataset-name",
+            world / "tldr_comparisons",
+            "--max-train-samples",
+            32,
+            "--max-eval-samples",
+            8,
+            "--output-dir",
+            tmp_path / "o",
+            *FLAGS,
+            *extra,
+            cwd=tmp_path,
+            env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"},
+        ).stdout
 
     publish("a" * 40)
     assert "computed the reference log-probs" in run() and "from the cache" in run()
@@ -120,7 +173,17 @@ def test_reference_cache_misses_when_the_hub_model_or_its_dtype_changes(world, s
 def test_bad_input_and_copy_alone(tmp_path, world):
     path = tmp_path / "hh.jsonl"
     path.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b"}) + "\n")
-    proc = run_script("dpo_baseline.py", "--task", "hh", "--sft-model-path", world / "base", "--dataset-name", path, check=False, cwd=tmp_path)
+    proc = run_script(
+        "dpo_baseline.py",
+        "--task",
+        "hh",
+        "--sft-model-path",
+        world / "base",
+        "--dataset-name",
+        path,
+        check=False,
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0 and "lacks column(s) ['rejected']" in proc.stdout and str(path) in proc.stdout
     shutil.copy(f"{ROOT}/dpo_baseline.py", tmp_path)
     assert "--beta" in run_script("dpo_baseline.py", "--help", cwd=tmp_path).stdout
@@ -130,9 +193,27 @@ def test_dpo_lora_saves_a_merged_plain_model_and_resumes_from_its_adapter(world,
     """With --use-lora a checkpoint holds the adapter alone; a run resumed from it equals the straight run.
     (The fault injection of dpo_baseline.py without LoRA is in test_checkpoints.py.)"""
     pytest.importorskip("peft")
-    proc = run_script("dpo_baseline.py", "--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons",
-                      "--max-train-samples", 96, "--max-eval-samples", 8, "--use-lora", "--lora-r", 4, "--gradient-checkpointing",
-                      "--output-dir", tmp_path / "o", *FLAGS, "--save-every", 2, cwd=tmp_path)
+    proc = run_script(
+        "dpo_baseline.py",
+        "--sft-model-path",
+        sft_model,
+        "--dataset-name",
+        world / "tldr_comparisons",
+        "--max-train-samples",
+        96,
+        "--max-eval-samples",
+        8,
+        "--use-lora",
+        "--lora-r",
+        4,
+        "--gradient-checkpointing",
+        "--output-dir",
+        tmp_path / "o",
+        *FLAGS,
+        "--save-every",
+        2,
+        cwd=tmp_path,
+    )
     assert "trainable params" in proc.stdout
     log = last_log(tmp_path)
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and log[-1]["loss"] < log[0]["loss"] and len(log) == 3

@@ -1,4 +1,5 @@
 """drpo_tldr.py and drpo_hh.py: the reset, its masks, its reduction to PPO, and the paper's claim at CPU scale."""
+
 import json
 import math
 import os
@@ -9,12 +10,12 @@ import time
 
 import pytest
 import torch
+from conftest import RECORDER, ROOT, SMALL, kill_and_resume, metrics_file, newest_run, run_script, untimed
 from transformers import AutoModelForCausalLM
 
 import drpo_hh
 import drpo_tldr
 import ppo_baseline as ppo
-from conftest import RECORDER, ROOT, SMALL, kill_and_resume, metrics_file, newest_run, run_script, untimed
 
 SCRIPTS = [drpo_tldr, drpo_hh]
 EOS, PAD = 0, 1
@@ -30,7 +31,7 @@ def test_reset_states_exact_tokens_and_ranges(script):
         states, h, reset = script.reset_states(queries, chosens, 0.5, 1, 6, g)
         for q, c, s, n, r in zip(queries, chosens, states, h.tolist(), reset.tolist()):
             if r:
-                assert 1 <= n <= min(len(c) - 1, 6 - 1) and s == q + c[:n] and EOS not in s[len(q):]
+                assert 1 <= n <= min(len(c) - 1, 6 - 1) and s == q + c[:n] and EOS not in s[len(q) :]
             else:
                 assert n == 0 and s == q
         assert not reset[1] and not reset[2]
@@ -68,7 +69,9 @@ def test_prefix_is_masked_from_losses_kl_and_values():
     vpred = torch.randn(2, 6, requires_grad=True)
     adv, returns = torch.randn(2, 6), torch.randn(2, 6)
     # first minibatch: old = new (ratio 1, nothing clipped), so every policy token gets a gradient
-    pg_loss, vf_loss, _ = drpo_tldr.ppo_losses(new_logprobs, new_logprobs.detach(), adv, vpred, vpred.detach(), returns, mask, 0.2, 0.2)
+    pg_loss, vf_loss, _ = drpo_tldr.ppo_losses(
+        new_logprobs, new_logprobs.detach(), adv, vpred, vpred.detach(), returns, mask, 0.2, 0.2
+    )
     (pg_loss + vf_loss).backward()
     assert torch.all(new_logprobs.grad[0, :2] == 0) and torch.all(vpred.grad[0, :2] == 0)  # the prefix: no gradient
     assert torch.all(new_logprobs.grad[0, 2:5] != 0) and torch.all(vpred.grad[0, 2:5] != 0)
@@ -91,7 +94,7 @@ def test_prefill_equals_forcing(sft_model):
         forced_batch = drpo_tldr.left_pad([query, [30, 31]], PAD)
         responses = torch.tensor([prefix + continuation] * 2)
         forced = drpo_tldr.response_logprobs(model, torch.cat((forced_batch, responses), 1), responses, PAD, 0.7, [PAD])
-    torch.testing.assert_close(forced[:, len(prefix):], from_state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(forced[:, len(prefix) :], from_state, atol=1e-5, rtol=0)
 
 
 def resolved_defaults(module, **fields):
@@ -114,8 +117,15 @@ def test_ppo_and_drpo_share_every_default(task):
     ours, theirs = resolved_defaults(ppo, task=task), resolved_defaults(drpo_tldr if task == "tldr" else drpo_hh)
     shared = [k for k in theirs if k in ours]
     assert len(shared) >= 40 and {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
-    assert set(theirs) - set(ours) <= {"reset_prob", "reset_min_prefix", "reset_source", "dataset_config", "eval_every", "eval_prompts",
-                                       "early_stop_score"}
+    assert set(theirs) - set(ours) <= {
+        "reset_prob",
+        "reset_min_prefix",
+        "reset_source",
+        "dataset_config",
+        "eval_every",
+        "eval_prompts",
+        "early_stop_score",
+    }
     if task == "tldr":
         assert theirs["reset_source"] == "sft_reference" and theirs["dataset_config"] is None
 
@@ -129,16 +139,68 @@ def test_the_readme_command_line_is_the_authors_tldr_run():
     import tyro
 
     readme = open(f"{ROOT}/README.md").read()
-    block = readme[readme.index("**The authors' TL;DR run.**"):]
+    block = readme[readme.index("**The authors' TL;DR run.**") :]
     command = re.search(r"python drpo_tldr.py (.*?)\n```", block, re.S).group(1).replace("\\\n", " ")
     args = tyro.cli(drpo_tldr.Args, args=shlex.split(command))
-    authors = dict(reset_prob=1.0, reset_min_prefix=1, reset_source="sft_reference", seed=555134, sft_model_path="jdchang/tldr_sft_pythia_2.8",
-                   use_lora=True, lora_r=1024, lora_alpha=2048, lora_target_modules="query_key_value", lora_value=True, whiten_rewards=True,
-                   max_grad_norm=None, total_episodes=1_000_000, batch_size=512, num_mini_batches=1, num_ppo_epochs=4, lr=3e-6, anneal_lr=True,
-                   eps=1e-5, kl_coef=0.05, adaptive_kl=False, gamma=1.0, gae_lambda=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
-                   response_length=53, temperature=0.7, missing_eos_penalty=-1.0, query_length=512, local_micro_batch_size=4,
-                   local_rollout_forward_batch_size=32)
+    authors = dict(
+        reset_prob=1.0,
+        reset_min_prefix=1,
+        reset_source="sft_reference",
+        seed=555134,
+        sft_model_path="jdchang/tldr_sft_pythia_2.8",
+        use_lora=True,
+        lora_r=1024,
+        lora_alpha=2048,
+        lora_target_modules="query_key_value",
+        lora_value=True,
+        whiten_rewards=True,
+        max_grad_norm=None,
+        total_episodes=1_000_000,
+        batch_size=512,
+        num_mini_batches=1,
+        num_ppo_epochs=4,
+        lr=3e-6,
+        anneal_lr=True,
+        eps=1e-5,
+        kl_coef=0.05,
+        adaptive_kl=False,
+        gamma=1.0,
+        gae_lambda=0.95,
+        cliprange=0.2,
+        cliprange_value=0.2,
+        vf_coef=0.1,
+        response_length=53,
+        temperature=0.7,
+        missing_eos_penalty=-1.0,
+        query_length=512,
+        local_micro_batch_size=4,
+        local_rollout_forward_batch_size=32,
+    )
     assert {k: getattr(args, k) for k in authors} == authors
+
+
+class DigitTokenizer:  # decodes ids as their numbers: enough to read a sample table
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(int(i)) for i in ids)
+
+
+@pytest.mark.parametrize("script", [drpo_tldr, drpo_hh])
+def test_the_sample_table_shows_episodes_from_the_prompt_and_reset_ones(script, capsys):
+    """The batch is ordered by h, so its first rows all start at the prompt: the table picks two of each kind (all of
+    one kind when the other is absent), the reset prefix in [brackets]."""
+    prompts = [[100 + i] for i in range(6)]
+    responses = torch.tensor([[i, 50, 51] for i in range(6)])
+    h, scores = torch.tensor([0, 0, 0, 1, 1, 2]), torch.arange(6) / 10
+    script.print_samples(DigitTokenizer(), prompts, responses, h, scores, h > 0)
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert rows == [
+        "  0.000 | ...100 | []'0 50 51'",
+        "  0.100 | ...101 | []'1 50 51'",
+        "  0.300 | ...103 | [3]'50 51'",
+        "  0.400 | ...104 | [4]'50 51'",
+    ]
+    script.print_samples(DigitTokenizer(), prompts, responses, h * 0, scores, h < 0)  # no reset (--reset-prob 0)
+    assert [r.split(" | ")[1] for r in capsys.readouterr().out.splitlines()[1:]] == ["...100", "...101", "...102", "...103"]
 
 
 NOT_COMPARED = ("time/", "episodes_per_s", "peak_memory_gb")
@@ -146,8 +208,21 @@ NOT_COMPARED = ("time/", "episodes_per_s", "peak_memory_gb")
 
 @pytest.mark.parametrize("task", ["tldr", "hh"])
 def test_reset_prob_zero_is_ppo(task, world, sft_model, reward_run, tmp_path):
-    common = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--output-dir", tmp_path / "out",
-              "--total-episodes", 64, *SMALL]
+    common = [
+        "--sft-model-path",
+        sft_model,
+        "--reward-model-path",
+        world / "rm",
+        "--output-dir",
+        tmp_path / "out",
+        "--total-episodes",
+        64,
+        "--eval-every",
+        2,
+        "--eval-prompts",
+        8,
+        *SMALL,
+    ]  # the same evaluation flags in both
     dataset = world / ("tldr_sft" if task == "tldr" else "hh")
     ppo = run_script("ppo_baseline.py", "--task", task, "--dataset-name", dataset, *common, cwd=tmp_path)
     drpo = run_script(f"drpo_{task}.py", "--reset-prob", 0, "--dataset-name", dataset, *common, cwd=tmp_path)  # no other flag
@@ -158,6 +233,7 @@ def test_reset_prob_zero_is_ppo(task, world, sft_model, reward_run, tmp_path):
         assert mb["reset/fraction"] == 0.0
         compared = [k for k in ma if not k.startswith(NOT_COMPARED)]
         assert len(compared) >= 20 and {k: ma[k] for k in compared} == {k: mb[k] for k in compared}
+    assert "eval/score" in a[1] and "eval/score" not in a[0]  # evaluated every 2 updates, and equal above
 
 
 @pytest.mark.slow
@@ -167,8 +243,22 @@ def test_drpo_killed_anywhere_resumes_to_the_straight_run(script, world, sft_mod
     one at random too (drpo_tldr.py is also killed under torchrun, tests/test_distributed.py),
     each resumed with --resume-from auto; the log and the final policy equal a straight run's, bit for bit."""
     tldr = script == "drpo_tldr.py"
-    flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / ("tldr_comparisons" if tldr else "hh"),
-             *(["--reset-source", "chosen"] if tldr else []), *SMALL, "--total-episodes", 7 * 32, "--save-every", 2, "--output-dir", "out"]
+    flags = [
+        "--sft-model-path",
+        sft_model,
+        "--reward-model-path",
+        world / "rm",
+        "--dataset-name",
+        world / ("tldr_comparisons" if tldr else "hh"),
+        *(["--reset-source", "chosen"] if tldr else []),
+        *SMALL,
+        "--total-episodes",
+        7 * 32,
+        "--save-every",
+        2,
+        "--output-dir",
+        "out",
+    ]
     for d in ("straight", "killed"):
         os.makedirs(tmp_path / d)
     run_script(script, *flags, cwd=tmp_path / "straight", env={"OMP_NUM_THREADS": "1"})
@@ -181,9 +271,25 @@ def test_drpo_killed_anywhere_resumes_to_the_straight_run(script, world, sft_mod
 
 
 def test_reset_prob_one_warns_and_logs(world, sft_model, reward_run, tmp_path):
-    proc = run_script("drpo_tldr.py", "--reset-prob", 1, "--sft-model-path", sft_model, "--reward-model-path", world / "rm",
-                      "--dataset-name", world / "tldr_comparisons", "--reset-source", "chosen", "--output-dir", tmp_path / "o", *SMALL, "--total-episodes", 32,
-                      cwd=tmp_path)
+    proc = run_script(
+        "drpo_tldr.py",
+        "--reset-prob",
+        1,
+        "--sft-model-path",
+        sft_model,
+        "--reward-model-path",
+        world / "rm",
+        "--dataset-name",
+        world / "tldr_comparisons",
+        "--reset-source",
+        "chosen",
+        "--output-dir",
+        tmp_path / "o",
+        *SMALL,
+        "--total-episodes",
+        32,
+        cwd=tmp_path,
+    )
     assert "WARNING: --reset-prob 1 with --reset-min-prefix >= 1" in proc.stdout
     m = json.loads(open(metrics_file(proc.stdout, tmp_path)).readline())
     assert m["reset/fraction"] == 1.0 and 1 <= m["reset/mean_h"] <= 4 and "no_reset/scores" not in m
@@ -199,55 +305,84 @@ def test_script_runs_alone(script, tmp_path):
 def test_hard_exploration_drpo_solves_what_ppo_cannot(world, tmp_path):
     """The paper's theorem at CPU scale: the gold reward needs an exact 6-word answer (probability about e^-17 under
     the SFT policy) that the chosen responses of the offline data contain. With the same episodes, DR-PO
-    (reset_prob 0.5) learns to write it from the prompt alone; PPO (reset_prob 0) never sees a reward.
-    DR-PO solves this task in 6 seeds of 6 within 300 updates (BENCHMARKS.md); seed 6 at update ~210. PPO had no
-    rewarded episode in any seed."""
+    (drpo_tldr.py, reset_prob 0.5) learns to write it from the prompt alone; PPO (ppo_baseline.py) never sees a reward.
+    DR-PO solved seeds 1, 3, 4 and 6 of 6 within 300 updates after the batch was ordered by h once (BENCHMARKS.md);
+    seed 1, the soonest, at update 140. PPO had no rewarded episode in any seed."""
     pw = world / "password"
-    run_script("sft.py", "--base-model", pw / "base", "--dataset-name", pw / "tldr_sft", "--eval-split", "train[:5%]",
-               "--output-dir", pw / "sft", "--lr", 1e-3, "--num-train-epochs", 3, "--batch-size", 32, "--local-micro-batch-size", 32,
-               "--response-length", 8, cwd=tmp_path, env={"OMP_NUM_THREADS": "2"})  # the SFT model of BENCHMARKS.md's seeds
-    flags = ["--sft-model-path", pw / "sft", "--value-model-path", pw / "sft", "--dataset-name", pw / "tldr_comparisons",
-             "--reward-fn", f"{ROOT}/tiny_world.py:password_reward", "--response-length", 8, "--batch-size", 64,
-             "--local-rollout-forward-batch-size", 64, "--local-micro-batch-size", 32, "--num-mini-batches", 2, "--lr", 1e-3,
-             "--kl-coef", 0.01, "--temperature", 1, "--total-episodes", 300 * 64, "--eval-every", 10, "--eval-prompts", 1,
-             "--early-stop-score", 0.9, "--print-sample-every", 0, "--save-every", 0, "--seed", 6,
-             "--reset-source", "chosen", "--max-grad-norm", 1.0, "--no-whiten-rewards"]  # the password is in the comparisons
+    sft = f"--base-model {pw}/base --dataset-name {pw}/tldr_sft --eval-split train[:5%] --output-dir {pw}/sft --lr 1e-3"
+    sft += " --num-train-epochs 3 --batch-size 32 --local-micro-batch-size 32 --response-length 8"
+    run_script("sft.py", *sft.split(), cwd=tmp_path, env={"OMP_NUM_THREADS": "2"})  # the SFT model of BENCHMARKS.md's seeds
+    common = f"--sft-model-path {pw}/sft --value-model-path {pw}/sft --reward-fn {ROOT}/tiny_world.py:password_reward"
+    common += " --response-length 8 --batch-size 64 --local-rollout-forward-batch-size 64 --local-micro-batch-size 32"
+    common += " --num-mini-batches 2 --lr 1e-3 --kl-coef 0.01 --temperature 1 --max-grad-norm 1.0 --no-whiten-rewards"
+    common += f" --total-episodes {300 * 64} --eval-every 10 --eval-prompts 1 --early-stop-score 0.9 --print-sample-every 0"
+    common += " --save-every 0 --seed 1"
+    arms = {  # the same prompt in both datasets; the password is in the comparisons' chosen answers
+        "drpo": f"drpo_tldr.py --reset-prob 0.5 --reset-source chosen --dataset-name {pw}/tldr_comparisons",
+        "ppo": f"ppo_baseline.py --dataset-name {pw}/tldr_sft",
+    }
     procs = {}
-    for p in (0.5, 0):  # two processes side by side, one thread each (the thread count changes trajectories)
-        os.makedirs(tmp_path / str(p))
-        cmd = [sys.executable, f"{ROOT}/drpo_tldr.py", "--reset-prob", str(p), *map(str, flags), "--output-dir", str(tmp_path / str(p) / "out")]
+    for arm, cmd in arms.items():  # two processes side by side, one thread each (the thread count changes trajectories)
+        os.makedirs(tmp_path / arm)
+        script, *flags = cmd.split()
         # output to a file, not a pipe: a pipe nobody reads fills up and stalls the process
-        procs[p] = subprocess.Popen(cmd, cwd=tmp_path / str(p), stdout=open(tmp_path / str(p) / "out.txt", "w"), stderr=subprocess.STDOUT,
-                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert procs[0.5].wait() == 0, (tmp_path / "0.5" / "out.txt").read_text()[-3000:]
-    logs = {0.5: [json.loads(x) for x in open(f"{newest_run(tmp_path / '0.5')}/metrics.jsonl")]}
-    ppo_log = f"{newest_run(tmp_path / '0')}/metrics.jsonl"
-    while procs[0].poll() is None and sum(1 for _ in open(ppo_log)) < len(logs[0.5]) + 1:  # PPO: as many episodes as DR-PO, then stop
-        time.sleep(1)
-    procs[0].kill()
-    procs[0].wait()
-    logs[0] = [json.loads(x) for x in open(ppo_log) if x.endswith("\n")]
-    drpo_evals = [m["eval/score"] for m in logs[0.5] if "eval/score" in m]
-    ppo_evals = [m["eval/score"] for m in logs[0] if "eval/score" in m]
+        procs[arm] = subprocess.Popen(
+            [sys.executable, f"{ROOT}/{script}", *flags, *common.split(), "--output-dir", str(tmp_path / arm / "out")],
+            cwd=tmp_path / arm,
+            stdout=open(tmp_path / arm / "out.txt", "w"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    assert procs["drpo"].wait() == 0, (tmp_path / "drpo" / "out.txt").read_text()[-3000:]
+    drpo_log = [json.loads(x) for x in open(f"{newest_run(tmp_path / 'drpo')}/metrics.jsonl")]
+    ppo_path = f"{newest_run(tmp_path / 'ppo')}/metrics.jsonl"
+    while procs["ppo"].poll() is None and sum(1 for _ in open(ppo_path)) < len(drpo_log) + 1:
+        time.sleep(1)  # PPO: as many episodes as DR-PO, then stop
+    procs["ppo"].kill()
+    procs["ppo"].wait()
+    ppo_log = [json.loads(x) for x in open(ppo_path) if x.endswith("\n")]
+    drpo_evals = [m["eval/score"] for m in drpo_log if "eval/score" in m]
+    ppo_evals = [m["eval/score"] for m in ppo_log if "eval/score" in m]
     assert drpo_evals[-1] >= 0.8, drpo_evals  # DR-PO writes the password from the prompt alone
-    assert max(ppo_evals) <= 0.05 and len(logs[0]) >= len(logs[0.5]), ppo_evals  # PPO, with at least as many episodes
-    assert max(m["objective/raw_scores"] for m in logs[0]) <= 0.05  # PPO: next to no rewarded episode at all
+    assert max(ppo_evals) <= 0.05 and len(ppo_log) >= len(drpo_log), ppo_evals  # PPO, with at least as many episodes
+    assert max(m["objective/raw_scores"] for m in ppo_log) <= 0.05  # PPO: next to no rewarded episode at all
 
 
 def test_password_family_names_its_task_in_the_prompt(tmp_path):
     """tiny_world.py --password-length / --password-vocab (benchmarks/hard_exploration_family.py): the chosen answers
     are the task's password, SFT answers are 1 to length words of its vocabulary, every word is one token, and
     password_reward reads the task from the prompt's subreddit (r/password is the default task)."""
-    import tiny_world
     from transformers import AutoTokenizer
 
-    run_script("tiny_world.py", "--out", tmp_path, "--tokenizer", "bpe", "--n-train", 200, "--n-eval", 10, "--no-bland",
-               "--password-length", 3, "--password-vocab", 64)
+    import tiny_world
+
+    run_script(
+        "tiny_world.py",
+        "--out",
+        tmp_path,
+        "--tokenizer",
+        "bpe",
+        "--n-train",
+        200,
+        "--n-eval",
+        10,
+        "--no-bland",
+        "--password-length",
+        3,
+        "--password-vocab",
+        64,
+    )
     words, password = tiny_world.password_task(3, 64)
-    assert len(set(words)) == 64 and len(password.split()) == 3 and tiny_world.password_task() == (tiny_world.PASSWORD_VOCAB, tiny_world.PASSWORD)
+    assert (
+        len(set(words)) == 64
+        and len(password.split()) == 3
+        and tiny_world.password_task() == (tiny_world.PASSWORD_VOCAB, tiny_world.PASSWORD)
+    )
     pw = tmp_path / "password"
     pairs = [json.loads(x) for x in open(pw / "tldr_comparisons" / "train.jsonl")]
-    assert all(r["summaries"][r["choice"]]["text"] == " " + password and r["info"]["subreddit"] == "password3x64" for r in pairs)
+    assert all(
+        r["summaries"][r["choice"]]["text"] == " " + password and r["info"]["subreddit"] == "password3x64" for r in pairs
+    )
     answers = [json.loads(x)["summary"].split() for x in open(pw / "tldr_sft" / "train.jsonl")]
     assert {len(a) for a in answers} == {1, 2, 3} and set(sum(answers, [])) <= set(words)
     assert set(sum(answers, [])) - set(tiny_world.PASSWORD_VOCAB)  # the words past the 16 code words are drawn too
@@ -255,20 +390,44 @@ def test_password_family_names_its_task_in_the_prompt(tmp_path):
     ids = tokenizer.encode("SUBREDDIT: r/password3x64 " + " ".join(words))
     assert len(ids) == 66 and tokenizer.unk_token_id not in ids
     prompt = "SUBREDDIT: r/password3x64\n\nTITLE: what is the password ?"
-    assert tiny_world.password_reward([prompt, prompt, "SUBREDDIT: r/password\n"], [password, tiny_world.PASSWORD, tiny_world.PASSWORD]) == [1, 0, 1]
+    assert tiny_world.password_reward(
+        [prompt, prompt, "SUBREDDIT: r/password\n"], [password, tiny_world.PASSWORD, tiny_world.PASSWORD]
+    ) == [1, 0, 1]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_rollout_keeps_each_episode_with_its_own_reset_state(script, world, sft_model, tmp_path):
-    """The rollout generates in order of h and puts the results back in batch order: every scored response must
-    start with the prefix of its own prompt's chosen response (a wrong permutation pairs it with another's)."""
+    """The rollout orders the batch by h (the prompts, states, h and reset flags together): every scored response must
+    start with the prefix of its own prompt's chosen response (a permutation applied to one of them alone pairs it with
+    another's)."""
     (tmp_path / "record.py").write_text(RECORDER)
     tldr = script is drpo_tldr
     dataset = world / ("tldr_comparisons" if tldr else "hh")
-    run_script(f"{script.__name__}.py", "--reset-prob", 1, "--reset-min-prefix", 2, "--sft-model-path", sft_model, "--value-model-path",
-               sft_model, "--reward-fn", f"{tmp_path}/record.py:record", "--dataset-name", dataset, "--output-dir", tmp_path / "o",
-               *(["--reset-source", "chosen"] if tldr else []), *SMALL, "--local-rollout-forward-batch-size", 8, "--total-episodes", 32,
-               cwd=tmp_path, env={"RECORD_FILE": str(tmp_path / "scored.jsonl")})
+    run_script(
+        f"{script.__name__}.py",
+        "--reset-prob",
+        1,
+        "--reset-min-prefix",
+        2,
+        "--sft-model-path",
+        sft_model,
+        "--value-model-path",
+        sft_model,
+        "--reward-fn",
+        f"{tmp_path}/record.py:record",
+        "--dataset-name",
+        dataset,
+        "--output-dir",
+        tmp_path / "o",
+        *(["--reset-source", "chosen"] if tldr else []),
+        *SMALL,
+        "--local-rollout-forward-batch-size",
+        8,
+        "--total-episodes",
+        32,
+        cwd=tmp_path,
+        env={"RECORD_FILE": str(tmp_path / "scored.jsonl")},
+    )
     tokenizer = script.load_tokenizer(str(sft_model))
     prefixes = {}  # prompt -> the first 2 tokens of its chosen response(s), as text
     for row in map(json.loads, open(dataset / "train.jsonl")):

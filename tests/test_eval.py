@@ -1,5 +1,6 @@
 """eval_winrate.py: the parser, the statistics, the OpenAI-compatible client against a local server (retries, 401,
 cache, resume after a kill), and the hf and rm judges on the tiny world."""
+
 import json
 import os
 import shutil
@@ -11,9 +12,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import ROOT, SHARED, requires_shared, run_script
 
 import eval_winrate as ev
-from conftest import ROOT, SHARED, requires_shared, run_script
 
 
 def test_parse_choice_is_strict():
@@ -35,10 +36,10 @@ def test_the_answer_key_comes_from_the_template():
 
 
 def test_outcome_maps_both_orders_back_to_the_policy():
-    assert ev.outcome("A", "B") == "win"     # policy first and chosen; reference first, policy (B) chosen
+    assert ev.outcome("A", "B") == "win"  # policy first and chosen; reference first, policy (B) chosen
     assert ev.outcome("B", "A") == "loss"
-    assert ev.outcome("A", "A") == "tie"     # position bias: always A
-    assert ev.outcome(None, "B") == "tie"    # an unparseable reply is never guessed
+    assert ev.outcome("A", "A") == "tie"  # position bias: always A
+    assert ev.outcome(None, "B") == "tie"  # an unparseable reply is never guessed
 
 
 def test_wilson_interval_known_values():
@@ -47,7 +48,11 @@ def test_wilson_interval_known_values():
     low, high = ev.wilson_interval(0, 10)
     assert low == pytest.approx(0.0, abs=1e-12) and round(high, 4) == 0.2775
     s = ev.summarize(["win"] * 6 + ["tie"] * 2 + ["loss"] * 2, consistent=8, unparseable=1)
-    assert s["win_rate"] == 0.7 and (s["wins"], s["ties"], s["losses"], s["n"]) == (6, 2, 2, 10) and s["position_consistency"] == 0.8
+    assert (
+        s["win_rate"] == 0.7
+        and (s["wins"], s["ties"], s["losses"], s["n"]) == (6, 2, 2, 10)
+        and s["position_consistency"] == 0.8
+    )
 
 
 @requires_shared
@@ -107,15 +112,39 @@ def responses_file(tmp_path, n=10, good=6):
     path = tmp_path / "policy.jsonl"
     with open(path, "w") as f:
         for i in range(n):  # the first `good` responses are good, the references never are
-            f.write(json.dumps({"prompt": f"post {i}", "response": f"good summary {i}" if i < good else f"bad summary {i}",
-                                "reference": f"plain reference {i}"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"post {i}",
+                        "response": f"good summary {i}" if i < good else f"bad summary {i}",
+                        "reference": f"plain reference {i}",
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
 def judge_run(server, tmp_path, *flags, check=True, n=10):
-    return run_script("eval_winrate.py", "--responses-file", responses_file(tmp_path, n=n), "--judge", "openai", "--base-url",
-                      f"http://127.0.0.1:{server.server_port}/v1", "--backoff-s", "0.01", "--output-dir", tmp_path / "out",
-                      "--cache-file", tmp_path / "cache.jsonl", *flags, cwd=tmp_path, env={"OPENAI_API_KEY": "test"}, check=check)
+    return run_script(
+        "eval_winrate.py",
+        "--responses-file",
+        responses_file(tmp_path, n=n),
+        "--judge",
+        "openai",
+        "--base-url",
+        f"http://127.0.0.1:{server.server_port}/v1",
+        "--backoff-s",
+        "0.01",
+        "--output-dir",
+        tmp_path / "out",
+        "--cache-file",
+        tmp_path / "cache.jsonl",
+        *flags,
+        cwd=tmp_path,
+        env={"OPENAI_API_KEY": "test"},
+        check=check,
+    )
 
 
 def test_openai_judge_both_orders_retries_and_cache(server, tmp_path):
@@ -147,10 +176,25 @@ def test_401_stops_and_keeps_the_cache(server, tmp_path):
 
 def test_resume_after_kill_judges_the_rest_and_none_twice(server, tmp_path):
     server.delay = 0.2
-    cmd = [sys.executable, f"{ROOT}/eval_winrate.py", "--responses-file", str(responses_file(tmp_path, n=20)), "--judge", "openai",
-           "--base-url", f"http://127.0.0.1:{server.server_port}/v1", "--max-concurrency", "2", "--output-dir", str(tmp_path / "out"),
-           "--cache-file", str(tmp_path / "cache.jsonl")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "OPENAI_API_KEY": "t"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        f"{ROOT}/eval_winrate.py",
+        "--responses-file",
+        str(responses_file(tmp_path, n=20)),
+        "--judge",
+        "openai",
+        "--base-url",
+        f"http://127.0.0.1:{server.server_port}/v1",
+        "--max-concurrency",
+        "2",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--cache-file",
+        str(tmp_path / "cache.jsonl"),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env={**os.environ, "OPENAI_API_KEY": "t"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 60
     while len(server.calls) < 10 and time.time() < deadline:
         time.sleep(0.05)
@@ -173,8 +217,20 @@ def test_hf_judge_position_bias_becomes_ties(world, sft_model, tmp_path):
     biased = lambda text: calls.append(text) or "Comparison: -\nPreferred: A"  # noqa: E731
     assert ev.outcome(ev.parse_choice(biased("x")), ev.parse_choice(biased("y"))) == "tie"
     # the real hf judge on a tiny model: it runs, parses, and reports position consistency
-    proc = run_script("eval_winrate.py", "--responses-file", responses_file(tmp_path), "--judge", "hf", "--judge-model", sft_model,
-                      "--output-dir", tmp_path / "out", "--cache-file", tmp_path / "c.jsonl", cwd=tmp_path)
+    proc = run_script(
+        "eval_winrate.py",
+        "--responses-file",
+        responses_file(tmp_path),
+        "--judge",
+        "hf",
+        "--judge-model",
+        sft_model,
+        "--output-dir",
+        tmp_path / "out",
+        "--cache-file",
+        tmp_path / "c.jsonl",
+        cwd=tmp_path,
+    )
     s = json.load(open(tmp_path / "out" / "summary.json"))["models"]["policy"]
     assert s["n"] == 10 and s["unparseable"] == 0 and s["wins"] + s["ties"] + s["losses"] == 10
     assert s["ties"] == 10 - round(s["position_consistency"] * 10)  # every inconsistent pair is a tie
@@ -187,18 +243,58 @@ def test_rm_judge_prefers_the_gold_preferred_response(world, reward_run, tmp_pat
     with open(path, "w") as f:
         for r in rows:
             prompt = ev.TLDR_FORMAT.format(**r["info"])
-            f.write(json.dumps({"prompt": prompt, "response": r["summaries"][r["choice"]]["text"],
-                                "reference": r["summaries"][1 - r["choice"]]["text"]}) + "\n")
-    run_script("eval_winrate.py", "--responses-file", path, "--judge", "rm", "--judge-model", world / "rm",
-               "--output-dir", tmp_path / "out", "--cache-file", tmp_path / "c.jsonl", cwd=tmp_path)
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "response": r["summaries"][r["choice"]]["text"],
+                        "reference": r["summaries"][1 - r["choice"]]["text"],
+                    }
+                )
+                + "\n"
+            )
+    run_script(
+        "eval_winrate.py",
+        "--responses-file",
+        path,
+        "--judge",
+        "rm",
+        "--judge-model",
+        world / "rm",
+        "--output-dir",
+        tmp_path / "out",
+        "--cache-file",
+        tmp_path / "c.jsonl",
+        cwd=tmp_path,
+    )
     s = json.load(open(tmp_path / "out" / "summary.json"))["models"]["gold"]
     assert s["win_rate"] > 0.9 and s["ci95"][0] > 0.8
 
 
 def test_end_to_end_generate_and_judge(world, sft_model, reward_run, tmp_path):
-    proc = run_script("eval_winrate.py", "--model-paths", world / "base", sft_model, "--dataset-name", world / "tldr_sft",
-                      "--split", "validation", "--num-examples", 24, "--response-length", 8, "--judge", "rm", "--judge-model",
-                      world / "rm", "--output-dir", tmp_path / "out", "--cache-file", tmp_path / "c.jsonl", cwd=tmp_path)
+    proc = run_script(
+        "eval_winrate.py",
+        "--model-paths",
+        world / "base",
+        sft_model,
+        "--dataset-name",
+        world / "tldr_sft",
+        "--split",
+        "validation",
+        "--num-examples",
+        24,
+        "--response-length",
+        8,
+        "--judge",
+        "rm",
+        "--judge-model",
+        world / "rm",
+        "--output-dir",
+        tmp_path / "out",
+        "--cache-file",
+        tmp_path / "c.jsonl",
+        cwd=tmp_path,
+    )
     summary = json.load(open(tmp_path / "out" / "summary.json"))
     base, sft = summary["models"][str(world / "base")], summary["models"][str(sft_model)]
     assert base["n"] == sft["n"] == 24 and sft["win_rate"] > base["win_rate"]  # the SFT policy beats random init
@@ -240,7 +336,9 @@ def test_the_dpo_papers_prompts_are_parsed(server, tmp_path, prompt_file):
 def test_mostly_unparseable_judgements_stop_with_an_error_not_a_table(server, tmp_path):
     server.answer_key = "Verdict"  # a judge answering in another format than the prompt asks for
     proc = judge_run(server, tmp_path, check=False)
-    assert proc.returncode != 0 and "20 of 20 judgements could not be parsed" in proc.stdout and "`Preferred: A`" in proc.stdout
+    assert (
+        proc.returncode != 0 and "20 of 20 judgements could not be parsed" in proc.stdout and "`Preferred: A`" in proc.stdout
+    )
     assert "Verdict: " in proc.stdout and "win rate" not in proc.stdout and "Traceback" not in proc.stdout
     assert len(open(tmp_path / "cache.jsonl").readlines()) == 20  # the replies are kept
     calls = len(server.calls)

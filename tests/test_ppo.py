@@ -1,4 +1,5 @@
 """ppo_baseline.py: the N+ details against hand-computed values, then short runs on the tiny world."""
+
 import json
 import math
 import os
@@ -6,10 +7,23 @@ import re
 
 import pytest
 import torch
+from conftest import (
+    RECORDER,
+    ROOT,
+    SHARED,
+    SMALL,
+    kill_and_resume,
+    metrics_file,
+    newest_run,
+    policy_gold,
+    requires_shared,
+    run_script,
+    torchrun,
+    untimed,
+)
 from transformers import AutoModelForCausalLM
 
 import ppo_baseline as ppo
-from conftest import RECORDER, ROOT, SHARED, SMALL, kill_and_resume, metrics_file, newest_run, policy_gold, requires_shared, run_script, torchrun, untimed
 
 PAD, EOS = 1, 0
 
@@ -18,7 +32,7 @@ def test_compute_gae_three_steps_by_hand():
     rewards = torch.tensor([[0.0, 0.0, 1.0]])
     values = torch.tensor([[0.5, 0.6, 0.7]])
     gamma, lam = 0.9, 0.8
-    d2 = 1.0 - 0.7                      # last step: the value after the end is 0
+    d2 = 1.0 - 0.7  # last step: the value after the end is 0
     d1 = 0.0 + gamma * 0.7 - 0.6
     d0 = 0.0 + gamma * 0.6 - 0.5
     a2, a1 = d2, d1 + gamma * lam * d2
@@ -34,7 +48,9 @@ def test_whiten_masked():
     out = ppo.whiten(values, mask)
     std = 1.0  # unbiased std of (1, 2, 3)
     torch.testing.assert_close(out[0, :3], torch.tensor([-1.0, 0.0, 1.0]) / std, atol=1e-6, rtol=0)
-    torch.testing.assert_close(ppo.whiten(values, mask, shift_mean=False)[0, :3], torch.tensor([1.0, 2.0, 3.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        ppo.whiten(values, mask, shift_mean=False)[0, :3], torch.tensor([1.0, 2.0, 3.0]), atol=1e-6, rtol=0
+    )
 
 
 def test_truncate_response_first_true_and_mask():
@@ -106,21 +122,51 @@ def test_a_policy_whose_pad_logit_is_largest_never_writes_it(script, world, sft_
     action; before the fix such a policy stopped PPO at update 1 with a non-finite loss). It is never sampled and has
     probability 0 in every log-prob: the rollout writes real tokens, the first ratio is 1, and the run goes on."""
     policy = raise_pad_logit(sft_model, tmp_path / "pad_policy").eval()
-    batch = ppo.left_pad([ppo.tldr_query(ppo.load_tokenizer(str(sft_model)), r, 512)[0] for r in
-                          map(json.loads, open(world / "tldr_sft" / "validation.jsonl").readlines()[:16])], PAD)
+    batch = ppo.left_pad(
+        [
+            ppo.tldr_query(ppo.load_tokenizer(str(sft_model)), r, 512)[0]
+            for r in map(json.loads, open(world / "tldr_sft" / "validation.jsonl").readlines()[:16])
+        ],
+        PAD,
+    )
     with torch.no_grad():  # the premise: sampled as transformers would by default, it writes pad tokens almost only
-        free = policy.generate(input_ids=batch, attention_mask=(batch != PAD).long(), max_new_tokens=8, do_sample=True, pad_token_id=PAD,
-                               eos_token_id=None)[:, batch.shape[1]:]
+        free = policy.generate(
+            input_ids=batch,
+            attention_mask=(batch != PAD).long(),
+            max_new_tokens=8,
+            do_sample=True,
+            pad_token_id=PAD,
+            eos_token_id=None,
+        )[:, batch.shape[1] :]
     assert (free == PAD).float().mean() > 0.9
     (tmp_path / "record.py").write_text(RECORDER)
-    proc = run_script(script, "--sft-model-path", tmp_path / "pad_policy", "--value-model-path", tmp_path / "pad_policy", "--reward-fn",
-                      f"{tmp_path}/record.py:record", "--dataset-name", world / "tldr_sft", "--output-dir", tmp_path / "out", *SMALL, "--total-episodes", 3 * 32,
-                      *(["--reset-prob", 0.5, "--eval-every", 1, "--eval-prompts", 8] if script == "drpo_tldr.py" else []),
-                      cwd=tmp_path, env={"RECORD_FILE": str(tmp_path / "scored.jsonl")})
+    proc = run_script(
+        script,
+        "--sft-model-path",
+        tmp_path / "pad_policy",
+        "--value-model-path",
+        tmp_path / "pad_policy",
+        "--reward-fn",
+        f"{tmp_path}/record.py:record",
+        "--dataset-name",
+        world / "tldr_sft",
+        "--output-dir",
+        tmp_path / "out",
+        *SMALL,
+        "--total-episodes",
+        3 * 32,
+        *(["--reset-prob", 0.5, "--eval-every", 1, "--eval-prompts", 8] if script == "drpo_tldr.py" else []),
+        cwd=tmp_path,
+        env={"RECORD_FILE": str(tmp_path / "scored.jsonl")},
+    )
     log = [json.loads(x) for x in open(metrics_file(proc.stdout, tmp_path))]
     assert len(log) == 3
     for m in log:
-        assert abs(m["policy/first_ratio"] - 1) < 1e-5 and m["policy/first_approxkl"] < 1e-9 and math.isfinite(m["objective/entropy"])
+        assert (
+            abs(m["policy/first_ratio"] - 1) < 1e-5
+            and m["policy/first_approxkl"] < 1e-9
+            and math.isfinite(m["objective/entropy"])
+        )
         assert m["val/response_length"] > 2  # a pad token would end a response before it (length 0)
     # every scored response (rollout and, for DR-PO, the greedy evaluation) is real text: a pad token decodes to nothing
     scored = [json.loads(x)[1] for x in open(tmp_path / "scored.jsonl")]
@@ -154,7 +200,9 @@ def test_response_logprobs_match_a_manual_temperature_softmax_without_the_pad_to
         unpadded = ppo.response_logprobs(model, qr[:1, 2:], responses[:1], PAD, 0.7, [PAD])
         # the pad token's own log-prob is -inf, and the other tokens' probabilities sum to 1
         vocab = model.config.vocab_size  # row v asks for the log-prob of token v at each of the 3 response positions
-        every_token = ppo.response_logprobs(model, qr[1:].repeat(vocab, 1), torch.arange(vocab).unsqueeze(1).repeat(1, 3), PAD, 0.7, [PAD])
+        every_token = ppo.response_logprobs(
+            model, qr[1:].repeat(vocab, 1), torch.arange(vocab).unsqueeze(1).repeat(1, 3), PAD, 0.7, [PAD]
+        )
     assert torch.isneginf(every_token[PAD]).all()
     torch.testing.assert_close(every_token.exp().sum(0), torch.ones(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(ours[1], manual, atol=1e-5, rtol=0)
@@ -166,8 +214,22 @@ GOLD = f"{ROOT}/tiny_world.py:gold_reward"
 
 def ppo_run(world, sft_model, out, *flags, task="tldr", dataset=None, script="ppo_baseline.py", launch=run_script):
     dataset = dataset or world / ("tldr_sft" if task == "tldr" else "hh")
-    proc = launch(script, "--task", task, "--sft-model-path", sft_model, "--reward-model-path", world / "rm",
-                      "--dataset-name", dataset, "--output-dir", out, *SMALL, *flags, cwd=out.parent)
+    proc = launch(
+        script,
+        "--task",
+        task,
+        "--sft-model-path",
+        sft_model,
+        "--reward-model-path",
+        world / "rm",
+        "--dataset-name",
+        dataset,
+        "--output-dir",
+        out,
+        *SMALL,
+        *flags,
+        cwd=out.parent,
+    )
     metrics = [json.loads(line) for line in open(metrics_file(proc.stdout, out.parent))]
     return proc, metrics
 
@@ -178,14 +240,31 @@ def test_first_ratio_is_one_and_gold_reward_rises(world, sft_model, reward_run, 
     run to float tolerance (tests/test_distributed.py), so this one run shows both that PPO learns and that it learns
     on several processes."""
     # the gold rule scores in [-1, 1]: the value model starts from the SFT model with a fresh head, not from the RM
-    proc, metrics = ppo_run(world, sft_model, tmp_path / "ppo", "--reward-fn", GOLD, "--value-model-path", sft_model, "--lr", 1e-3,
-                            "--batch-size", 64, "--local-rollout-forward-batch-size", 32, "--total-episodes", 30 * 64,
-                            launch=torchrun)
+    proc, metrics = ppo_run(
+        world,
+        sft_model,
+        tmp_path / "ppo",
+        "--reward-fn",
+        GOLD,
+        "--value-model-path",
+        sft_model,
+        "--lr",
+        1e-3,
+        "--batch-size",
+        64,
+        "--local-rollout-forward-batch-size",
+        32,
+        "--total-episodes",
+        30 * 64,
+        launch=torchrun,
+    )
     assert len(metrics) == 30
     for m in metrics:  # first PPO epoch, first minibatch: the policy has not moved yet (fp32 on CPU)
         assert abs(m["policy/first_ratio"] - 1) < 1e-5 and m["policy/first_approxkl"] < 1e-9
     assert all(m["val/eos_fraction"] > 0.5 for m in metrics) and metrics[-1]["objective/kl"] > 0
-    before, after = (sum(policy_gold(m, world, 96, do_sample=True, temperature=0.7, top_k=0)[0]) / 96 for m in (sft_model, tmp_path / "ppo"))
+    before, after = (
+        sum(policy_gold(m, world, 96, do_sample=True, temperature=0.7, top_k=0)[0]) / 96 for m in (sft_model, tmp_path / "ppo")
+    )
     assert after > before + 0.2, (before, after)
     first, last = [sum(m["objective/scores"] for m in metrics[i : i + 5]) / 5 for i in (0, 25)]
     assert last > first + 0.25, (first, last)
@@ -193,10 +272,28 @@ def test_first_ratio_is_one_and_gold_reward_rises(world, sft_model, reward_run, 
 
 @pytest.mark.slow
 def test_killed_anywhere_the_run_resumes_to_the_straight_run(world, sft_model, reward_run, tmp_path):
-    """Fault injection: SIGKILL twice (once while a checkpoint is being written, once at random), resume with --resume-from auto
-    each time; the final model, the last checkpoint's optimizer state and the log equal a straight run's, bit for bit."""
-    flags = ["--task", "tldr", "--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / "tldr_sft",
-             *SMALL, "--total-episodes", 7 * 32, "--save-every", 2, "--keep-checkpoints", 1, "--output-dir", "ppo"]
+    """Fault injection: SIGKILL twice (once while a checkpoint is being written, once at random), resume with
+    --resume-from auto each time; the final model, the last checkpoint's optimizer state and the log equal a straight
+    run's, bit for bit."""
+    flags = [
+        "--task",
+        "tldr",
+        "--sft-model-path",
+        sft_model,
+        "--reward-model-path",
+        world / "rm",
+        "--dataset-name",
+        world / "tldr_sft",
+        *SMALL,
+        "--total-episodes",
+        7 * 32,
+        "--save-every",
+        2,
+        "--keep-checkpoints",
+        1,
+        "--output-dir",
+        "ppo",
+    ]
     for d in ("straight", "killed"):
         os.makedirs(tmp_path / d)
     run_script("ppo_baseline.py", *flags, cwd=tmp_path / "straight", env={"OMP_NUM_THREADS": "1"})
@@ -208,8 +305,12 @@ def test_killed_anywhere_the_run_resumes_to_the_straight_run(world, sft_model, r
     assert [m["update"] for m in b_log] == list(range(1, 8)) and untimed(a_log) == untimed(b_log)
     a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d / "ppo").state_dict() for d in ("straight", "killed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert os.listdir(f"{a_run}/checkpoints") == os.listdir(f"{b_run}/checkpoints") == ["update_0000006"]  # --keep-checkpoints 1
-    a_opt, b_opt = (torch.load(f"{r}/checkpoints/update_0000006/state.pt", weights_only=True)["optimizer"]["state"] for r in (a_run, b_run))
+    assert (
+        os.listdir(f"{a_run}/checkpoints") == os.listdir(f"{b_run}/checkpoints") == ["update_0000006"]
+    )  # --keep-checkpoints 1
+    a_opt, b_opt = (
+        torch.load(f"{r}/checkpoints/update_0000006/state.pt", weights_only=True)["optimizer"]["state"] for r in (a_run, b_run)
+    )
     assert all(torch.equal(a_opt[i][k], b_opt[i][k]) for i in a_opt for k in a_opt[i])
 
 
@@ -253,8 +354,17 @@ def test_hh_runs_on_the_tiny_world(world, sft_model, reward_run, tmp_path):
 
 @requires_shared
 def test_hh_runs_on_the_real_slice(world, sft_model, reward_run, tmp_path):
-    proc, metrics = ppo_run(world, sft_model, tmp_path / "ppo", "--total-episodes", 32, "--query-length", 96, task="hh",
-                            dataset=f"{SHARED}/data/hh/harmless_base_test_dev.jsonl")
+    proc, metrics = ppo_run(
+        world,
+        sft_model,
+        tmp_path / "ppo",
+        "--total-episodes",
+        32,
+        "--query-length",
+        96,
+        task="hh",
+        dataset=f"{SHARED}/data/hh/harmless_base_test_dev.jsonl",
+    )
     kept = re.search(r"(\d+) prompts kept; \{'rows': 1600, 'query_truncated': (\d+)", proc.stdout)
     assert int(kept.group(1)) == 1600 and int(kept.group(2)) > 1000  # real prompts are long: left-truncated to 96
     assert len(metrics) == 1 and all(v == v for v in metrics[0].values())  # no NaN
@@ -262,8 +372,19 @@ def test_hh_runs_on_the_real_slice(world, sft_model, reward_run, tmp_path):
 
 def test_lora_reference_is_the_adapter_off(world, sft_model, reward_run, tmp_path):
     pytest.importorskip("peft")
-    proc, metrics = ppo_run(world, sft_model, tmp_path / "ppo", "--use-lora", "--lora-r", 4, "--lr", 3e-3,
-                            "--gradient-checkpointing", "--total-episodes", 3 * 32)
+    proc, metrics = ppo_run(
+        world,
+        sft_model,
+        tmp_path / "ppo",
+        "--use-lora",
+        "--lora-r",
+        4,
+        "--lr",
+        3e-3,
+        "--gradient-checkpointing",
+        "--total-episodes",
+        3 * 32,
+    )
     assert "trainable params" in proc.stdout and len(metrics) == 3
     assert metrics[0]["objective/kl"] == 0.0 and metrics[-1]["objective/kl"] != 0.0  # the adapter starts as a no-op
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo").state_dict()
@@ -275,8 +396,20 @@ def test_lora_on_the_value_model_as_the_authors_checkpoints_and_resumes(world, s
     """The authors' setup: adapters on query_key_value only, on the policy and on the value model (its head frozen).
     Only the adapters are checkpointed, and a resumed run equals a straight one."""
     pytest.importorskip("peft")
-    flags = ["--use-lora", "--lora-r", 4, "--lora-target-modules", "query_key_value", "--lora-value", "--lr", 3e-3,
-             "--total-episodes", 3 * 32, "--save-every", 2]
+    flags = [
+        "--use-lora",
+        "--lora-r",
+        4,
+        "--lora-target-modules",
+        "query_key_value",
+        "--lora-value",
+        "--lr",
+        3e-3,
+        "--total-episodes",
+        3 * 32,
+        "--save-every",
+        2,
+    ]
     os.makedirs(tmp_path / "a")
     proc, straight = ppo_run(world, sft_model, tmp_path / "a" / "ppo", *flags)
     run = os.path.join(tmp_path / "a", "runs", re.search(r"^run (\S+): ", proc.stdout, re.M).group(1))
@@ -285,7 +418,9 @@ def test_lora_on_the_value_model_as_the_authors_checkpoints_and_resumes(world, s
     assert not os.path.exists(f"{checkpoint}/value") and len(value_lora) == len(policy_lora) == 2 * 2  # A and B, 2 layers
     assert all("query_key_value.lora_" in k for k in [*policy_lora, *value_lora])  # nothing else, the value head included
     assert any(v.abs().sum() > 0 for k, v in value_lora.items() if "lora_B" in k)  # the value adapters were trained
-    resumed = run_script("ppo_baseline.py", "--output-dir", tmp_path / "b" / "ppo", "--resume-from", checkpoint, cwd=tmp_path / "a")
+    resumed = run_script(
+        "ppo_baseline.py", "--output-dir", tmp_path / "b" / "ppo", "--resume-from", checkpoint, cwd=tmp_path / "a"
+    )
     assert "resumed from" in resumed.stdout
     log = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
     assert [m["update"] for m in log] == [1, 2, 3] and untimed(log) == untimed(straight)

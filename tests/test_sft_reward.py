@@ -1,4 +1,5 @@
 """sft.py and reward_model.py: pure functions against hand-computed values, then end-to-end runs on the tiny world."""
+
 import glob
 import json
 import math
@@ -6,11 +7,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import RM_FLAGS, ROOT, policy_gold, run_script
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPTNeoXConfig
 
 import reward_model
 import tiny_world
-from conftest import RM_FLAGS, ROOT, policy_gold, run_script
 
 
 def test_bt_loss_hand_computed():
@@ -27,8 +28,15 @@ def test_last_token_index():
 
 def tiny_classifier(seed=0):
     torch.manual_seed(seed)
-    config = GPTNeoXConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                           num_labels=1, pad_token_id=1)
+    config = GPTNeoXConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=1,
+        pad_token_id=1,
+    )
     return AutoModelForSequenceClassification.from_config(config).eval()
 
 
@@ -98,9 +106,15 @@ def test_reward_model_end_to_end(world, reward_run):
     sft_prompts, sft_rows = prompts_of(world, "train")
     sequences = [tokenizer.encode(p) + sft.response_ids(tokenizer, r["summary"]) for p, r in zip(sft_prompts, sft_rows)]
     with torch.no_grad():
-        rewards = torch.cat([model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits[:, 0]
-                             for ids in (reward_model.pad_right(sequences[i : i + 256], tokenizer.pad_token_id, "cpu")
-                                         for i in range(0, len(sequences), 256))])
+        rewards = torch.cat(
+            [
+                model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits[:, 0]
+                for ids in (
+                    reward_model.pad_right(sequences[i : i + 256], tokenizer.pad_token_id, "cpu")
+                    for i in range(0, len(sequences), 256)
+                )
+            ]
+        )
     assert len(rewards) == 2000 and abs(rewards.mean().item()) < 1e-3 and rewards.std().item() > 1.0
 
 
@@ -112,20 +126,72 @@ def test_script_runs_alone(script, tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_message(world, sft_model, tmp_path):
-    proc = run_script("reward_model.py", "--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons",
-                      "--norm-dataset-name", world / "tldr_sft", "--lr", "1e30", "--batch-size", "8", "--local-micro-batch-size", "8",
-                      "--max-train-samples", "64", "--output-dir", tmp_path / "rm", cwd=tmp_path, check=False)
+    proc = run_script(
+        "reward_model.py",
+        "--sft-model-path",
+        sft_model,
+        "--dataset-name",
+        world / "tldr_comparisons",
+        "--norm-dataset-name",
+        world / "tldr_sft",
+        "--lr",
+        "1e30",
+        "--batch-size",
+        "8",
+        "--local-micro-batch-size",
+        "8",
+        "--max-train-samples",
+        "64",
+        "--output-dir",
+        tmp_path / "rm",
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0 and "non-finite loss" in proc.stdout and "Traceback" not in proc.stdout
 
 
 def test_hh_sft_and_reward_model(world, sft_model, tmp_path):
-    proc = run_script("sft.py", "--task", "hh", "--base-model", world / "base", "--dataset-name", world / "hh", "--lr", "1e-3",
-                      "--batch-size", "32", "--local-micro-batch-size", "32", "--max-train-samples", "640", "--eval-every", "10",
-                      "--response-length", "16", "--output-dir", tmp_path / "sft_hh", cwd=tmp_path)
+    proc = run_script(
+        "sft.py",
+        "--task",
+        "hh",
+        "--base-model",
+        world / "base",
+        "--dataset-name",
+        world / "hh",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "32",
+        "--local-micro-batch-size",
+        "32",
+        "--max-train-samples",
+        "640",
+        "--eval-every",
+        "10",
+        "--response-length",
+        "16",
+        "--output-dir",
+        tmp_path / "sft_hh",
+        cwd=tmp_path,
+    )
     evals = [float(x.split("eval_loss=")[1]) for x in proc.stdout.splitlines() if "eval_loss=" in x]
     assert len(evals) == 2 and evals[1] < evals[0]
-    proc = run_script("reward_model.py", "--task", "hh", "--sft-model-path", sft_model, "--dataset-name", world / "hh",
-                      "--response-length", "16", "--output-dir", tmp_path / "rm_hh", *RM_FLAGS, cwd=tmp_path)
+    proc = run_script(
+        "reward_model.py",
+        "--task",
+        "hh",
+        "--sft-model-path",
+        sft_model,
+        "--dataset-name",
+        world / "hh",
+        "--response-length",
+        "16",
+        "--output-dir",
+        tmp_path / "rm_hh",
+        *RM_FLAGS,
+        cwd=tmp_path,
+    )
     final = [x for x in proc.stdout.splitlines() if "eval_accuracy=" in x][-1]
     assert float(final.split("eval_accuracy=")[1].split()[0]) > 0.85
     assert "mean reward of 2000 reference responses" in proc.stdout  # HH normalises on the chosen responses
@@ -140,6 +206,11 @@ def test_sft_response_loss_equals_transformers_loss(sft_model):
     with torch.no_grad():
         ours = sft.response_loss(model, input_ids, attention_mask, labels)
         # transformers' loss, one unpadded sequence at a time, averaged over the 8 response tokens
-        theirs = sum(model(input_ids=torch.tensor([q + r]), labels=torch.tensor([[-100] * len(q) + r])).loss * len(r)
-                     for q, r in examples) / 8
+        theirs = (
+            sum(
+                model(input_ids=torch.tensor([q + r]), labels=torch.tensor([[-100] * len(q) + r])).loss * len(r)
+                for q, r in examples
+            )
+            / 8
+        )
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
