@@ -41,6 +41,15 @@ RM_FLAGS = [
 ]
 
 
+LONGEST = ("test_the_pipeline_runs_on_every_architecture", "test_hard_exploration_drpo_solves_what_ppo_cannot")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first, then the other slow ones, then the rest: with two workers (-n 2) the short tests fill
+    the end of the run evenly, instead of one worker idling while the other finishes a long test."""
+    items.sort(key=lambda item: (item.originalname not in LONGEST, item.get_closest_marker("slow") is None))
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",

@@ -401,13 +401,13 @@ def pipeline(name, out, world, tmp_path):
     if name == "llama":  # what plain transformers gives: the raw score, the shift being in the config
         assert plain.mean().item() == pytest.approx(-rm.config.reward_bias, abs=1e-3) and abs(rm.config.reward_bias) > 1e-2
 
-    # DR-PO on TL;DR and on HH: the first ratio is 1 (rollout and training agree), trained weights are fp32. (PPO is
+    # DR-PO on TL;DR (and on HH for Llama): the first ratio is 1 (rollout and training agree), trained weights are fp32. (PPO is
     # DR-PO's rollout and update without the reset: --reset-prob 0 equals ppo_baseline.py to the last digit, test_drpo.py)
     rl = ["--sft-model-path", tmp_path / "sft", "--reward-model-path", tmp_path / "rm", *SMALL, "--total-episodes", 64]
-    for script, dataset, flags in (
-        ("drpo_tldr.py", data["tldr"], ["--reset-prob", 0.5]),
-        ("drpo_hh.py", data["hh"], ["--reset-prob", 0.5]),
-    ):
+    runs = [("drpo_tldr.py", data["tldr"], ["--reset-prob", 0.5])]
+    if name == "llama":  # HH prompts keep the tokenizer's BOS when they are cut: the case where the architecture matters
+        runs.append(("drpo_hh.py", data["hh"], ["--reset-prob", 0.5]))
+    for script, dataset, flags in runs:
         proc = run_script(script, *rl, *flags, "--dataset-name", dataset, "--output-dir", tmp_path / script[:-3], cwd=tmp_path)
         assert "dtypes: policy and value model float32 (trained), reference and reward model float32 (frozen)" in proc.stdout
         log = [json.loads(x) for x in open(metrics_file(proc.stdout, tmp_path))]
