@@ -255,10 +255,10 @@ def test_first_ratio_is_one_and_gold_reward_rises(world, sft_model, reward_run, 
         "--local-rollout-forward-batch-size",
         32,
         "--total-episodes",
-        30 * 64,
+        20 * 64,
         launch=torchrun,
     )
-    assert len(metrics) == 30
+    assert len(metrics) == 20
     for m in metrics:  # first PPO epoch, first minibatch: the policy has not moved yet (fp32 on CPU)
         assert abs(m["policy/first_ratio"] - 1) < 1e-5 and m["policy/first_approxkl"] < 1e-9
     assert all(m["val/eos_fraction"] > 0.5 for m in metrics) and metrics[-1]["objective/kl"] > 0
@@ -266,7 +266,7 @@ def test_first_ratio_is_one_and_gold_reward_rises(world, sft_model, reward_run, 
         sum(policy_gold(m, world, 96, do_sample=True, temperature=0.7, top_k=0)[0]) / 96 for m in (sft_model, tmp_path / "ppo")
     )
     assert after > before + 0.2, (before, after)
-    first, last = [sum(m["objective/scores"] for m in metrics[i : i + 5]) / 5 for i in (0, 25)]
+    first, last = [sum(m["objective/scores"] for m in metrics[i : i + 5]) / 5 for i in (0, 15)]
     assert last > first + 0.25, (first, last)
 
 
