@@ -1028,6 +1028,7 @@ if __name__ == "__main__":
     policy.generation_config.bos_token_id = None
     sampling = dict(temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, suppress_tokens=non_tokens)
     policy, value_model = policy.to(device).train(), value_model.to(device).train()
+    # the frozen models (with LoRA the reference is the policy itself, which trains)
     for model in (ref_policy, reward_model) if not args.use_lora else (reward_model,):
         if model is not None:
             model.to(device).eval().requires_grad_(False)
