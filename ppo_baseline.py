@@ -1272,5 +1272,6 @@ if __name__ == "__main__":
         final.save_pretrained(args.output_dir, state_dict=weights)
         tokenizer.save_pretrained(args.output_dir)
         print(f"saved the policy and tokenizer to {args.output_dir}")
-    if dist.is_initialized():
+    if dist.is_initialized():  # every process leaves together: none closes its connections while another still uses them
+        dist.barrier()
         dist.destroy_process_group()

@@ -871,7 +871,8 @@ if __name__ == "__main__":
                 print(f"checkpoint written to {folder} (resume with --resume-from {folder}, or --resume-from auto)")
 
     weights, _ = full_state(model, optimizer)
-    if rank > 0:  # rank 0 normalises and saves the model
+    if rank > 0:  # rank 0 normalises and saves the model; the others wait for it at the barrier
+        dist.barrier()
         dist.destroy_process_group()
         sys.exit()
     model.save_pretrained(args.output_dir, state_dict=weights)  # saved before the normalisation: nothing below can lose it
@@ -906,5 +907,6 @@ if __name__ == "__main__":
     )
     model.save_pretrained(args.output_dir)
     print(f"saved the reward model and tokenizer to {args.output_dir}")
-    if dist.is_initialized():
+    if dist.is_initialized():  # every process leaves together: none closes its connections while another still uses them
+        dist.barrier()
         dist.destroy_process_group()
