@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 
 import pytest
 
@@ -62,7 +63,7 @@ def pytest_configure(config):
 # what the libraries read from the environment when they are imported: a run that sets one of these cannot be a fork
 # of tests/zygote.py, which imported them once with the environment the tests started with
 READ_AT_IMPORT = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "DATASETS", "TOKENIZERS", "TORCH", "PYTORCH", "OMP_", "MKL", "CUDA")
-_zygote = {}
+_zygote = {"lock": threading.Lock()}  # one request at a time: the server answers in order
 
 
 def zygote():
@@ -94,7 +95,7 @@ def run_script(script, *flags, cwd=None, env=None, check=True):
             [sys.executable, *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
     else:
-        with tempfile.NamedTemporaryFile("r", suffix=".log") as output:
+        with tempfile.NamedTemporaryFile("r", suffix=".log") as output, _zygote["lock"]:
             proc.stdin.write(json.dumps({"argv": argv, "cwd": cwd, "env": env, "output": output.name}) + "\n")
             proc.stdin.flush()
             returncode = json.loads(proc.stdout.readline())["returncode"]
