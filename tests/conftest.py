@@ -2,6 +2,7 @@
 
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -63,46 +64,89 @@ def pytest_configure(config):
 # what the libraries read from the environment when they are imported: a run that sets one of these cannot be a fork
 # of tests/zygote.py, which imported them once with the environment the tests started with
 READ_AT_IMPORT = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "DATASETS", "TOKENIZERS", "TORCH", "PYTORCH", "OMP_", "MKL", "CUDA")
-_zygote = {"lock": threading.Lock()}  # one request at a time: the server answers in order
+_zygote = {"lock": threading.Lock(), "ended": threading.Condition(), "returncodes": {}}
 
 
 def zygote():
-    """This worker's fork server (tests/zygote.py), started on first use with the environment runs get by default."""
+    """This worker's fork server (tests/zygote.py), started on first use with the environment runs get by default; a
+    thread reads its messages: the pid of each run it starts (in the order of the requests) and each run's end."""
     if "proc" not in _zygote:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "tests", "zygote.py")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
+            [sys.executable, os.path.join(ROOT, "tests", "zygote.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
         json.loads(proc.stdout.readline())  # {"ready": pid}, once the imports are done
-        _zygote.update(proc=proc, env=env)
-    return _zygote["proc"], _zygote["env"]
+        started = queue.Queue()
+
+        def read():
+            for line in proc.stdout:
+                message = json.loads(line)
+                if "started" in message:
+                    started.put(message["started"])
+                else:
+                    with _zygote["ended"]:
+                        _zygote["returncodes"][message["ended"]] = message["returncode"]
+                        _zygote["ended"].notify_all()
+
+        threading.Thread(target=read, daemon=True).start()
+        _zygote.update(proc=proc, env=env, started=started)
+    return _zygote
+
+
+class Forked:
+    """What the tests use of subprocess.Popen (pid, poll, wait, returncode) for a run forked by tests/zygote.py."""
+
+    def __init__(self, argv, cwd, env, output, new_session):
+        server = zygote()
+        request = dict(argv=argv, cwd=cwd, env=env, output=output, new_session=new_session)
+        with server["lock"]:  # the server announces the pids in the order of the requests
+            server["proc"].stdin.write((json.dumps(request) + "\n").encode())
+            server["proc"].stdin.flush()
+            self.pid = server["started"].get(timeout=60)
+        self.returncode = None
+
+    def poll(self):
+        with _zygote["ended"]:
+            self.returncode = _zygote["returncodes"].get(self.pid)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        with _zygote["ended"]:
+            if not _zygote["ended"].wait_for(lambda: self.pid in _zygote["returncodes"], timeout):
+                raise subprocess.TimeoutExpired(f"forked run {self.pid}", timeout)
+            self.returncode = _zygote["returncodes"][self.pid]
+        return self.returncode
+
+
+def start_script(script, *flags, cwd=None, env=None, output, new_session=False):
+    """Starts a top-level script as a user would, its stdout and stderr to the file `output`; returns a Popen, or a
+    Forked: the script runs in a fork of tests/zygote.py, which has already imported torch, transformers and datasets
+    (~5 s saved a run), unless `env` changes what those read at import, or FRESH_PROCESSES=1 asks for `python script.py`
+    every time. `env` is added to os.environ, with one thread a run (two workers, two cores)."""
+    argv = [os.path.join(ROOT, script), *map(str, flags)]
+    cwd, env = str(cwd or ROOT), {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    fork = os.environ.get("FRESH_PROCESSES") != "1"
+    if fork:
+        default = zygote()["env"]
+        fork = all(env.get(k) == default.get(k) for k in {*env, *default} if k.startswith(READ_AT_IMPORT))
+    if fork:
+        return Forked(argv, cwd, env, output, new_session)
+    with open(output, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, *argv], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=new_session
+        )
 
 
 def run_script(script, *flags, cwd=None, env=None, check=True):
-    """Runs a top-level script as a user would, returns the completed process (stdout+stderr in .stdout). The script
-    runs in a fork of tests/zygote.py, which has already imported torch, transformers and datasets (~5 s saved a run),
-    unless `env` changes what those read at import, or FRESH_PROCESSES=1 asks for `python script.py` every time."""
-    argv = [os.path.join(ROOT, script), *map(str, flags)]
-    cwd = str(cwd or ROOT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # one thread a run: two workers, two cores
-    proc, zygote_env = zygote() if os.environ.get("FRESH_PROCESSES") != "1" else (None, {})
-    if proc is None or any(env.get(k) != zygote_env.get(k) for k in {*env, *zygote_env} if k.startswith(READ_AT_IMPORT)):
-        done = subprocess.run(
-            [sys.executable, *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
-    else:
-        with tempfile.NamedTemporaryFile("r", suffix=".log") as output, _zygote["lock"]:
-            proc.stdin.write(json.dumps({"argv": argv, "cwd": cwd, "env": env, "output": output.name}) + "\n")
-            proc.stdin.flush()
-            returncode = json.loads(proc.stdout.readline())["returncode"]
-            done = subprocess.CompletedProcess([sys.executable, *argv], returncode, output.read())
-    if check and done.returncode != 0:
-        raise AssertionError(f"{script} failed ({done.returncode}):\n{done.stdout[-4000:]}")
-    return done
+    """Runs a top-level script as a user would (start_script), returns the completed process (stdout+stderr in .stdout)."""
+    with tempfile.TemporaryDirectory() as folder:
+        output = os.path.join(folder, "output.txt")
+        proc = start_script(script, *flags, cwd=cwd, env=env, output=output)
+        proc.wait()
+        stdout = open(output).read()
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{stdout[-4000:]}")
+    return subprocess.CompletedProcess([script, *map(str, flags)], proc.returncode, stdout)
 
 
 # a --reward-fn that records every scored (prompt, response) pair to $RECORD_FILE and scores 0
@@ -324,9 +368,12 @@ def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow
         during_save = k % 2 == 0 and k < kills and resumed_at + save_every < updates  # a save is still to come
         env = {**os.environ, "OMP_NUM_THREADS": "1", "SLOW_SAVE_S": str(slow_save if during_save else 0)}
         output = os.path.join(cwd, f"output_{k}.txt")  # a file, not a pipe: a pipe nobody reads fills up and stalls the run
-        proc = subprocess.Popen(
-            cmd, cwd=cwd, stdout=open(output, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        if launcher == (sys.executable,):  # a fork of tests/zygote.py: the imports are done once
+            proc = start_script(script, *flags, "--resume-from", "auto", cwd=cwd, env=env, output=output, new_session=True)
+        else:
+            proc = subprocess.Popen(
+                cmd, cwd=cwd, stdout=open(output, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         if k == kills:
             assert proc.wait() == 0, open(output).read()[-3000:]
             return report

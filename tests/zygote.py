@@ -1,18 +1,20 @@
 """A fork server for the tests: imports torch, transformers and datasets once, then runs each script in a fork of itself.
 
-A script started as `python script.py` spends ~5 s of its life importing; the suite starts scripts ~150 times, so those
-imports were a third of its time. conftest.run_script sends this process one request per run (a json line on stdin:
-argv, cwd, env, output file); it forks, the child redirects its output to the file, takes the cwd, environment and
-argv and runs the script as `__main__` through runpy, and exits through the normal interpreter shutdown (atexit
-handlers run, files flush, an exception prints its traceback and exits 1, `sys.exit("message")` prints the message).
-The parent answers with the child's exit status. Nothing but imports runs here before a fork: no OpenMP pool, no
-tokenizer thread, no random draw is inherited. Environment variables that those libraries read at import
-(HF_*, TRANSFORMERS_*, OMP_*, ...) cannot change in a fork: conftest starts a fresh interpreter for a run that sets them.
+A script started as `python script.py` spends ~5 s of its life importing; the suite starts scripts ~200 times, so those
+imports were a third of its time. conftest.start_script sends this process one request per run (a json line on stdin:
+argv, cwd, env, output file, whether to start a new session); it forks, and the child redirects its output to the
+file, takes the cwd, environment and argv, runs the script as `__main__` through runpy and exits through the normal
+interpreter shutdown (atexit handlers run, files flush, an exception prints its traceback and exits 1,
+`sys.exit("message")` prints the message). The server reports each child's pid when it starts and its exit status when
+it ends. Nothing but imports runs here before a fork: no OpenMP pool, no tokenizer thread, no random draw is inherited.
+Environment variables that those libraries read at import (HF_*, TRANSFORMERS_*, OMP_*, ...) cannot change in a fork:
+conftest starts a fresh interpreter for a run that sets them.
 """
 
 import json
 import os
 import runpy
+import select
 import sys
 
 import datasets  # noqa: F401  (imported for the forks)
@@ -23,17 +25,31 @@ import tyro  # noqa: F401
 
 
 def serve():
-    """Answers requests until stdin closes; returns the request in a forked child, which then runs the script."""
-    requests, replies = sys.stdin, sys.stdout
-    print(json.dumps({"ready": os.getpid()}), file=replies, flush=True)
-    for line in requests:
-        request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            return request
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), file=replies, flush=True)
-    sys.exit(0)
+    """Answers requests until stdin closes; returns the request in a forked child, which then runs the script. Runs may
+    overlap: each fork is announced ({"started": pid}) and its end reported ({"ended": pid, "returncode": ...})."""
+    reply = lambda message: print(json.dumps(message), flush=True)  # noqa: E731
+    reply({"ready": os.getpid()})
+    pending, children = b"", set()
+    while True:
+        readable, _, _ = select.select([0], [], [], 0.02 if children else None)
+        if readable:
+            chunk = os.read(0, 1 << 16)
+            if not chunk:  # the tests are over
+                sys.exit(0)
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                pid = os.fork()
+                if pid == 0:
+                    return json.loads(line)
+                children.add(pid)
+                reply({"started": pid})
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            children.discard(pid)
+            reply({"ended": pid, "returncode": os.waitstatus_to_exitcode(status)})
 
 
 request = serve()
@@ -45,6 +61,8 @@ with open(os.devnull) as null, open(request["output"], "w") as out:
 sys.stdin = open(0, closefd=False)
 sys.stdout = open(1, "w", closefd=False)
 sys.stderr = open(2, "w", closefd=False)
+if request["new_session"]:  # as subprocess.Popen(start_new_session=True): a kill of its group takes this run alone
+    os.setsid()
 os.chdir(request["cwd"])
 os.environ.clear()
 os.environ.update(request["env"])
