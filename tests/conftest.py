@@ -44,16 +44,27 @@ RM_FLAGS = [
 ]
 
 
-LONGEST = ("test_the_pipeline_runs_on_every_architecture", "test_hard_exploration_drpo_solves_what_ppo_cannot")
+LONGEST = ("test_hard_exploration_drpo_solves_what_ppo_cannot", "test_the_pipeline_runs_on_every_architecture")  # in order
+# a short test that needs the reward model, so the SFT and reward models are built at the start by one worker while
+# the other runs the long tests that need only the tiny world (else both reach them at once and one waits)
+BUILDS_THE_MODELS = "test_reward_model_end_to_end"
 
 
 def pytest_collection_modifyitems(config, items):
     """The longest tests first, then the other slow ones, then the rest: with two workers (-n 2) the short tests fill
-    the end of the run evenly, instead of one worker idling while the other finishes a long test."""
-    items.sort(key=lambda item: (item.originalname not in LONGEST, item.get_closest_marker("slow") is None))
+    the end of the run evenly, instead of one worker idling while the other finishes a long test. The third test builds
+    the shared models: pytest-xdist hands the first two tests to one worker and the next two to the other, then one
+    at a time to whichever is free (pytest_configure sets --maxschedchunk 1)."""
+    longest = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: (longest.get(item.originalname, len(LONGEST)), item.get_closest_marker("slow") is None))
+    builder = [i for i, item in enumerate(items) if item.originalname == BUILDS_THE_MODELS]
+    if builder and len(items) > 2:
+        items.insert(2, items.pop(builder[0]))
 
 
 def pytest_configure(config):
+    if getattr(config.option, "maxschedchunk", 0) is None:  # pytest-xdist: one test at a time once the first are sent
+        config.option.maxschedchunk = 1
     config.addinivalue_line(
         "markers",
         "slow: a long run (learning runs, the pipeline on every architecture); "
