@@ -144,3 +144,41 @@ def test_plot_runs_draws_the_metrics_of_the_readme(tmp_path):
     assert "line 4: not json, skipped" in proc.stdout
     assert "reward-model score, KL to the reference (nats per response), RLHF reward (score - KL penalty)" in proc.stdout
     assert os.path.getsize(tmp_path / "c.png") > 10_000
+
+
+def test_a_forked_run_is_a_fresh_run(world, tmp_path, monkeypatch):
+    """The tests run scripts in forks of tests/zygote.py: the same log, weights, output, exit status and error message
+    as `python script.py` in a fresh interpreter, and a script's exception still prints its traceback and exits 1."""
+    import torch
+    from conftest import SFT_FLAGS
+    from transformers import AutoModelForCausalLM
+
+    runs = {}
+    for how in ("fresh", "fork"):
+        monkeypatch.setenv("FRESH_PROCESSES", "1" if how == "fresh" else "0")
+        (tmp_path / how).mkdir()
+        proc = run_script(
+            "sft.py",
+            *("--base-model", world / "base", "--dataset-name", world / "tldr_sft", "--output-dir", tmp_path / how / "out"),
+            *SFT_FLAGS,
+            *("--num-train-epochs", 1, "--max-train-samples", 64, "--run-name", "same"),
+            cwd=tmp_path / how,
+        )
+        log = [json.loads(x) for x in open(tmp_path / how / "runs" / "same" / "metrics.jsonl")]
+        bad_flag = run_script("drpo_tldr.py", "--reset-prob", "1.5", cwd=tmp_path / how, check=False)
+        crash = run_script("sft.py", "--base-model", tmp_path / "missing", "--dataset-name", world / "tldr_sft", check=False)
+        runs[how] = proc, log, bad_flag, crash
+    (fresh, fresh_log, fresh_bad, fresh_crash), (fork, fork_log, fork_bad, fork_crash) = runs["fresh"], runs["fork"]
+    assert len(fresh_log) == 2 and untimed(fresh_log) == untimed(fork_log)
+
+    def same(text, how):  # without the times, the datasets cache's first-load lines and the run's own folder
+        text = re.sub(r"(tokens_per_s|episodes_per_s)=\S+", "", text.replace(str(tmp_path / how), "RUN"))
+        return [line for line in text.splitlines() if line.strip() and not line.startswith("Generating ")]
+
+    assert same(fresh.stdout, "fresh") == same(fork.stdout, "fork") and len(same(fork.stdout, "fork")) > 10, fork.stdout
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / how / "out").state_dict() for how in ("fresh", "fork"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert fresh_bad.returncode == fork_bad.returncode == 1 and fresh_bad.stdout == fork_bad.stdout
+    assert "--reset-prob 1.5: must be in [0, 1]" in fork_bad.stdout
+    assert fresh_crash.returncode == fork_crash.returncode != 0
+    assert fresh_crash.stdout.splitlines()[-1] == fork_crash.stdout.splitlines()[-1]
