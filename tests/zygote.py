@@ -60,7 +60,7 @@ with open(os.devnull) as null, open(request["output"], "w") as out:
     os.dup2(out.fileno(), 2)
 sys.stdin = open(0, closefd=False)
 sys.stdout = open(1, "w", closefd=False)
-sys.stderr = open(2, "w", closefd=False)
+sys.stderr = open(2, "w", buffering=1, closefd=False)  # line-buffered, as Python's own stderr
 if request["new_session"]:  # as subprocess.Popen(start_new_session=True): a kill of its group takes this run alone
     os.setsid()
 os.chdir(request["cwd"])
