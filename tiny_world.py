@@ -220,8 +220,8 @@ class Args:
     """training examples per dataset"""
     n_eval: int = 200
     """held-out examples per dataset (the `validation` / `test` split)"""
-    tokenizer: str = "auto"
-    """`auto`: ../shared/tokenizers/pythia when present, else a BPE trained here; `bpe`: always train one; or a folder"""
+    tokenizer: str = "bpe"
+    """`bpe`: a 512-token byte-level BPE trained on the world's text (the same on every machine); or a tokenizer folder"""
     hidden_size: int = 64
     """width of the tiny GPT-NeoX"""
     num_layers: int = 2
@@ -239,12 +239,10 @@ class Args:
 def build_tokenizer(args: Args, texts: list[str]):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    source = args.tokenizer
-    if source == "auto":
-        source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tokenizers", "pythia")
-        source = source if os.path.exists(source) else "bpe"
-    if source != "bpe":
-        tokenizer = AutoTokenizer.from_pretrained(source)
+    if args.tokenizer != "bpe":
+        if not os.path.isdir(args.tokenizer):
+            raise SystemExit(f"--tokenizer {args.tokenizer}: not a folder (give `bpe` or a folder saved by save_pretrained)")
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     else:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
