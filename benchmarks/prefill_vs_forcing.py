@@ -1,8 +1,9 @@
 """Reset by prefill (drpo_tldr.py) against a teacher-forced reset done the authors' way: generate from the prompt
 and force the prefix through a logits processor, one decode step per forced token. Side by side in one run, on the
-same batch of reset episodes: real TL;DR comparisons (../shared/data) and the tiny world's Pythia-vocabulary SFT
-model (bash demo.sh writes tiny/sft). This re-implementation lives here only, never in the scripts.
-Run: python benchmarks/prefill_vs_forcing.py"""
+same batch of reset episodes: real TL;DR comparisons (../shared/data) and a tiny SFT model with the Pythia vocabulary
+(BENCHMARKS.md's figure), or any SFT folder. This re-implementation lives here only, never in the scripts.
+  python tiny_world.py --out tiny_pythia --tokenizer ../shared/tokenizers/pythia    # then demo.sh's SFT command on it
+  python benchmarks/prefill_vs_forcing.py tiny_pythia/sft                            # default: tiny/sft (BPE world)"""
 
 import json
 import os
@@ -17,8 +18,9 @@ sys.path.insert(0, ROOT)
 import drpo_tldr  # noqa: E402
 
 R, BATCH, CHUNK, REPEATS = 53, 64, 16, 3
-tokenizer = AutoTokenizer.from_pretrained(f"{ROOT}/tiny/sft")
-model = AutoModelForCausalLM.from_pretrained(f"{ROOT}/tiny/sft").eval()
+SFT = sys.argv[1] if len(sys.argv) > 1 else f"{ROOT}/tiny/sft"
+tokenizer = AutoTokenizer.from_pretrained(SFT)
+model = AutoModelForCausalLM.from_pretrained(SFT).eval()
 model.generation_config.eos_token_id = None  # the EOS trick, as in the scripts
 pad = tokenizer.pad_token_id
 rows = [json.loads(line) for line in open(f"{ROOT}/../shared/data/tldr/comparisons_gpt4_dev.jsonl")][:BATCH]

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Reward-model eval accuracy on the real ../shared/data slices, with a tiny random-init GPT-NeoX
 # (Pythia tokenizer) trained on the first 80% of each file and evaluated on the last 20%.
-# Needs ../shared and a tiny world built with the Pythia tokenizer (bash demo.sh builds tiny/).
+# Needs ../shared: the base model is the tiny world's, built here with the real Pythia tokenizer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=../shared/data
-W=${W:-tiny}
+W=${W:-/tmp/rm_real_world}
+python tiny_world.py --out $W --tokenizer ../shared/tokenizers/pythia --no-password --no-bland
 EPOCHS=${EPOCHS:-4}
 python reward_model.py --task hh --sft-model-path $W/base --dataset-name $D/hh/harmless_base_test_dev.jsonl \
   --train-split "train[:80%]" --eval-split "train[80%:]" --query-length 512 --response-length 128 \

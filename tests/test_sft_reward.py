@@ -125,6 +125,30 @@ def test_script_runs_alone(script, tmp_path):
     assert "--seed" in proc.stdout and "usage" in proc.stdout
 
 
+def test_the_tiny_world_is_the_same_everywhere(world, tmp_path):
+    """tiny_world.py's default tokenizer is the BPE trained on the world's text, whatever lies beside the checkout (the
+    old default took ../shared/tokenizers/pythia when it was there); --tokenizer FOLDER takes a real one."""
+    from transformers import AutoTokenizer
+
+    repo, real = tmp_path / "repo", tmp_path / "shared" / "tokenizers" / "pythia"  # a checkout with ../shared beside it
+    repo.mkdir()
+    shutil.copy(f"{ROOT}/tiny_world.py", repo)
+    other = AutoTokenizer.from_pretrained(world / "base")
+    other.add_tokens([f"word{i}" for i in range(100)])  # another vocabulary, 100 tokens more
+    other.save_pretrained(real)
+    flags = ["--n-train", 2000, "--n-eval", 200, "--no-password", "--no-bland"]
+    run_script(repo / "tiny_world.py", "--out", tmp_path / "default", *flags, cwd=repo)
+    run_script(repo / "tiny_world.py", "--out", tmp_path / "real", "--tokenizer", real, *flags, cwd=repo)
+    # the default world is the tests' world (built with --tokenizer bpe), file for file
+    for name in ("base/tokenizer.json", "tldr_sft/train.jsonl", "tldr_comparisons/validation.jsonl", "hh/test.jsonl"):
+        assert open(tmp_path / "default" / name).read() == open(world / name).read(), name
+    n = len(AutoTokenizer.from_pretrained(tmp_path / "default" / "base"))
+    assert 400 < n <= 512 and len(AutoTokenizer.from_pretrained(tmp_path / "real" / "base")) == n + 100
+    assert json.load(open(tmp_path / "real" / "base" / "config.json"))["vocab_size"] == n + 100
+    bad = run_script(repo / "tiny_world.py", "--out", tmp_path / "bad", "--tokenizer", tmp_path / "nope", cwd=repo, check=False)
+    assert bad.returncode != 0 and "not a folder" in bad.stdout and "Traceback" not in bad.stdout
+
+
 def test_non_finite_loss_stops_with_a_message(world, sft_model, tmp_path):
     proc = run_script(
         "reward_model.py",
