@@ -145,7 +145,7 @@ def test_the_tiny_world_is_the_same_everywhere(world, tmp_path):
     n = len(AutoTokenizer.from_pretrained(tmp_path / "default" / "base"))
     assert 400 < n <= 512 and len(AutoTokenizer.from_pretrained(tmp_path / "real" / "base")) == n + 100
     assert json.load(open(tmp_path / "real" / "base" / "config.json"))["vocab_size"] == n + 100
-    bad = run_script(repo / "tiny_world.py", "--out", tmp_path / "bad", "--tokenizer", tmp_path / "nope", cwd=repo, check=False)
+    bad = run_script(repo / "tiny_world.py", "--out", tmp_path / "bad", "--tokenizer", tmp_path / "no", cwd=repo, check=False)
     assert bad.returncode != 0 and "not a folder" in bad.stdout and "Traceback" not in bad.stdout
 
 
