@@ -75,6 +75,10 @@ def pytest_configure(config):
 # what the libraries read from the environment when they are imported: a run that sets one of these cannot be a fork
 # of tests/zygote.py, which imported them once with the environment the tests started with
 READ_AT_IMPORT = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "DATASETS", "TOKENIZERS", "TORCH", "PYTORCH", "OMP_", "MKL", "CUDA")
+READ_AT_IMPORT += ("ATEN_", "ONEDNN_")
+# every CPU kernel library held to its AVX2 code (as demo.sh does): a long RL run whose outcome is asserted then takes the
+# same trajectory on any x86-64 machine with AVX2, whatever vector unit it has beyond that
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 _zygote = {"lock": threading.Lock(), "ended": threading.Condition(), "returncodes": {}}
 
 

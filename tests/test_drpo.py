@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import RECORDER, ROOT, SMALL, kill_and_resume, metrics_file, newest_run, run_script, untimed
+from conftest import PINNED, RECORDER, ROOT, SMALL, kill_and_resume, metrics_file, newest_run, run_script, untimed
 from transformers import AutoModelForCausalLM
 
 import drpo_hh
@@ -306,17 +306,18 @@ def test_hard_exploration_drpo_solves_what_ppo_cannot(world, tmp_path):
     """The paper's theorem at CPU scale: the gold reward needs an exact 6-word answer (probability about e^-17 under
     the SFT policy) that the chosen responses of the offline data contain. With the same episodes, DR-PO
     (drpo_tldr.py, reset_prob 0.5) learns to write it from the prompt alone; PPO (ppo_baseline.py) never sees a reward.
-    DR-PO solved seeds 1, 3, 4 and 6 of 6 within 300 updates after the batch was ordered by h once (BENCHMARKS.md);
-    seed 1, the soonest, at update 140. PPO had no rewarded episode in any seed."""
+    With the CPU kernels pinned to AVX2 (PINNED), DR-PO solved seeds 1 (update 200) and 3 (update 140) of 6 within 300
+    updates (BENCHMARKS.md); unpinned, the seed that solves depends on the machine's vector unit (seed 1 solved on the
+    machine that calibrated it, not on this session's AVX-512 one). PPO had no rewarded episode in any seed."""
     pw = world / "password"
     sft = f"--base-model {pw}/base --dataset-name {pw}/tldr_sft --eval-split train[:5%] --output-dir {pw}/sft --lr 1e-3"
     sft += " --num-train-epochs 3 --batch-size 32 --local-micro-batch-size 32 --response-length 8"
-    run_script("sft.py", *sft.split(), cwd=tmp_path, env={"OMP_NUM_THREADS": "2"})  # the SFT model of BENCHMARKS.md's seeds
+    run_script("sft.py", *sft.split(), cwd=tmp_path, env={"OMP_NUM_THREADS": "2", **PINNED})  # BENCHMARKS.md's SFT model
     common = f"--sft-model-path {pw}/sft --value-model-path {pw}/sft --reward-fn {ROOT}/tiny_world.py:password_reward"
     common += " --response-length 8 --batch-size 64 --local-rollout-forward-batch-size 64 --local-micro-batch-size 32"
     common += " --num-mini-batches 2 --lr 1e-3 --kl-coef 0.01 --temperature 1 --max-grad-norm 1.0 --no-whiten-rewards"
     common += f" --total-episodes {300 * 64} --eval-every 10 --eval-prompts 1 --early-stop-score 0.9 --print-sample-every 0"
-    common += " --save-every 0 --seed 1"
+    common += " --save-every 0 --seed 3"
     arms = {  # the same prompt in both datasets; the password is in the comparisons' chosen answers
         "drpo": f"drpo_tldr.py --reset-prob 0.5 --reset-source chosen --dataset-name {pw}/tldr_comparisons",
         "ppo": f"ppo_baseline.py --dataset-name {pw}/tldr_sft",
@@ -331,7 +332,7 @@ def test_hard_exploration_drpo_solves_what_ppo_cannot(world, tmp_path):
             cwd=tmp_path / arm,
             stdout=open(tmp_path / arm / "out.txt", "w"),
             stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env={**os.environ, "OMP_NUM_THREADS": "1", **PINNED},
         )
     assert procs["drpo"].wait() == 0, (tmp_path / "drpo" / "out.txt").read_text()[-3000:]
     drpo_log = [json.loads(x) for x in open(f"{newest_run(tmp_path / 'drpo')}/metrics.jsonl")]
