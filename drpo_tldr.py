@@ -305,7 +305,7 @@ def adaptive_kl_coef(kl_coef: float, current_kl: float, n_episodes: int, target:
 
 
 # ---- the training loop ------------------------------------------------------------------------------------------------
-def train(args, run, tokenizer, queries, chosens, models, reward_fn, checkpoint):
+def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkpoint):
     rank, world, device = run
     policy, ref_policy, value_model, reward_model = models
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -323,7 +323,7 @@ def train(args, run, tokenizer, queries, chosens, models, reward_fn, checkpoint)
         reset_generator.set_state(checkpoint["reset_rng"])
         kl_coef, start = checkpoint["kl_coef"], checkpoint["update"] + 1
         print(f"resumed from {args.resume_from} at update {start}")
-    log, start_time = open_log(args, start, rank), clock(device)
+    start_time = clock(device)
     for update in progress(start, args.num_updates, rank):
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / args.num_updates) * args.lr
@@ -464,8 +464,9 @@ def evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, au
         responses = generate_responses(
             policy, batch, no_reset, args.response_length, pad_id, do_sample=False, suppress_tokens=non_tokens
         )
+        chunk = args.local_rollout_forward_batch_size
         scored = score_responses(
-            reward_model, reward_fn, tokenizer, prompts, batch, responses, args.missing_eos_penalty, len(batch)
+            reward_model, reward_fn, tokenizer, prompts, batch, responses, args.missing_eos_penalty, chunk
         )
     return on_rank0(lambda: scored[2].mean().item())
 
@@ -497,15 +498,17 @@ def main():
     args.num_updates = args.total_episodes // args.batch_size
     args.minibatch_size = args.batch_size // args.num_mini_batches
     args.gradient_accumulation_steps = args.minibatch_size // (args.local_micro_batch_size * world)  # per process
-    check_batches(args, world)
-    start_run(args, "tldr")
+    check_flags(args, world)
+    if args.num_updates == 0:
+        raise SystemExit("--total-episodes is smaller than --batch-size: no update would run")
+    log = start_run(args, "tldr", checkpoint["update"] + 1 if checkpoint else 1)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # a rule-based reward replaces the model
     check_hub([args.sft_model_path, args.value_model_path, args.dataset_name, None if reward_fn else args.reward_model_path])
     tokenizer = load_tokenizer(args.sft_model_path, "left")
     queries, chosens = build_episodes(args, tokenizer)
     torch.manual_seed(args.seed)  # a new value head's init
     models = load_models(args, tokenizer, device)
-    policy = train(args, run, tokenizer, queries, chosens, models, reward_fn, checkpoint)
+    policy = train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkpoint)
     policy.generation_config.eos_token_id = tokenizer.eos_token_id  # the EOS trick was for training only
     save_model(args, policy.merge_and_unload() if args.use_lora else policy, tokenizer)
 
@@ -548,8 +551,8 @@ def build_episodes(args: Args, tokenizer):
 
 
 def comparison_texts(row: dict, i: int, source: str):
-    """TL;DR comparison -> (post fields, chosen text); None for a CNN/DailyMail row (an article, no post), which
-    openai/summarize_from_feedback mixes into its validation split (the N+ code drops them too)."""
+    """TL;DR comparison -> (post fields, chosen text); None for the CNN/DailyMail rows (an article, no post) of
+    openai/summarize_from_feedback's validation split (the N+ code drops them too)."""
     info = row["info"]
     if info.get("article") is not None and all(info.get(k) is None for k in ("post", "title", "subreddit")):
         return None
@@ -579,7 +582,7 @@ def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None)
         if os.path.exists(name):
             raise
         raise SystemExit(f"Could not load the dataset '{name}' from the Hugging Face Hub ({type(e).__name__}: {e}). Offline, "
-                         f"point --dataset-name at a local folder or a json/jsonl file with the columns {list(schema)}.") from None  # fmt: skip
+                         f"point --dataset-name at a local folder or json/jsonl file with the columns {list(schema)}") from None  # fmt: skip
     if missing := [c for c in schema if c not in ds.column_names]:
         raise SystemExit(f"{name} (split {split}) lacks column(s) {missing}; expected {list(schema)}, found {ds.column_names}")
     if extra := [c for c in ds.column_names if c not in schema]:
@@ -617,48 +620,42 @@ def tldr_query(tokenizer, row: dict, query_length: int):
 
 
 def response_ids(tokenizer, text: str):
-    """A response gets one leading space and the EOS token (the EOS is appended as an id, never as text)."""
+    """A response: one leading space, then the EOS token (appended as an id, never as text)."""
     return encode(tokenizer, " " + text.strip(), special=False) + [tokenizer.eos_token_id]
 
 
 def batch_indices(update: int, batch_size: int, n: int, seed: int):
-    """Prompt indices of an update: consecutive slices of a fresh permutation per pass over the data (a resumed run
-    continues at the right place: they are a function of the update index)."""
+    """Prompt indices of an update: slices of a fresh permutation per pass over the data, a function of the update."""
     positions = np.arange((update - 1) * batch_size, update * batch_size)
     perms = {e: np.random.default_rng([seed, int(e)]).permutation(n) for e in np.unique(positions // n)}
     return [int(perms[p // n][p % n]) for p in positions]
 
 
 def left_pad(sequences, pad_id: int, width: int = 0):
-    """A (rows, max(width, longest)) tensor of token lists, padded on the left."""
-    width = max(width, max(len(s) for s in sequences))
+    width = max(width, max(len(s) for s in sequences))  # (rows, max(width, longest))
     return torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
 
 
 def load_models(args, tokenizer, device):
     """(policy, reference, value model, reward model). The trained ones are sharded (FSDP) before they leave the CPU;
-    the frozen ones need no fp32 copy on a GPU. With LoRA the reference is the policy, adapter off."""
+    the frozen ones need no fp32 copy on a GPU. With LoRA the reference is the policy with its adapter off."""
     if args.frozen_dtype == "auto":  # bf16 is slow on a CPU
         args.frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
     print(f"dtypes: trained {args.dtype}, frozen {args.frozen_dtype}, bf16 autocast {device.type == 'cuda'} ({device})")
-    trained, frozen, lm, classifier = (
-        getattr(torch, args.dtype),
-        getattr(torch, args.frozen_dtype),
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-    )
-    policy = from_pretrained(lm, args.sft_model_path, tokenizer, dtype=trained)
-    value_model = from_pretrained(classifier, args.value_model_path, tokenizer, num_labels=1, dtype=trained)
-    reward_model = (
-        None if args.reward_fn else from_pretrained(classifier, args.reward_model_path, tokenizer, num_labels=1, dtype=frozen)
-    )
-    ref_policy = None if args.use_lora else from_pretrained(lm, args.sft_model_path, tokenizer, dtype=frozen)
-    if args.use_lora:
+    lm, rm, trained, frozen = AutoModelForCausalLM, AutoModelForSequenceClassification, args.dtype, args.frozen_dtype
+    policy = from_pretrained(lm, args.sft_model_path, tokenizer, dtype=getattr(torch, trained))
+    value_model = from_pretrained(rm, args.value_model_path, tokenizer, num_labels=1, dtype=getattr(torch, trained))
+    reward_model = ref_policy = None
+    if not args.reward_fn:
+        reward_model = from_pretrained(rm, args.reward_model_path, tokenizer, num_labels=1, dtype=getattr(torch, frozen))
+    if not args.use_lora:
+        ref_policy = from_pretrained(lm, args.sft_model_path, tokenizer, dtype=getattr(torch, frozen))
+    else:
         from peft import LoraConfig, get_peft_model, inject_adapter_in_model  # only imported when asked for
 
         targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
         lora_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=targets)
-        policy = ref_policy = get_peft_model(policy, lora_config)
+        policy = get_peft_model(policy, lora_config)
         if args.lora_value:  # adapters in place: the value model stays a sequence classifier that token_scores reads
             value_model = inject_adapter_in_model(lora_config, value_model)
             for name, param in value_model.named_parameters():
@@ -670,18 +667,18 @@ def load_models(args, tokenizer, device):
             if adapters:
                 model.enable_input_require_grads()
         place(model, device, args.fsdp).train()  # FSDP: each process keeps 1/processes of the weights and AdamW state
-    for model in filter(None, (reward_model, None if args.use_lora else ref_policy)):
+    for model in filter(None, (reward_model, ref_policy)):
         model.to(device).eval().requires_grad_(False)
     policy.generation_config.eos_token_id = policy.generation_config.bos_token_id = None  # the EOS trick: sample them all
-    return policy, ref_policy, value_model, reward_model
+    return policy, ref_policy or policy, value_model, reward_model
 
 
 def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
-    """cls.from_pretrained, with a clear message when the Hub cannot be reached. A model gets room for an added pad token
-    and its id (a classifier reads the last non-pad token), no dropout (N+), and a one-line note of the weights its
-    checkpoint lacks (a new value or reward head: expected) instead of transformers' load report."""
+    """cls.from_pretrained, with a clear message when the Hub cannot be reached. A model (with its tokenizer) gets room
+    for an added pad token and its id (a classifier reads the last non-pad token), no dropout (N+), and a note of the
+    weights its checkpoint lacks (a new value or reward head: expected) instead of transformers' load report."""
     try:
-        if cls is AutoTokenizer:
+        if tokenizer is None:  # a tokenizer
             return cls.from_pretrained(path, **kwargs)
         model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except OSError as e:
@@ -719,8 +716,7 @@ def non_token_ids(tokenizer, vocab_size: int, device):
 
 
 def load_reward_fn(spec: str):
-    """`path/to/file.py:function` -> the function."""
-    path, _, name = spec.rpartition(":")
+    path, _, name = spec.rpartition(":")  # path/to/file.py:function
     if not os.path.isfile(path) or not callable(function := runpy.run_path(path).get(name)):
         raise SystemExit(f"--reward-fn {spec}: expected path/to/file.py:function; {path!r} has no function {name!r}")
     return function
@@ -757,37 +753,20 @@ CHECKS = {
 }
 
 
-def check_flags(args):
-    """Refuses a flag out of its range (FLAG_RULES), naming it."""
+def check_flags(args, world: Optional[int] = None):
+    """A flag out of its range (FLAG_RULES) is refused, named; with `world`, a batch that does not split into whole
+    micro-batches (and rollout chunks) on every process too."""
     for must, names in FLAG_RULES.items():
         for name in names.split():
             if (value := getattr(args, name)) is not None and not CHECKS[must](value):
                 raise SystemExit(f"--{name.replace('_', '-')} {value}: must be {must}")
-
-
-def check_batches(args, world: int):
-    """A batch splits into whole micro-batches (and rollout chunks) on every process; FSDP needs torchrun."""
-    micro, minibatches, chunk = (
-        args.local_micro_batch_size * world,
-        getattr(args, "num_mini_batches", 1),
-        "local_rollout_forward_batch_size",
-    )
-    if args.batch_size % minibatches or args.batch_size // minibatches % micro:
-        raise SystemExit(
-            f"--batch-size must split into --num-mini-batches minibatches of whole --local-micro-batch-size x {world} processes"
-        )
-    if args.batch_size % (getattr(args, chunk, 1) * world):
-        raise SystemExit(f"--batch-size must be a multiple of --local-rollout-forward-batch-size x {world} processes")
-    if getattr(args, "num_updates", 1) == 0:
-        raise SystemExit("--total-episodes is smaller than --batch-size: no update would run")
-    if args.fsdp and not dist.is_initialized():
-        raise SystemExit(
-            f"--fsdp shards the models across torchrun's processes: torchrun --nproc_per_node N {sys.argv[0]} --fsdp"
-        )
-    if args.fsdp and getattr(args, "use_lora", False):
-        raise SystemExit(
-            "--fsdp with --use-lora is not supported: with LoRA only the adapters train, the frozen base fits a GPU"
-        )
+    parts, chunk = getattr(args, "num_mini_batches", 1), getattr(args, "local_rollout_forward_batch_size", 1)
+    if world and (args.batch_size % (args.local_micro_batch_size * world * parts) or args.batch_size % (chunk * world)):
+        raise SystemExit(f"--batch-size {args.batch_size} must split into --num-mini-batches minibatches of whole "
+                         f"--local-micro-batch-size x {world} processes, and into --local-rollout-forward-batch-size x {world}")  # fmt: skip
+    if world and args.fsdp and (not dist.is_initialized() or getattr(args, "use_lora", False)):
+        raise SystemExit(f"--fsdp shards the trained weights across torchrun's processes (torchrun ... {sys.argv[0]} --fsdp); "
+                         "not with --use-lora, where the adapters alone train")  # fmt: skip
 
 
 def check_hub(paths):
@@ -825,8 +804,8 @@ def init_distributed(args):
 
 
 def on_rank0(fn):
-    """fn() run by rank 0 alone, its result sent to every process (another node's disk, clock or numbers may differ); a
-    SystemExit there stops every process with its message."""
+    """fn() run by rank 0 alone and its result sent to every process (another node's disk, clock or numbers may
+    differ); a SystemExit there stops every process with its message."""
     box = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
@@ -934,15 +913,14 @@ def restore(model, optimizer, checkpoint):
 def resume(args, task: str):
     """--resume-from: rank 0 finds the checkpoint and reads it into CPU memory (another node's disk need not hold it);
     every process gets the run's flags and counters and parses the command line again over them (only RESUMABLE flags
-    may differ). Returns (args, checkpoint): rank 0's holds the tensors too, which restore() sends to the others."""
+    may differ). Returns (args, checkpoint); rank 0's checkpoint holds the tensors too, which restore() sends out."""
     tensors = {}
 
     def read(where=args.resume_from.rstrip("/")):
         if where == "auto":  # the newest run of this task, experiment and seed that holds a checkpoint
             runs = sorted(glob.glob(f"runs/{task}__{args.exp_name}__{args.seed}__*"), key=lambda r: int(r.rsplit("__", 1)[1]))
             if not (where := next((r for r in reversed(runs) if glob.glob(f"{r}/checkpoints/update_*.pt")), None)):
-                print("--resume-from auto: no checkpoint of this run under runs/, starting a new run")
-                return None
+                return print("--resume-from auto: no checkpoint of this run under runs/, starting a new run")
         candidates = [where] if os.path.isfile(where) else sorted(glob.glob(f"{where}/checkpoints/update_*.pt"), reverse=True)
         for path in candidates:
             try:
@@ -964,11 +942,13 @@ def resume(args, task: str):
     if (found := on_rank0(read)) is None:
         return Args(**{**asdict(args), "resume_from": None}), None
     (path, counters), resumable = found, RESUMABLE.split()
-    given = tyro.cli(
-        Args, default=Args(**{**counters["config"], "resume_from": path})
-    )  # the saved flags, and those given anew
-    if clash := [f"--{k.replace('_', '-')} {v} (saved: {counters['config'][k]})" for k, v in asdict(given).items()
-                 if k not in resumable and v != counters["config"][k]]:  # fmt: skip
+    saved = counters["config"]
+    given = tyro.cli(Args, default=Args(**saved))  # the saved flags, and those given anew
+    if clash := [
+        f"--{k.replace('_', '-')} {v} (saved: {saved[k]})"
+        for k, v in asdict(given).items()
+        if k not in resumable and v != saved[k]
+    ]:
         raise SystemExit(f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
                          f"{', '.join('--' + k.replace('_', '-') for k in resumable)} may change on resume.")  # fmt: skip
     given.resume_from = path
@@ -977,11 +957,12 @@ def resume(args, task: str):
 
 
 # ---- the run folder and its log ----
-def start_run(args, task: str):
-    """Rank 0 names the run (by its clock), checks now that the output and run folders can be written, and saves every
-    flag to runs/{run_name}/args.json; the console gets those that differ from their defaults."""
+def start_run(args, task: str, start: int):
+    """Rank 0 names the run (by its clock), checks now that the output and run folders can be written, saves every flag
+    to runs/{run_name}/args.json and opens its metrics.jsonl; a resumed run keeps the lines before its checkpoint's
+    update (a line cut by the kill dropped), so that each update is logged once. Returns (log, W&B, TensorBoard)."""
 
-    def start():
+    def begin():
         if args.run_name and not args.resume_from and os.path.exists(f"runs/{args.run_name}/metrics.jsonl"):
             raise SystemExit(f"runs/{args.run_name} holds a run already: choose another --run-name, or --resume-from it")
         name = args.run_name or f"{task}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -991,31 +972,24 @@ def start_run(args, task: str):
                 tempfile.TemporaryFile(dir=folder).close()
             except OSError as e:
                 raise SystemExit(f"cannot write to {folder}: {e}")
-        with open(f"runs/{name}/args.json.tmp", "w") as f:
-            json.dump(asdict(args) | {"run_name": name}, f, indent=1)
-        os.replace(f"runs/{name}/args.json.tmp", f"runs/{name}/args.json")
-        default, quiet = asdict(Args()), COMPUTED.split() + ["run_name"]
-        changed = [f"--{k.replace('_', '-')} {v}" for k, v in asdict(args).items() if k not in quiet and v != default[k]]
+        config, default, quiet = asdict(args) | {"run_name": name}, asdict(Args()), COMPUTED.split() + ["run_name"]
+        changed = [f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet and v != default[k]]
         print(f"run {name}: {' '.join(changed) or 'the default flags'} (every flag: runs/{name}/args.json)")
+        path, kept = f"runs/{name}/metrics.jsonl", []
+        for line in open(path) if start > 1 and os.path.exists(path) else []:
+            try:
+                kept += [line] if json.loads(line)["update"] < start else []
+            except json.JSONDecodeError:  # a line cut by the kill
+                break
+        for file, text in ((f"runs/{name}/args.json", json.dumps(config, indent=1)), (path, "".join(kept))):
+            with open(f"{file}.tmp", "w") as f:
+                f.write(text)
+            os.replace(f"{file}.tmp", file)
         return name
 
-    args.run_name = on_rank0(start)
-
-
-def open_log(args, start: int, rank: int):
-    """(metrics.jsonl, W&B, TensorBoard), written by rank 0. A resumed run keeps the lines before its checkpoint's
-    update (a line cut by the kill is dropped): each update is logged once."""
-    if rank > 0:
+    args.run_name = on_rank0(begin)
+    if dist.is_initialized() and dist.get_rank() > 0:
         return open(os.devnull, "w"), None, None
-    path, kept = f"runs/{args.run_name}/metrics.jsonl", []
-    for line in open(path) if start > 1 and os.path.exists(path) else []:
-        try:
-            kept += [line] if json.loads(line)["update"] < start else []
-        except json.JSONDecodeError:  # a line cut by the kill
-            break
-    with open(f"{path}.tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(f"{path}.tmp", path)
     tracker = writer = None
     if getattr(args, "track", False):
         import wandb  # only imported when asked for
@@ -1025,7 +999,7 @@ def open_log(args, start: int, rank: int):
         from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
 
         writer = SummaryWriter(f"runs/{args.run_name}")
-    return open(path, "a"), tracker, writer
+    return open(f"runs/{args.run_name}/metrics.jsonl", "a"), tracker, writer
 
 
 def log_metrics(metrics: dict, log, tracker=None, writer=None):
