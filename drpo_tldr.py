@@ -551,8 +551,8 @@ def build_episodes(args: Args, tokenizer):
 
 
 def comparison_texts(row: dict, i: int, source: str):
-    """TL;DR comparison -> (post fields, chosen text); None for the CNN/DailyMail rows (an article, no post) of
-    openai/summarize_from_feedback's validation split (the N+ code drops them too)."""
+    """TL;DR comparison -> (post fields, chosen text, rejected text); None for the CNN/DailyMail rows (an article, no
+    post) of openai/summarize_from_feedback's validation split (the N+ code drops them too)."""
     info = row["info"]
     if info.get("article") is not None and all(info.get(k) is None for k in ("post", "title", "subreddit")):
         return None
@@ -562,7 +562,7 @@ def comparison_texts(row: dict, i: int, source: str):
     texts = [s.get("text") if isinstance(s, dict) else None for s in row["summaries"]]
     if len(texts) != 2 or not all(isinstance(t, str) for t in texts) or row["choice"] not in (0, 1):
         raise SystemExit(f"{source} row {i}, column 'summaries'/'choice': expected two {{'text': str}} and choice 0 or 1")
-    return info, texts[row["choice"]]
+    return info, texts[row["choice"]], texts[1 - row["choice"]]
 
 
 def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None):
@@ -722,10 +722,11 @@ def load_reward_fn(spec: str):
     return function
 
 
-def save_model(args, model, tokenizer):
+def save_model(args, model, tokenizer, weights=None):
     """The final model, a save_pretrained folder that loads on one device, FSDP or not: every process takes part in
-    gathering the weights, rank 0 holds them in CPU memory and writes them. Then every process leaves together."""
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    gathering the weights (unless given), rank 0 holds them in CPU memory and writes them. Then all leave together."""
+    if weights is None:
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_initialized() or dist.get_rank() == 0:
         model.save_pretrained(args.output_dir, state_dict=weights)
         tokenizer.save_pretrained(args.output_dir)

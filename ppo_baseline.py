@@ -666,10 +666,11 @@ def load_reward_fn(spec: str):
     return function
 
 
-def save_model(args, model, tokenizer):
+def save_model(args, model, tokenizer, weights=None):
     """The final model, a save_pretrained folder that loads on one device, FSDP or not: every process takes part in
-    gathering the weights, rank 0 holds them in CPU memory and writes them. Then every process leaves together."""
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    gathering the weights (unless given), rank 0 holds them in CPU memory and writes them. Then all leave together."""
+    if weights is None:
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_initialized() or dist.get_rank() == 0:
         model.save_pretrained(args.output_dir, state_dict=weights)
         tokenizer.save_pretrained(args.output_dir)
