@@ -96,7 +96,8 @@ class Args:
 
 
 DEFAULTS = {  # --task -> (SFT model, dataset, config, eval split, response length)
-    "tldr": ("cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr", "openai/summarize_from_feedback", "comparisons", "validation", 53),
+    "tldr": ("cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr", "openai/summarize_from_feedback", "comparisons", "validation",
+             53),
     "hh": ("models/sft_hh", "Anthropic/hh-rlhf", None, "test", 128),
 }  # fmt: skip
 
@@ -171,8 +172,9 @@ def train(args, run, log, train_pairs, eval_pairs, ref, policy, pad_id, checkpoi
             with autocast:
                 logp_c, logp_r = sequence_logprobs(policy, [train_pairs[i] for i in mb], pad_id, device)
             lengths = torch.tensor([len(train_pairs[i][1]) for i in mb], device=device)
-            loss, reward_c, reward_r = dpo_loss(logp_c, logp_r, ref["train"][0][mb].to(device), ref["train"][1][mb].to(device),
-                                                args.beta, args.label_smoothing, args.loss_type, args.rpo_alpha, lengths)  # fmt: skip
+            ref_c, ref_r = ref["train"][0][mb].to(device), ref["train"][1][mb].to(device)
+            loss, reward_c, reward_r = dpo_loss(logp_c, logp_r, ref_c, ref_r, args.beta, args.label_smoothing, args.loss_type,
+                args.rpo_alpha, lengths)  # fmt: skip
             sync_gradients([policy], args.fsdp, last=micro == args.gradient_accumulation_steps - 1)
             (loss / args.gradient_accumulation_steps).backward()
             stats = [loss.detach(), reward_c.mean(), reward_r.mean(), (reward_c > reward_r).float().mean(),
@@ -286,7 +288,7 @@ def main():
     args.gradient_accumulation_steps = args.batch_size // (args.local_micro_batch_size * world)  # per process
     check_flags(args, world)
     check_hub([args.sft_model_path, args.dataset_name])
-    tokenizer = load_tokenizer(args.sft_model_path, "left")
+    tokenizer = load_tokenizer(args.sft_model_path)
     train_pairs = build_pairs(args, tokenizer, args.train_split, args.max_train_samples)
     eval_pairs = build_pairs(args, tokenizer, args.eval_split, args.max_eval_samples)
     args.num_updates = args.num_train_epochs * len(train_pairs) // args.batch_size
@@ -401,10 +403,12 @@ def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None)
     except Exception as e:  # connection errors come in many types, from requests, httpx and huggingface_hub
         if os.path.exists(name):
             raise
-        raise SystemExit(f"Could not load the dataset '{name}' from the Hugging Face Hub ({type(e).__name__}: {e}). Offline, "
-                         f"point --dataset-name at a local folder or json/jsonl file with the columns {list(schema)}") from None  # fmt: skip
+        raise SystemExit(f"Could not load the dataset '{name}' from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"Offline, point --dataset-name at a folder or json/jsonl file with columns {list(schema)}") from None  # fmt: skip
     if missing := [c for c in schema if c not in ds.column_names]:
-        raise SystemExit(f"{name} (split {split}) lacks column(s) {missing}; expected {list(schema)}, found {ds.column_names}")
+        raise SystemExit(
+            f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}"
+        )
     if extra := [c for c in ds.column_names if c not in schema]:
         print(f"note: {name} has extra column(s) {extra}, which are not used")
     return ds.select_columns(list(schema))
@@ -490,7 +494,7 @@ def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
     return model
 
 
-def load_tokenizer(path: str, padding_side: str):
+def load_tokenizer(path: str, padding_side: str = "left"):
     tokenizer = from_pretrained(AutoTokenizer, path, padding_side=padding_side)
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"the tokenizer of {path} has no EOS token; set `eos_token` in its tokenizer_config.json")
@@ -540,7 +544,7 @@ def check_flags(args, world: Optional[int] = None):
     parts, chunk = getattr(args, "num_mini_batches", 1), getattr(args, "local_rollout_forward_batch_size", 1)
     if world and (args.batch_size % (args.local_micro_batch_size * world * parts) or args.batch_size % (chunk * world)):
         raise SystemExit(f"--batch-size {args.batch_size} must split into --num-mini-batches minibatches of whole "
-                         f"--local-micro-batch-size x {world} processes, and into --local-rollout-forward-batch-size x {world}")  # fmt: skip
+            f"--local-micro-batch-size x {world} processes, and of --local-rollout-forward-batch-size x {world}")  # fmt: skip
     if world and args.fsdp and (not dist.is_initialized() or getattr(args, "use_lora", False)):
         raise SystemExit(f"--fsdp shards the trained weights across torchrun's processes (torchrun ... {sys.argv[0]} --fsdp); "
                          "not with --use-lora, where the adapters alone train")  # fmt: skip
@@ -740,8 +744,10 @@ def start_run(args, task: str, start: int):
                 tempfile.TemporaryFile(dir=folder).close()
             except OSError as e:
                 raise SystemExit(f"cannot write to {folder}: {e}")
-        config, default, quiet = asdict(args) | {"run_name": name}, asdict(Args()), COMPUTED.split() + ["run_name"]
-        changed = [f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet and v != default[k]]
+        config, default, quiet = asdict(args) | {"run_name": name, "resume_from": None}, asdict(Args()), COMPUTED.split()
+        changed = [
+            f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet + ["run_name"] and v != default[k]
+        ]
         print(f"run {name}: {' '.join(changed) or 'the default flags'} (every flag: runs/{name}/args.json)")
         path, kept = f"runs/{name}/metrics.jsonl", []
         for line in open(path) if start > 1 and os.path.exists(path) else []:

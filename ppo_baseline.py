@@ -325,8 +325,8 @@ def train(args, run, log, tokenizer, queries, models, reward_fn, checkpoint):
             t1 = clock(device)
             # 3. Score: the EOS trick, the reward model on the truncated response, the missing-EOS penalty. Then every
             # process gets the whole batch: every statistic below is the whole batch's.
-            scored = score_responses(reward_model, reward_fn, tokenizer, batch_queries[mine], query_batch[mine], torch.cat(responses),
-                                     args.missing_eos_penalty, args.local_rollout_forward_batch_size)  # fmt: skip
+            scored = score_responses(reward_model, reward_fn, tokenizer, batch_queries[mine], query_batch[mine],
+                torch.cat(responses), args.missing_eos_penalty, args.local_rollout_forward_batch_size)  # fmt: skip
             responses, logprobs, ref_logprobs, values = (
                 gather(torch.cat(x)) for x in (responses, logprobs, ref_logprobs, values)
             )
@@ -359,7 +359,7 @@ def train(args, run, log, tokenizer, queries, models, reward_fn, checkpoint):
                         )
                         vpred = token_scores(value_model, mb_query_responses, pad_id)[:, context_length - 1 : -1]
                     pg_loss, vf_loss, mb_stats = ppo_losses(new_logprobs, logprobs[idx], advantages[idx], vpred, values[idx],
-                                                            returns[idx], mask[idx], args.cliprange, args.cliprange_value)  # fmt: skip
+                        returns[idx], mask[idx], args.cliprange, args.cliprange_value)  # fmt: skip
                     loss = pg_loss + args.vf_coef * vf_loss
                     finite &= torch.isfinite(loss)
                     sync_gradients((policy, value_model), args.fsdp, last=micro == args.gradient_accumulation_steps - 1)
@@ -450,10 +450,10 @@ def main():
     check_flags(args, world)
     if args.num_updates == 0:
         raise SystemExit("--total-episodes is smaller than --batch-size: no update would run")
-    log = start_run(args, args.task, checkpoint["update"] + 1 if checkpoint else 1)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # a rule-based reward replaces the model
+    log = start_run(args, args.task, checkpoint["update"] + 1 if checkpoint else 1)
     check_hub([args.sft_model_path, args.value_model_path, args.dataset_name, None if reward_fn else args.reward_model_path])
-    tokenizer = load_tokenizer(args.sft_model_path, "left")
+    tokenizer = load_tokenizer(args.sft_model_path)
     queries = build_queries(args, tokenizer)
     torch.manual_seed(args.seed)  # a new value head's init
     models = load_models(args, tokenizer, device)
@@ -525,10 +525,12 @@ def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None)
     except Exception as e:  # connection errors come in many types, from requests, httpx and huggingface_hub
         if os.path.exists(name):
             raise
-        raise SystemExit(f"Could not load the dataset '{name}' from the Hugging Face Hub ({type(e).__name__}: {e}). Offline, "
-                         f"point --dataset-name at a local folder or json/jsonl file with the columns {list(schema)}") from None  # fmt: skip
+        raise SystemExit(f"Could not load the dataset '{name}' from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"Offline, point --dataset-name at a folder or json/jsonl file with columns {list(schema)}") from None  # fmt: skip
     if missing := [c for c in schema if c not in ds.column_names]:
-        raise SystemExit(f"{name} (split {split}) lacks column(s) {missing}; expected {list(schema)}, found {ds.column_names}")
+        raise SystemExit(
+            f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}"
+        )
     if extra := [c for c in ds.column_names if c not in schema]:
         print(f"note: {name} has extra column(s) {extra}, which are not used")
     return ds.select_columns(list(schema))
@@ -643,7 +645,7 @@ def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
     return model
 
 
-def load_tokenizer(path: str, padding_side: str):
+def load_tokenizer(path: str, padding_side: str = "left"):
     tokenizer = from_pretrained(AutoTokenizer, path, padding_side=padding_side)
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"the tokenizer of {path} has no EOS token; set `eos_token` in its tokenizer_config.json")
@@ -652,7 +654,7 @@ def load_tokenizer(path: str, padding_side: str):
     return tokenizer
 
 
-def non_token_ids(tokenizer, vocab_size: int, device):
+def non_token_ids(tokenizer, vocab_size: int, device=None):
     """The ids the policy must never write. The pad token: the code reads it as padding, so a sampled one would end the
     response unseen, untrained and unpenalised (an absorbing action). And the embedding rows past the tokenizer's
     vocabulary, which no text encodes to (Pythia-1B: 50304 rows, 50281 tokens)."""
@@ -661,8 +663,10 @@ def non_token_ids(tokenizer, vocab_size: int, device):
 
 def load_reward_fn(spec: str):
     path, _, name = spec.rpartition(":")  # path/to/file.py:function
-    if not os.path.isfile(path) or not callable(function := runpy.run_path(path).get(name)):
-        raise SystemExit(f"--reward-fn {spec}: expected path/to/file.py:function; {path!r} has no function {name!r}")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--reward-fn {spec}: no file {path!r} (expected path/to/file.py:function)")
+    if not callable(function := runpy.run_path(path).get(name)):
+        raise SystemExit(f"--reward-fn {spec}: {path} has no function {name!r}")
     return function
 
 
@@ -708,7 +712,7 @@ def check_flags(args, world: Optional[int] = None):
     parts, chunk = getattr(args, "num_mini_batches", 1), getattr(args, "local_rollout_forward_batch_size", 1)
     if world and (args.batch_size % (args.local_micro_batch_size * world * parts) or args.batch_size % (chunk * world)):
         raise SystemExit(f"--batch-size {args.batch_size} must split into --num-mini-batches minibatches of whole "
-                         f"--local-micro-batch-size x {world} processes, and into --local-rollout-forward-batch-size x {world}")  # fmt: skip
+            f"--local-micro-batch-size x {world} processes, and of --local-rollout-forward-batch-size x {world}")  # fmt: skip
     if world and args.fsdp and (not dist.is_initialized() or getattr(args, "use_lora", False)):
         raise SystemExit(f"--fsdp shards the trained weights across torchrun's processes (torchrun ... {sys.argv[0]} --fsdp); "
                          "not with --use-lora, where the adapters alone train")  # fmt: skip
@@ -917,8 +921,10 @@ def start_run(args, task: str, start: int):
                 tempfile.TemporaryFile(dir=folder).close()
             except OSError as e:
                 raise SystemExit(f"cannot write to {folder}: {e}")
-        config, default, quiet = asdict(args) | {"run_name": name}, asdict(Args()), COMPUTED.split() + ["run_name"]
-        changed = [f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet and v != default[k]]
+        config, default, quiet = asdict(args) | {"run_name": name, "resume_from": None}, asdict(Args()), COMPUTED.split()
+        changed = [
+            f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet + ["run_name"] and v != default[k]
+        ]
         print(f"run {name}: {' '.join(changed) or 'the default flags'} (every flag: runs/{name}/args.json)")
         path, kept = f"runs/{name}/metrics.jsonl", []
         for line in open(path) if start > 1 and os.path.exists(path) else []:

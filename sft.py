@@ -8,12 +8,11 @@
 # Docs: README.md#sftpy
 import contextlib
 import datetime
-import math
 import glob
 import json
+import math
 import os
 import resource
-import runpy
 import sys
 import tempfile
 import time
@@ -22,7 +21,6 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -279,10 +277,12 @@ def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None)
     except Exception as e:  # connection errors come in many types, from requests, httpx and huggingface_hub
         if os.path.exists(name):
             raise
-        raise SystemExit(f"Could not load the dataset '{name}' from the Hugging Face Hub ({type(e).__name__}: {e}). Offline, "
-                         f"point --dataset-name at a local folder or json/jsonl file with the columns {list(schema)}") from None  # fmt: skip
+        raise SystemExit(f"Could not load the dataset '{name}' from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"Offline, point --dataset-name at a folder or json/jsonl file with columns {list(schema)}") from None  # fmt: skip
     if missing := [c for c in schema if c not in ds.column_names]:
-        raise SystemExit(f"{name} (split {split}) lacks column(s) {missing}; expected {list(schema)}, found {ds.column_names}")
+        raise SystemExit(
+            f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}"
+        )
     if extra := [c for c in ds.column_names if c not in schema]:
         print(f"note: {name} has extra column(s) {extra}, which are not used")
     return ds.select_columns(list(schema))
@@ -363,7 +363,7 @@ def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
     return model
 
 
-def load_tokenizer(path: str, padding_side: str):
+def load_tokenizer(path: str, padding_side: str = "left"):
     tokenizer = from_pretrained(AutoTokenizer, path, padding_side=padding_side)
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"the tokenizer of {path} has no EOS token; set `eos_token` in its tokenizer_config.json")
@@ -372,7 +372,7 @@ def load_tokenizer(path: str, padding_side: str):
     return tokenizer
 
 
-def non_token_ids(tokenizer, vocab_size: int, device):
+def non_token_ids(tokenizer, vocab_size: int, device=None):
     """The ids the policy must never write. The pad token: the code reads it as padding, so a sampled one would end the
     response unseen, untrained and unpenalised (an absorbing action). And the embedding rows past the tokenizer's
     vocabulary, which no text encodes to (Pythia-1B: 50304 rows, 50281 tokens)."""
@@ -419,7 +419,7 @@ def check_flags(args, world: Optional[int] = None):
     parts, chunk = getattr(args, "num_mini_batches", 1), getattr(args, "local_rollout_forward_batch_size", 1)
     if world and (args.batch_size % (args.local_micro_batch_size * world * parts) or args.batch_size % (chunk * world)):
         raise SystemExit(f"--batch-size {args.batch_size} must split into --num-mini-batches minibatches of whole "
-                         f"--local-micro-batch-size x {world} processes, and into --local-rollout-forward-batch-size x {world}")  # fmt: skip
+            f"--local-micro-batch-size x {world} processes, and of --local-rollout-forward-batch-size x {world}")  # fmt: skip
     if world and args.fsdp and (not dist.is_initialized() or getattr(args, "use_lora", False)):
         raise SystemExit(f"--fsdp shards the trained weights across torchrun's processes (torchrun ... {sys.argv[0]} --fsdp); "
                          "not with --use-lora, where the adapters alone train")  # fmt: skip
@@ -626,8 +626,10 @@ def start_run(args, task: str, start: int):
                 tempfile.TemporaryFile(dir=folder).close()
             except OSError as e:
                 raise SystemExit(f"cannot write to {folder}: {e}")
-        config, default, quiet = asdict(args) | {"run_name": name}, asdict(Args()), COMPUTED.split() + ["run_name"]
-        changed = [f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet and v != default[k]]
+        config, default, quiet = asdict(args) | {"run_name": name, "resume_from": None}, asdict(Args()), COMPUTED.split()
+        changed = [
+            f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet + ["run_name"] and v != default[k]
+        ]
         print(f"run {name}: {' '.join(changed) or 'the default flags'} (every flag: runs/{name}/args.json)")
         path, kept = f"runs/{name}/metrics.jsonl", []
         for line in open(path) if start > 1 and os.path.exists(path) else []:

@@ -343,7 +343,7 @@ def torchrun(script, *flags, cwd=None, env=None, check=True):
 def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow_save=0.6, launcher=(sys.executable,)):
     """Fault injection: runs `script *flags --resume-from auto` and SIGKILLs it `kills` times, resuming each time, then
     lets it finish. Even kills land while a checkpoint is being written (SLOW_SAVE_S holds the save open between the
-    weights and state.pt for `slow_save` seconds), the others at a random moment 1-3 updates past the checkpoint the
+    checkpoint and its rename for `slow_save` seconds: tests/slow_save.py), the others at a random moment 1-3 updates past the checkpoint the
     process resumed from, in a process whose saves are not slowed (`updates` and `save_every` are the run's, so that a
     kill never comes too late). After every kill the run must still hold its newest complete checkpoint, and the
     updates lost (logged but not checkpointed) are returned, one dict per kill. `launcher`: what runs the script (the
@@ -354,7 +354,15 @@ def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow
     import time
 
     rng, report = random.Random(seed), []
-    cmd = [*launcher, os.path.join(ROOT, script), *map(str, flags), "--resume-from", "auto"]
+    # a fresh process gets the slow save through tests/slow_save.py, which runs the script
+    cmd = [
+        *launcher,
+        os.path.join(ROOT, "tests", "slow_save.py"),
+        os.path.join(ROOT, script),
+        *map(str, flags),
+        "--resume-from",
+        "auto",
+    ]
 
     def log_file():
         run = newest_run(cwd)
@@ -366,9 +374,9 @@ def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow
 
     def saving(since):
         """A save of the running process is under way (not the leftover of a killed one)."""
-        for folder in glob.glob(os.path.join(cwd, "runs", "*", "checkpoints", "incomplete")):
+        for path in glob.glob(os.path.join(cwd, "runs", "*", "checkpoints", "incomplete.pt")):
             try:
-                if os.path.getmtime(folder) >= since and os.listdir(folder):
+                if os.path.getmtime(path) >= since:
                     return True
             except FileNotFoundError:  # renamed into place meanwhile
                 pass
@@ -376,7 +384,7 @@ def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow
 
     def complete():
         run = newest_run(cwd)
-        return sorted(int(c.rsplit("_", 1)[1]) for c in glob.glob(os.path.join(run, "checkpoints", "update_*"))) if run else []
+        return sorted(int(c[-10:-3]) for c in glob.glob(os.path.join(run, "checkpoints", "update_*.pt"))) if run else []
 
     for k in range(kills + 1):
         resumed_at, log_at_start, started = (complete() or [0])[-1], log_file(), time.time()
@@ -408,7 +416,9 @@ def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow
         proc.wait()
         after = complete()
         assert not before or (after and after[-1] >= before[-1]), (before, after)  # the kill took no complete checkpoint away
-        unfinished = glob.glob(os.path.join(cwd, "runs", "*", "checkpoints", "incomplete"))  # this process's save, cut short
+        unfinished = glob.glob(
+            os.path.join(cwd, "runs", "*", "checkpoints", "incomplete.pt")
+        )  # this process's save, cut short
         report.append(
             {"during_save": any(os.path.getmtime(u) >= started for u in unfinished), "lost": logged() - (after or [0])[-1]}
         )

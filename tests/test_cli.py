@@ -26,8 +26,8 @@ def test_every_script_refuses_a_flag_out_of_range_naming_it(script, field, value
     module = importlib.import_module(script[:-3])
     args = module.Args(**{field: value})
     with pytest.raises(SystemExit, match=re.escape(f"--{field.replace('_', '-')} {value}: must be {must}")):
-        module.check_flags(args, module.FLAG_RULES)
-    module.check_flags(module.Args(), module.FLAG_RULES)  # the defaults pass
+        module.check_flags(args)
+    module.check_flags(module.Args())  # the defaults pass
 
 
 def test_a_flag_out_of_range_stops_the_run_before_anything_is_loaded(tmp_path):

@@ -243,7 +243,7 @@ def test_killed_under_torchrun_resumes_to_the_straight_torchrun_run(world, sft_m
     for d in ("straight", "killed"):
         os.makedirs(tmp_path / d)
     torchrun("drpo_tldr.py", *flags, cwd=tmp_path / "straight")
-    cmd = [*TORCHRUN, f"{ROOT}/drpo_tldr.py", *map(str, flags), "--resume-from", "auto"]
+    cmd = [*TORCHRUN, f"{ROOT}/tests/slow_save.py", f"{ROOT}/drpo_tldr.py", *map(str, flags), "--resume-from", "auto"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         cmd,
@@ -254,14 +254,14 @@ def test_killed_under_torchrun_resumes_to_the_straight_torchrun_run(world, sft_m
     )
     checkpoints = tmp_path / "killed" / "runs" / "*" / "checkpoints"
     while proc.poll() is None and not (
-        glob.glob(str(checkpoints / "update_0000002")) and glob.glob(str(checkpoints / "incomplete" / "*"))
+        glob.glob(str(checkpoints / "update_0000002.pt")) and glob.glob(str(checkpoints / "incomplete.pt"))
     ):
         time.sleep(0.05)
     subprocess.run(["pkill", "-KILL", "-f", f"killed{os.getpid()}"])  # the launcher and both workers (their own sessions)
     proc.wait()
     run = newest_run(tmp_path / "killed")
     assert sum(1 for _ in open(f"{run}/metrics.jsonl")) == 4, open(tmp_path / "killed" / "first.txt").read()[-2000:]
-    assert sorted(os.listdir(f"{run}/checkpoints")) == ["incomplete", "update_0000002"]
+    assert sorted(os.listdir(f"{run}/checkpoints")) == ["incomplete.pt", "update_0000002.pt"]
     resumed = subprocess.run(
         cmd, cwd=tmp_path / "killed", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )

@@ -103,10 +103,9 @@ def resolved_defaults(module, **fields):
 
     args = module.Args(**fields)
     if module is ppo:
-        args.sft_model_path, args.reward_model_path = ppo.DEFAULT_MODELS[args.task]
-        args.dataset_name, args.response_length = ppo.DEFAULT_DATASETS[args.task], ppo.DEFAULT_RESPONSE_LENGTH[args.task]
+        args.sft_model_path, args.reward_model_path, args.dataset_name, args.response_length = ppo.DEFAULTS[args.task]
     elif module is drpo_tldr:
-        args.dataset_name, args.dataset_config = drpo_tldr.DEFAULT_DATASETS[args.reset_source]
+        args.dataset_name, args.dataset_config = drpo_tldr.DATASETS[args.reset_source]
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in ("exp_name", "output_dir", "task")}
 
 

@@ -10,6 +10,7 @@ import torch
 from conftest import RM_FLAGS, ROOT, policy_gold, run_script
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPTNeoXConfig
 
+import ppo_baseline
 import reward_model
 import tiny_world
 
@@ -23,7 +24,7 @@ def test_bt_loss_hand_computed():
 def test_last_token_index():
     P = 1
     ids = torch.tensor([[5, 6, P, P], [P, 5, 6, 7], [5, 6, 7, 8]])
-    assert reward_model.last_token_index(ids, P).tolist() == [1, 3, 3]
+    assert ppo_baseline.last_token_index(ids, P).tolist() == [1, 3, 3]  # where the RL scripts read the reward model
 
 
 def tiny_classifier(seed=0):
@@ -57,7 +58,9 @@ def test_fold_bias_shifts_every_reward_exactly():
     ids = torch.randint(2, 32, (4, 7))
     with torch.no_grad():
         before = reward_model.get_reward(model, ids, 1)
-        reward_model.fold_bias(model, -2.5)
+        weights = {k: v.clone() for k, v in model.state_dict().items()}  # as reward_model.py folds the gathered weights
+        assert reward_model.fold_bias(weights, model.base_model_prefix, -2.5)
+        model.load_state_dict(weights)
         after = reward_model.get_reward(model, ids, 1)
     torch.testing.assert_close(after, before - 2.5, rtol=0, atol=1e-5)
 

@@ -68,4 +68,9 @@ os.environ.clear()
 os.environ.update(request["env"])
 sys.argv = request["argv"]
 sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+if os.environ.get("SLOW_SAVE_S"):  # the fault injection's hook (tests/slow_save.py): each checkpoint's save held open
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import slow_save
+
+    slow_save.install(float(os.environ["SLOW_SAVE_S"]))
 runpy.run_path(sys.argv[0], run_name="__main__")
