@@ -342,12 +342,13 @@ def torchrun(script, *flags, cwd=None, env=None, check=True):
 
 def kill_and_resume(script, flags, cwd, seed, updates, save_every, kills=4, slow_save=0.6, launcher=(sys.executable,)):
     """Fault injection: runs `script *flags --resume-from auto` and SIGKILLs it `kills` times, resuming each time, then
-    lets it finish. Even kills land while a checkpoint is being written (SLOW_SAVE_S holds the save open between the
-    checkpoint and its rename for `slow_save` seconds: tests/slow_save.py), the others at a random moment 1-3 updates past the checkpoint the
-    process resumed from, in a process whose saves are not slowed (`updates` and `save_every` are the run's, so that a
-    kill never comes too late). After every kill the run must still hold its newest complete checkpoint, and the
-    updates lost (logged but not checkpointed) are returned, one dict per kill. `launcher`: what runs the script (the
-    kill takes its process group; torchrun's workers have sessions of their own, see test_distributed.py)."""
+    lets it finish. Even kills land while a checkpoint is being written (SLOW_SAVE_S holds each save open between the
+    written file and its rename for `slow_save` seconds: tests/slow_save.py), the others at a random moment 1-3
+    updates past the checkpoint the process resumed from, in a process whose saves are not slowed (`updates` and
+    `save_every` are the run's, so that a kill never comes too late). After every kill the run must still hold its
+    newest complete checkpoint, and the updates lost (logged but not checkpointed) are returned, one dict per kill.
+    `launcher`: what runs the script (the kill takes its process group; torchrun's workers have sessions of their own,
+    see test_distributed.py)."""
     import glob
     import random
     import signal

@@ -173,7 +173,7 @@ def test_unreachable_hub_gives_a_one_paragraph_hint(world):
         env={"HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode != 0 and "Could not load the dataset 'nobody/not-a-dataset'" in proc.stdout
-    assert "point --dataset-name at a local folder" in proc.stdout and "Traceback" not in proc.stdout
+    assert "point --dataset-name at a folder or json/jsonl file" in proc.stdout and "Traceback" not in proc.stdout
     proc = run_script("reward_model.py", "--sft-model-path", "nobody/not-a-model", check=False, env={"HF_HUB_OFFLINE": "1"})
     assert "Could not load 'nobody/not-a-model'" in proc.stdout and "point the model flags (--sft-model-path" in proc.stdout
 
