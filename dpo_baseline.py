@@ -297,7 +297,8 @@ def main():
     log = start_run(args, args.task, checkpoint["update"] + 1 if checkpoint else 1)
     if args.frozen_dtype == "auto":  # a frozen model needs no fp32 copy on a GPU; bf16 is slow on a CPU
         args.frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    print(f"dtypes: trained {args.dtype}, frozen {args.frozen_dtype}, bf16 autocast {device.type == 'cuda'} ({device})")
+    on = "on" if device.type == "cuda" else "off"
+    print(f"dtypes: trained weights {args.dtype}, frozen models {args.frozen_dtype}, bf16 autocast {on} ({device})")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     ref = reference_logprobs(args, tokenizer, {"train": train_pairs, "eval": eval_pairs}, run, autocast)
     policy = from_pretrained(AutoModelForCausalLM, args.sft_model_path, tokenizer, dtype=getattr(torch, args.dtype))

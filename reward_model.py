@@ -255,7 +255,7 @@ def main():
     if args.num_updates == 0:
         raise SystemExit(f"{len(train_pairs)} pairs are fewer than one batch of {args.batch_size}")
     log = start_run(args, args.task, checkpoint["update"] + 1 if checkpoint else 1)
-    print(f"dtypes: trained {args.dtype}, bf16 autocast {device.type == 'cuda'} ({device})")
+    print(f"dtypes: trained weights {args.dtype}, bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device})")
     torch.manual_seed(args.seed)  # the head's init
     model = from_pretrained(
         AutoModelForSequenceClassification, args.sft_model_path, tokenizer, num_labels=1, dtype=getattr(torch, args.dtype)

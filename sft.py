@@ -211,7 +211,7 @@ def main():
     if args.num_updates == 0:
         raise SystemExit(f"{len(train_examples)} examples are fewer than one batch of {args.batch_size}")
     log = start_run(args, args.task, checkpoint["update"] + 1 if checkpoint else 1)
-    print(f"dtypes: trained {args.dtype}, bf16 autocast {device.type == 'cuda'} ({device})")
+    print(f"dtypes: trained weights {args.dtype}, bf16 autocast {'on' if device.type == 'cuda' else 'off'} ({device})")
     model = from_pretrained(AutoModelForCausalLM, args.base_model, tokenizer, dtype=getattr(torch, args.dtype))
     model = train(
         args, run, log, tokenizer, train_examples, eval_examples, place(model, device, args.fsdp).train(), checkpoint

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -317,3 +318,170 @@ def test_a_rank_that_dies_stops_the_job(world, sft_model, tmp_path):
     assert proc.returncode != 0 and time.time() - start < 120, proc.stdout[-3000:]
     assert "rank      : 1" in proc.stdout and "Signal 9 (SIGKILL)" in proc.stdout, proc.stdout[-3000:]
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+# a worker run by torchrun: the machinery on two CPU processes, next to a reference computation
+MACHINERY = """import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import drpo_tldr as script
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+# bucketed gradients equal per-parameter ones: tensors of several sizes and dtypes, buckets of 64 bytes or 32 MB
+for bucket in (64, 2**25):
+    torch.manual_seed(rank)
+    shapes = ((3, torch.float32), (40, torch.float32), (5, torch.bfloat16), (7, torch.float32))
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=d)) for n, d in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape).to(p.dtype)
+    expected = [p.grad.clone() for p in params]
+    for g in expected:
+        dist.all_reduce(g)
+        g /= world
+    script.average_gradients(params, fsdp=False, bucket_bytes=bucket)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, expected)), bucket
+# FSDP on the script's device, whatever accelerator the build has: a CUDA build reports "cuda" on a machine with no GPU
+torch._C._get_accelerator = lambda: torch.device("cuda")
+torch.manual_seed(0)
+config = GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+model = script.place(GPTNeoXForCausalLM(config), torch.device("cpu"), fsdp=True)
+assert all(p.device_mesh.device_type == "cpu" and p.device.type == "cpu" for p in model.parameters())
+model(input_ids=torch.randint(0, 64, (2, 5)), labels=torch.randint(0, 64, (2, 5))).loss.backward()
+assert all(p.grad is not None for p in model.parameters())
+print("machinery ok", rank)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # starts torchrun
+def test_bucketed_gradients_and_fsdp_on_the_scripts_device(tmp_path):
+    """average_gradients' buckets (one all-reduce per 32 MB, or per 64 bytes here) give exactly the per-parameter
+    all-reduce's gradients; place() shards on a mesh of the script's device, even where the torch build reports a CUDA
+    accelerator that is not there (fully_shard's default mesh takes the build's accelerator: --fsdp crashed there)."""
+    (tmp_path / "machinery.py").write_text(MACHINERY)
+    proc = subprocess.run(
+        [*TORCHRUN, str(tmp_path / "machinery.py"), ROOT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.count("machinery ok") == 2, proc.stdout[-3000:]
+
+
+def two_nodes(script, flags, folders, port, env=None):
+    """`script` on two "nodes" without a shared file system: two torchrun launchers, --nnodes 2 with one process each,
+    rendezvous on 127.0.0.1, each in its own folder (node 0 in folders[0]). Returns (node 0's, node 1's) output."""
+    procs = []
+    for rank, folder in enumerate(folders):
+        os.makedirs(folder, exist_ok=True)
+        launcher = ["--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(rank), "--master-addr", "127.0.0.1"]
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    *launcher,
+                    "--master-port",
+                    str(port),
+                    *script,
+                    *map(str, flags),
+                ],
+                cwd=folder,
+                stdout=open(folder / "output.txt", "w"),
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+            )
+        )
+    for proc, folder in zip(procs, folders):
+        assert proc.wait(timeout=600) == 0, (folder / "output.txt").read_text()[-3000:]
+    return [(folder / "output.txt").read_text() for folder in folders]
+
+
+@pytest.mark.slow  # starts torchrun
+def test_two_nodes_without_a_shared_file_system_resume_to_the_straight_run(world, sft_model, reward_run, tmp_path):
+    """A job on two "nodes" whose disks are their own: node 0 (rank 0) alone writes runs/ and the reference cache, and
+    decides for every rank. DR-PO checkpoints, is killed (both launchers, every worker) while it writes its second
+    checkpoint, and is resumed with --resume-from auto on both nodes: node 1 has no runs/ at all, yet it resumes from
+    rank 0's checkpoint, and the log and the final model equal a straight two-node run's, bit for bit. DPO's
+    reference log-probs, cached on node 0's disk, reach node 1 too: a second run loads no reference model."""
+    port = 29400 + os.getpid() % 500
+    flags = [
+        *("--sft-model-path", sft_model, "--reward-model-path", world / "rm", "--dataset-name", world / "tldr_comparisons"),
+        *("--reset-source", "chosen", *SMALL_RL[:-2], "--total-episodes", 5 * 32, "--save-every", 2, "--output-dir", "out"),
+        *("--exp-name", f"nodes{os.getpid()}"),  # on every worker's command line, for pkill
+    ]
+    drpo = [f"{ROOT}/tests/slow_save.py", f"{ROOT}/drpo_tldr.py"]
+    straight = [tmp_path / "straight0", tmp_path / "straight1"]
+    two_nodes(drpo, flags, straight, port)
+    killed = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in killed:
+        os.makedirs(folder)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port + 1),
+                *drpo,
+                *map(str, flags),
+                "--resume-from",
+                "auto",
+            ],
+            cwd=folder,
+            stdout=open(folder / "first.txt", "w"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "SLOW_SAVE_S": "3"},
+        )  # fmt: skip
+        for rank, folder in enumerate(killed)
+    ]
+    checkpoints = tmp_path / "node0" / "runs" / "*" / "checkpoints"
+    while procs[0].poll() is None and not (
+        glob.glob(str(checkpoints / "update_0000002.pt")) and glob.glob(str(checkpoints / "incomplete.pt"))
+    ):
+        time.sleep(0.05)
+    subprocess.run(["pkill", "-KILL", "-f", f"nodes{os.getpid()}"])  # both launchers and their workers
+    for proc in procs:
+        proc.wait()
+    assert not os.path.exists(tmp_path / "node1" / "runs") and not os.path.exists(tmp_path / "straight1" / "runs")
+    outputs = two_nodes(drpo, [*flags, "--resume-from", "auto"], killed, port + 2)
+    assert "at update 3" in outputs[0], outputs[0][-3000:]
+    a_log, b_log = ([json.loads(x) for x in open(f"{newest_run(d)}/metrics.jsonl")] for d in (straight[0], killed[0]))
+    assert [m["update"] for m in b_log] == list(range(1, 6)) and untimed(a_log) == untimed(b_log)
+    a, b = (AutoModelForCausalLM.from_pretrained(d / "out").state_dict() for d in (straight[0], killed[0]))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not os.path.exists(tmp_path / "node1" / "runs") and not os.path.exists(tmp_path / "node1" / "out")
+
+    dpo = ["--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--max-train-samples", 64]
+    dpo += [
+        "--max-eval-samples",
+        16,
+        "--batch-size",
+        16,
+        "--local-micro-batch-size",
+        8,
+        "--save-every",
+        0,
+        "--output-dir",
+        "dpo",
+    ]
+    nodes = [tmp_path / "dpo0", tmp_path / "dpo1"]
+    first = two_nodes([f"{ROOT}/dpo_baseline.py"], dpo, nodes, port + 3)
+    second = two_nodes([f"{ROOT}/dpo_baseline.py"], dpo, nodes, port + 4)
+    assert "computed the reference log-probs" in first[0] and "from the cache" in second[0]
+    assert glob.glob(str(nodes[0] / "cache" / "ref_logprobs" / "*.pt")) and not os.path.exists(nodes[1] / "cache")
+    a, b = ([json.loads(x) for x in open(f"{r}/metrics.jsonl")] for r in sorted(glob.glob(str(nodes[0] / "runs" / "*"))))
+    assert untimed(a) == untimed(b)  # the cached reference is the computed one
