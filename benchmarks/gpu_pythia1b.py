@@ -107,14 +107,17 @@ print(
     f"updates 2-{args.updates} (the first is warm-up)"
 )
 print(
-    "| arm | episodes/s | s/update | rollout | scoring | update | mean h | peak memory (GPU allocated; on CPU the process's "
+    "| arm | episodes/s | s/update | rollout | scoring | update | mean h | peak memory (GPU reserved; on CPU the process's "
     "RSS) |\n"
     "|---|---|---|---|---|---|---|---|"
 )
 base = None
 for arm in dict.fromkeys(order):  # every run of the arm, updates after the first
     runs = [
-        glob.glob(f"{args.out}/runs/*__gpu_{a.replace(':', '-')}_{k}__*/metrics.jsonl")[-1]
+        max(
+            glob.glob(f"{args.out}/runs/*__gpu_{a.replace(':', '-')}_{k}__*/metrics.jsonl"),
+            key=lambda p: int(p.split("__")[-1].split("/")[0]),
+        )  # the newest run: a rerun must not report an older one
         for k, a in enumerate(order)
         if a == arm
     ]

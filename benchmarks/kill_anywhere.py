@@ -2,8 +2,8 @@
 
 For each of the six training scripts, on the tiny world: a straight run, then the same run SIGKILLed KILLS times and
 resumed with `--resume-from auto` after each kill (tests/conftest.py, kill_and_resume: every other kill lands while a
-checkpoint is being written, held open by SLOW_SAVE_S between the weights and state.pt; the others at a random moment
-1-3 updates past the checkpoint the process resumed from). The harness asserts after each kill that the newest
+checkpoint is being written, held open between the written file and its rename by tests/slow_save.py; the others at a
+random moment 1-3 updates past the checkpoint the process resumed from). The harness asserts after each kill that the newest
 complete checkpoint is still there. A run has recovered when it then finishes and its final model and log equal the
 straight run's bit for bit (times aside). Prints the Markdown table of BENCHMARKS.md and keeps it in $OUT/report.json.
 Run: python benchmarks/kill_anywhere.py        (KILLS=6, SEED=0, OUT=/tmp/kill_anywhere; about 20 minutes on 2 cores)
