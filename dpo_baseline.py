@@ -390,26 +390,19 @@ def comparison_texts(row: dict, i: int, source: str):
 
 def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None):
     """A Hub id, a local folder or a json/jsonl file (its one split is `train`), its columns checked against the schema."""
-    is_file = name.endswith((".json", ".jsonl"))
+    file = name.endswith((".json", ".jsonl"))
     try:
-        if is_file and not os.path.exists(name):
-            raise FileNotFoundError(f"dataset file {name} does not exist")
-        ds = (
-            load_dataset("json", data_files={"train": name}, split=split)
-            if is_file
-            else load_dataset(name, config, split=split)
-        )
+        ds = load_dataset("json", data_files={"train": name}, split=split) if file else load_dataset(name, config, split=split)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"could not read split '{split}' of {name}: {e}")
     except Exception as e:  # connection errors come in many types, from requests, httpx and huggingface_hub
-        if os.path.exists(name):
+        if file or os.path.exists(name):
             raise
         raise SystemExit(f"Could not load the dataset '{name}' from the Hugging Face Hub ({type(e).__name__}: {e}). "
             f"Offline, point --dataset-name at a folder or json/jsonl file with columns {list(schema)}") from None  # fmt: skip
     if missing := [c for c in schema if c not in ds.column_names]:
-        raise SystemExit(
-            f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, found {ds.column_names}"
-        )
+        raise SystemExit(f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, "
+            f"found {ds.column_names}")  # fmt: skip
     if extra := [c for c in ds.column_names if c not in schema]:
         print(f"note: {name} has extra column(s) {extra}, which are not used")
     return ds.select_columns(list(schema))
@@ -470,18 +463,19 @@ def left_pad(sequences, pad_id: int, width: int = 0):
 
 
 def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
-    """cls.from_pretrained, with a clear message when the Hub cannot be reached. A model (with its tokenizer) gets room
+    """cls.from_pretrained, with a clear message when the Hub cannot be reached. A model (given its tokenizer) gets room
     for an added pad token and its id (a classifier reads the last non-pad token), no dropout (N+), and a note of the
-    weights its checkpoint lacks (a new value or reward head: expected) instead of transformers' load report."""
+    weights its checkpoint lacks (a new value or reward head: expected) in place of transformers' load report."""
     try:
-        if tokenizer is None:  # a tokenizer
-            return cls.from_pretrained(path, **kwargs)
-        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+        model, info = (cls.from_pretrained(path, **kwargs), None) if tokenizer is None else cls.from_pretrained(
+            path, output_loading_info=True, **kwargs)  # fmt: skip
     except OSError as e:
         if os.path.exists(path):
             raise
         raise SystemExit(f"Could not load '{path}' ({e}). Offline, point the model flags (--sft-model-path, ...) at local "
-                         "folders saved with save_pretrained (sft.py and reward_model.py write them).") from None  # fmt: skip
+            "folders saved with save_pretrained (sft.py and reward_model.py write them).") from None  # fmt: skip
+    if tokenizer is None:
+        return model  # the tokenizer
     if missing := sorted(info["missing_keys"]):
         print(
             f"{path}: {', '.join(missing[:4])}{' ...' * (len(missing) > 4)} initialised from scratch (not in the checkpoint)"
@@ -489,9 +483,8 @@ def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    for dropout in (m for m in model.modules() if isinstance(m, torch.nn.Dropout)):
+        dropout.p = 0.0
     return model
 
 
