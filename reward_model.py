@@ -218,22 +218,20 @@ def evaluate(model, pairs, args: Args, pad_id: int, device, autocast, rank: int 
 
 @torch.no_grad()
 def normalise(model, sequences, args: Args, pad_id: int, device, rank: int, world: int):
-    """N+ normalisation: the shift that makes the mean reward of the reference responses 0. Each process scores a share."""
+    """N+ normalisation: the shift that makes the mean reward of the reference responses 0. Each process scores a
+    contiguous share and every process gets every reward (the same numbers, in the same order, as one process)."""
     model.eval()
-    share, total = (
-        -(-len(sequences) // world),
-        torch.zeros(3, dtype=torch.float64, device=device),
-    )  # count, sum, sum of squares
-    mine = sequences[rank * share : (rank + 1) * share]
+    share = -(-len(sequences) // world)
+    mine, rewards = sequences[rank * share : (rank + 1) * share], torch.zeros(share, device=device)
     for start in range(0, share, args.local_micro_batch_size):  # as many passes on every process (FSDP's are collective)
         chunk = mine[start : start + args.local_micro_batch_size]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            rewards = get_reward(model, pad_right(chunk or sequences[:1], pad_id, device), pad_id).double() * bool(chunk)
-        total += torch.stack([torch.tensor(len(chunk), device=device).double(), rewards.sum(), (rewards**2).sum()])
-    n, s, squares = all_sum(total).tolist()
-    mean, std = s / n, math.sqrt(max(0.0, squares / n - (s / n) ** 2) * n / max(1.0, n - 1))
-    print(f"normalisation: mean reward of {int(n)} reference responses was {mean:.4f} (std {std:.4f})")
-    return -mean
+            scores = get_reward(model, pad_right(chunk or sequences[:1], pad_id, device), pad_id).float()  # a stand-in
+        rewards[start : start + len(chunk)] = scores[: len(chunk)]
+    rewards = gather(rewards)[: len(sequences)]
+    print(f"normalisation: mean reward of {len(rewards)} reference responses was {rewards.mean().item():.4f} (std "
+          f"{rewards.std().item():.4f})")  # fmt: skip
+    return -rewards.mean().item()
 
 
 def main():
@@ -553,6 +551,15 @@ def on_rank0(fn):
     if box[0][0] == "exit":
         raise SystemExit(box[0][1])
     return box[0][1]
+
+
+def gather(tensor):
+    """Every process's rows, concatenated in rank order: each process rolls out its share, and all get the whole batch."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
 
 
 def all_sum(tensor):
