@@ -230,7 +230,6 @@ def evaluate(task, seed, n=200, temperature=0.7, response_length=8):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     sys.path.insert(0, ROOT)
-    import ppo_baseline
     import tiny_world
 
     torch.set_num_threads(1)
