@@ -93,7 +93,7 @@ class Args:
     seed: int = 1  # seed of the experiment
     output_dir: str = "models/rebel"  # where the final policy and tokenizer are saved
     # ---- memory and speed: batch splits, dtypes, LoRA, FSDP ----
-    local_rollout_forward_batch_size: int = 64  # generations per generate/forward call of the rollout, per process
+    local_rollout_forward_batch_size: int = 32  # pairs per generate/forward call of the rollout (twice the generations)
     local_micro_batch_size: int = 8  # pairs per forward/backward pass and process; minibatches accumulate them
     cuda: bool = True  # use CUDA when available (bf16 autocast there); CPU otherwise
     dtype: Literal["float32", "bfloat16"] = "float32"  # trained weights' dtype, whatever the checkpoint stores
@@ -301,8 +301,8 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
         # 2. Rollout: the policy writes each response; the log-probs of the policy and of the reference
         responses, logprobs, ref_logprobs = [], [], []
         with torch.no_grad(), autocast, gathered(policy):  # FSDP: the policy gathered once for the whole rollout
-            for i in range(mine.start, mine.stop, args.local_rollout_forward_batch_size):
-                chunk = slice(i, i + args.local_rollout_forward_batch_size)
+            for i in range(mine.start, mine.stop, 2 * args.local_rollout_forward_batch_size):
+                chunk = slice(i, i + 2 * args.local_rollout_forward_batch_size)  # whole pairs
                 # a chunk's samples are a function of the seed and the chunk's place in the batch, whatever the number of
                 # processes: a run on 2 processes rolls out the generations of a run on 1
                 torch.manual_seed(int(np.random.default_rng([args.seed, update, i]).integers(2**62)))
@@ -319,7 +319,7 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
             # 3. Score: the EOS trick, the reward model on the whole response (a reset prefix included), the missing-EOS
             # penalty. Then every process gets the whole batch: every statistic below is the whole batch's.
             scored = score_responses(reward_model, reward_fn, tokenizer, batch_queries[mine], query_batch[mine],
-                torch.cat(responses), args.missing_eos_penalty, args.local_rollout_forward_batch_size)  # fmt: skip
+                torch.cat(responses), args.missing_eos_penalty, 2 * args.local_rollout_forward_batch_size)  # fmt: skip
             responses, logprobs, ref_logprobs = (gather(torch.cat(x)) for x in (responses, logprobs, ref_logprobs))
             postprocessed, raw_scores, scores = (gather(x) for x in scored)
             sequence_lengths = first_true_indices(postprocessed == pad_id) - 1  # index of the last real token (the EOS)

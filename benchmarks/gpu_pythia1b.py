@@ -6,6 +6,7 @@ fp16, as the Hub stores Pythia (the scripts train fp32 master weights). Prompts 
 posts and reference summaries of ../shared/data (--reset-source sft_reference, so that both arms roll out the same
 prompts). An arm `ppo:float32` runs with --frozen-dtype float32 (reference and reward model in fp32; the default on
 CUDA is bf16), to measure what the bf16 frozen models save.
+An arm `rebel` runs rebel.py at equal generations: --batch-size / 2 prompts, two responses each.
 Run: python benchmarks/gpu_pythia1b.py [--shared ../shared] [--updates 4] [--batch-size 128] [--arms ppo,ppo:float32]
 Smaller, on a CPU: --hidden-size 768 --layers 12 (Pythia-160m) --extra "--query-length 128 --response-length 16"."""
 
@@ -88,13 +89,18 @@ arms = {
     "0.5": [sys.executable, f"{ROOT}/drpo_tldr.py", "--reset-prob", "0.5", "--reset-source", "sft_reference"],
     "1.0": [sys.executable, f"{ROOT}/drpo_tldr.py", "--reset-prob", "1.0", "--reset-source", "sft_reference"],
 }
+# REBEL at equal generations: half as many prompts a batch, two responses each, micro-batches of half as many pairs
+chunk = int(common[len(common) - common[::-1].index("--local-rollout-forward-batch-size")])  # PPO's (the last given)
+rebel = ["--batch-size", str(args.batch_size // 2), "--local-micro-batch-size", "4"]
+rebel += ["--local-rollout-forward-batch-size", str(max(1, chunk // 2))]  # pairs: the same generations a generate call
 order = args.arms.split(",")
 for k, arm in enumerate(order):
     print(f"running {arm}", flush=True)
     script, _, frozen = arm.partition(":")  # `ppo:float32`: the frozen models in fp32
     subprocess.run(
-        arms[script]
+        (arms[script] if script != "rebel" else [sys.executable, f"{ROOT}/rebel.py"])
         + common
+        + (rebel if script == "rebel" else [])
         + (["--frozen-dtype", frozen] if frozen else [])
         + ["--exp-name", f"gpu_{arm.replace(':', '-')}_{k}"],
         cwd=args.out,
@@ -126,7 +132,7 @@ for arm in dict.fromkeys(order):  # every run of the arm, updates after the firs
     per_update = sum(t.values())
     base = base or per_update
     script, _, frozen = arm.partition(":")
-    name = ("PPO" if script == "ppo" else "DR-PO " + script) + (f", frozen {frozen}" if frozen else "")
+    name = {"ppo": "PPO", "rebel": "REBEL"}.get(script, "DR-PO " + script) + (f", frozen {frozen}" if frozen else "")
     print(
         f"| {name} | {args.batch_size / per_update:.2f} | {per_update:.2f} "
         f"({per_update / base:.3f}x) | {t['rollout']:.2f} | {t['scoring']:.2f} | {t['update']:.2f} | "

@@ -1,5 +1,6 @@
 """Where DR-PO's advantage holds: the hard-exploration task over a family of passwords, DR-PO (reset_prob 0.5)
-against PPO (reset_prob 0), as benchmarks/hard_exploration.py runs them, for password lengths 3, 6, 9 and
+against PPO (reset_prob 0), as benchmarks/hard_exploration.py runs them, and REBEL with and without the reset (ARMS=
+"PPO,DR-PO 0.5,REBEL,REBEL 0.5"; REBEL at PPO's generations, 32 pairs an update), for password lengths 3, 6, 9 and
 vocabularies of 16 and 64 words (`tiny_world.py --password-length L --password-vocab V`). The SFT answers are random
 words, 1 to L of them, so SFT writes the password with probability about V^-L / L; the chosen responses of the
 comparisons are always the password. Greedy success from the prompt (1 when the greedy answer is the password) is
@@ -24,7 +25,9 @@ SEEDS = [int(s) for s in os.environ.get("SEEDS", "1,2,3,4").split(",")]
 LENGTHS = [int(s) for s in os.environ.get("LENGTHS", "3,6,9").split(",")]
 VOCABS = [int(s) for s in os.environ.get("VOCABS", "16,64").split(",")]
 UPDATES = int(os.environ.get("UPDATES", 300))
-ARMS = {"PPO": "0", "DR-PO 0.5": "0.5"}
+ALL_ARMS = {"PPO": ("drpo_tldr.py", "0"), "DR-PO 0.5": ("drpo_tldr.py", "0.5"), "REBEL": ("rebel.py", "0")}
+ALL_ARMS["REBEL 0.5"] = ("rebel.py", "0.5")  # REBEL with DR-PO's reset; REBEL at PPO's generations: 32 pairs an update
+ARMS = {arm: ALL_ARMS[arm] for arm in os.environ.get("ARMS", "PPO,DR-PO 0.5").split(",")}
 CELLS = [(length, vocab) for length in LENGTHS for vocab in VOCABS]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -83,17 +86,19 @@ def prepare(length, vocab):
 
 
 def train(length, vocab, arm, seed):
-    """One DR-PO / PPO run; it stops once solved. Returns its (update, greedy success) evaluations."""
+    """One DR-PO / PPO / REBEL run; it stops once solved. Returns its (update, greedy success) evaluations."""
     pw = f"{cell_dir(length, vocab)}/password"
     name = f"L{length}_V{vocab}_{arm.replace(' ', '')}_{seed}"
+    script, reset = ARMS[arm]
+    own = ["--value-model-path", f"{pw}/sft"]
+    if script == "rebel.py":  # 32 pairs: PPO's 64 generations an update, in one generate call; micro-batches of 16 pairs
+        own = ["--batch-size", "32", "--local-micro-batch-size", "16", "--local-rollout-forward-batch-size", "32"]
     cmd = [
         sys.executable,
-        f"{ROOT}/drpo_tldr.py",
+        f"{ROOT}/{script}",
         "--reset-prob",
-        ARMS[arm],
+        reset,
         "--sft-model-path",
-        f"{pw}/sft",
-        "--value-model-path",
         f"{pw}/sft",
         "--dataset-name",
         f"{pw}/tldr_comparisons",
@@ -138,6 +143,7 @@ def train(length, vocab, arm, seed):
         name,
         "--output-dir",
         f"{OUT}/models/{name}",
+        *own,
     ]
     with open(f"{OUT}/logs/{name}.txt", "w") as log:
         subprocess.run(cmd, check=True, cwd=OUT, stdout=log, stderr=subprocess.STDOUT, env=ENV)
@@ -164,11 +170,11 @@ def report():
         "(evaluated every 10 updates); median over seeds, an unsolved seed counting as never\n"
     )
     print(
-        "| password length | vocabulary | SFT writes it (about) | PPO: seeds solved | PPO: median update | DR-PO 0.5: seeds "
-        "solved "
-        "| DR-PO 0.5: median update | DR-PO: first update per seed |"
+        "| password length | vocabulary | SFT writes it (about) | "
+        + " | ".join(f"{arm}: seeds solved | {arm}: median update | {arm}: first update per seed" for arm in ARMS)
+        + " |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---" + "|---|---|---" * len(ARMS) + "|")
     for length, vocab in CELLS:
         cells = []
         for arm in ARMS:
@@ -186,10 +192,7 @@ def report():
                 )
             )
         log_p = -(length * math.log(vocab) + math.log(length))
-        print(
-            f"| {length} | {vocab} | e^{log_p:.0f} | {cells[0][0]} | {cells[0][1]} | {cells[1][0]} | {cells[1][1]} | "
-            f"{cells[1][2]} |"
-        )
+        print(f"| {length} | {vocab} | e^{log_p:.0f} | " + " | ".join(" | ".join(c) for c in cells) + " |")
 
 
 if __name__ == "__main__":

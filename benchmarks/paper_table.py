@@ -1,4 +1,5 @@
-"""The paper's comparison at CPU scale: SFT, PPO, DR-PO (reset_prob 0.5 and 1.0) and DPO side by side on the tiny
+"""The paper's comparison at CPU scale: SFT, PPO, DR-PO (reset_prob 0.5 and 1.0), REBEL (alone and with DR-PO's reset
+0.5) and DPO side by side on the tiny
 world, TL;DR and HH, over several world seeds, each metric a mean with a 95% interval over seeds.
 
 Per seed: a tiny world (`tiny_world.py --seed s`, BPE tokenizer), one SFT and one reward model per task, then PPO,
@@ -28,8 +29,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.environ.get("OUT", "/tmp/paper_table")
 SEEDS = [int(s) for s in os.environ.get("SEEDS", "1,2,3,4,5").split(",")]
-ARMS = ["sft", "ppo", "drpo_0.5", "drpo_1.0", "dpo"]
+ARMS = ["sft", "ppo", "drpo_0.5", "drpo_1.0", "rebel", "rebel_0.5", "dpo"]
 LABELS = {"sft": "SFT", "ppo": "PPO", "drpo_0.5": "DR-PO reset_prob 0.5", "drpo_1.0": "DR-PO reset_prob 1.0", "dpo": "DPO"}
+LABELS |= {"rebel": "REBEL", "rebel_0.5": "REBEL + reset 0.5"}
 SFT_FLAGS = [
     "--lr",
     "1e-3",
@@ -80,6 +82,9 @@ RL_FLAGS = [
     "--save-every",
     "0",
 ]
+# REBEL at PPO's generations: 1280 generations in batches of 32 pairs (20 updates, as PPO), micro-batches of 8 pairs,
+# every generation of an update in one generate call (as PPO's 64 episodes)
+REBEL_FLAGS = ["--batch-size", "32", "--local-micro-batch-size", "8", "--local-rollout-forward-batch-size", "32"]
 DPO_FLAGS = [
     "--lr",
     "3e-4",
@@ -160,6 +165,9 @@ def chain(task, seed):
                 f"{d}/drpo_{p}",
                 cwd=d,
             )
+        for p, arm in (("0", "rebel"), ("0.5", "rebel_0.5")):
+            reset = ["--reset-prob", p, "--reset-source", "chosen", "--dataset-name", f"{w}/tldr_comparisons"]
+            sh(py, f"{ROOT}/rebel.py", *rl, *REBEL_FLAGS, *reset, "--output-dir", f"{d}/{arm}", cwd=d)
         sh(
             py,
             f"{ROOT}/dpo_baseline.py",
@@ -207,6 +215,20 @@ def chain(task, seed):
         sh(py, f"{ROOT}/ppo_baseline.py", "--task", "hh", *rl, "--output-dir", f"{d}/ppo", cwd=d)
         for p in ("0.5", "1.0"):
             sh(py, f"{ROOT}/drpo_hh.py", *rl, "--reset-prob", p, "--output-dir", f"{d}/drpo_{p}", cwd=d)
+        for p, arm in (("0", "rebel"), ("0.5", "rebel_0.5")):
+            sh(
+                py,
+                f"{ROOT}/rebel.py",
+                "--task",
+                "hh",
+                *rl,
+                *REBEL_FLAGS,
+                "--reset-prob",
+                p,
+                "--output-dir",
+                f"{d}/{arm}",
+                cwd=d,
+            )
         sh(
             py,
             f"{ROOT}/dpo_baseline.py",
@@ -332,7 +354,7 @@ def report():
         )
         print("| arm - PPO | " + " | ".join(f"{m} {c}".replace("_", " ") for m, c in columns) + " |")
         print("|---" * (len(columns) + 1) + "|")
-        for arm in ("drpo_0.5", "drpo_1.0", "dpo"):
+        for arm in ("drpo_0.5", "drpo_1.0", "rebel", "rebel_0.5", "dpo"):
             cells = [
                 interval([results[task, s][arm][m][c] - results[task, s]["ppo"][m][c] for s in SEEDS]) for m, c in columns
             ]
@@ -346,7 +368,7 @@ def report():
         sys.exit("matplotlib is not installed: no plot (pip install matplotlib)")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, task in zip(axes, ("tldr", "hh")):
-        for color, arm in zip(["black", "tab:gray", "tab:blue", "tab:red", "tab:green"], ARMS):
+        for color, arm in zip(["black", "tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:green"], ARMS):
             kl = [results[task, s][arm]["sampled"]["kl"] for s in SEEDS]
             gold = [results[task, s][arm]["sampled"]["gold"] for s in SEEDS]
             ax.scatter(kl, gold, color=color, alpha=0.5, s=18)

@@ -26,11 +26,12 @@ def table(path):
 
 def judge_sentence(path, world):
     models = json.load(open(path))["models"]
-    s = {name: models[f"{world}/{name}"] for name in ("sft", "ppo", "drpo", "dpo")}
+    s = {name: models[f"{world}/{name}"] for name in ("sft", "ppo", "drpo", "rebel", "dpo")}
     lo, hi = s["sft"]["ci95"]
     return (
         f"With the reward-model judge the win rates are SFT {s['sft']['win_rate']:.3f} [{lo:.3f}, {hi:.3f}], "
-        f"PPO {s['ppo']['win_rate']:.3f}, DR-PO {s['drpo']['win_rate']:.3f},\nDPO {s['dpo']['win_rate']:.3f}:"
+        f"PPO {s['ppo']['win_rate']:.3f}, DR-PO {s['drpo']['win_rate']:.3f},\nREBEL {s['rebel']['win_rate']:.3f}, "
+        f"DPO {s['dpo']['win_rate']:.3f}:"
     )
 
 
@@ -42,7 +43,7 @@ def main():
     readme_path = f"{ROOT}/README.md"
     readme = open(readme_path).read()
     blocks = re.findall(rf"```\n({re.escape(HEADER)}\n.*?)\n```", readme, re.S)
-    sentence = re.search(r"With the reward-model judge the win rates are .*?\nDPO [\d.]+:", readme, re.S)
+    sentence = re.search(r"With the reward-model judge the win rates are .*?DPO [\d.]+:", readme, re.S)
     assert len(blocks) == 2 and sentence, "README.md: the demo's two tables and the reward-model judge sentence not found"
     fresh = [
         table(f"{args.world}/report.txt"),

@@ -17,12 +17,14 @@ SCRIPTS = [
     "drpo_hh.py",
     "eval_winrate.py",
     "tiny_world.py",
+    "rebel.py",
 ]
 DIFFERENT = {
-    "build_episodes": "TL;DR posts and comparisons, against HH transcripts",
-    "evaluate": "SFT's eval loss, the reward model's accuracy, DR-PO's greedy score from the prompt alone",
+    "build_episodes": "TL;DR posts and comparisons, against HH transcripts (REBEL reads both)",
+    "load_models": "PPO and DR-PO load a value model, REBEL none",
+    "evaluate": "SFT's eval loss, the reward model's accuracy, the RL scripts' greedy score (REBEL's models: no value)",
     "generate_responses": "DR-PO's response begins with the reset prefix (its state's last h tokens), PPO's after the prompt",
-    "print_samples": "DR-PO's table shows reset and non-reset episodes and the prefix in [brackets]; SFT's, its references",
+    "print_samples": "DR-PO's table shows reset episodes' prefix in [brackets], REBEL's pairs, SFT's its references",
     "train": "each script's own training loop",
     "main": "each script's own set-up",
 }
@@ -54,7 +56,7 @@ def test_every_copied_helper_is_the_same_in_every_script():
         "ppo_losses": 3,
         "truncate_response": 3,
         "per_token_rewards": 3,
-        "reset_states": 2,
+        "reset_states": 3,
         "tldr_query": 5,
         "hh_split": 5,
         "load_rows": 6,

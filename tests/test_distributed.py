@@ -49,6 +49,7 @@ SMALL_RL = [
 # the torchrun mode each script is tested in (two runs a script keep the suite short): "two" data parallel, "fsdp"
 # with --fsdp. Every script's distributed helpers are the same lines (tests/test_copies.py checks they are).
 MODE = {"sft.py": "fsdp", "reward_model.py": "fsdp", "dpo_baseline.py": "fsdp", "drpo_tldr.py": "fsdp", "drpo_hh.py": "two"}
+MODE["rebel.py"] = "two"  # REBEL with the reset, data parallel (FSDP is the same copy of place() as DR-PO's)
 
 
 def one_and_two(script, flags, tmp_path, env=None):
@@ -167,16 +168,20 @@ def test_two_processes_train_as_one(script, world, sft_model, arch_folders, tmp_
 
 
 @pytest.mark.slow  # starts torchrun
-@pytest.mark.parametrize("script", ["drpo_tldr.py", "drpo_hh.py"])
+@pytest.mark.parametrize("script", ["drpo_tldr.py", "drpo_hh.py", "rebel.py"])
 def test_rl_two_processes_roll_out_and_update_as_one(script, world, sft_model, reward_run, tmp_path):
     """DR-PO (and so PPO, its --reset-prob 0 case; ppo_baseline.py runs under torchrun in test_ppo.py's learning
     test): each process rolls out 2 of the 4 chunks of a batch of 32 and takes half of every minibatch. The
     episodes (DR-PO: the reset coin flips and h too) are those of one process, and so is every update: every logged
     statistic (whitening, KL, scores, reset fraction and per-group scores, PPO statistics, DR-PO's greedy eval) and
     the final weights; data parallel (HH) or with FSDP (TL;DR: policy and value model sharded, each process holding
-    half)."""
+    half). REBEL with the reset, data parallel: each process rolls out half of the 64 generations of 32 pairs."""
     flags = ["--sft-model-path", sft_model, "--reward-model-path", world / "rm", *SMALL_RL, "--total-episodes", 3 * 32]
-    if script == "drpo_tldr.py":
+    if script == "rebel.py":  # a batch of 32 pairs is 64 generations
+        flags[flags.index("--total-episodes") + 1] = 3 * 64
+        flags += ["--dataset-name", world / "tldr_comparisons", "--reset-source", "chosen", "--reset-prob", 0.5]
+        flags += ["--eval-every", 2, "--eval-prompts", 4]
+    elif script == "drpo_tldr.py":
         flags += [
             "--dataset-name",
             world / "tldr_comparisons",
@@ -203,7 +208,7 @@ def test_rl_two_processes_roll_out_and_update_as_one(script, world, sft_model, r
         ]
     runs = one_and_two(script, flags, tmp_path)
     one = runs["one"][0]
-    assert len(one) == 3 and (script != "drpo_tldr.py" or "eval/score" in one[1])
+    assert len(one) == 3 and (script == "drpo_hh.py" or "eval/score" in one[1])
     assert all(0 < m["reset/fraction"] < 1 for m in one) and "no_reset/kl" in one[0] and "reset/mean_h" in one[0]
     mode = MODE[script]
     assert_same_log(one, runs[mode][0], at_least=20)
