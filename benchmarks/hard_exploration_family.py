@@ -29,7 +29,8 @@ ALL_ARMS = {"PPO": ("drpo_tldr.py", "0"), "DR-PO 0.5": ("drpo_tldr.py", "0.5"), 
 ALL_ARMS["REBEL 0.5"] = ("rebel.py", "0.5")  # REBEL with DR-PO's reset; REBEL at PPO's generations: 32 pairs an update
 ARMS = {arm: ALL_ARMS[arm] for arm in os.environ.get("ARMS", "PPO,DR-PO 0.5").split(",")}
 CELLS = [(length, vocab) for length in LENGTHS for vocab in VOCABS]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# one thread, the CPU kernels pinned to AVX2 as demo.sh: the same trajectories on any x86 machine with AVX2
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def cell_dir(length, vocab):

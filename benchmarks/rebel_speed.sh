@@ -8,13 +8,12 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 W=${W:-$ROOT/tiny}
 OUT=/tmp/rebel_speed; rm -rf $OUT; mkdir -p $OUT; cd $OUT
 FLAGS="--sft-model-path $W/sft --reward-model-path $W/rm --dataset-name $W/tldr_sft --response-length 8 --total-episodes 640
-  --local-rollout-forward-batch-size 64 --num-mini-batches 2 --lr 1e-3 --kl-coef 0.05 --max-grad-norm 1
-  --print-sample-every 0 --save-every 0 --output-dir $OUT/model"
+  --num-mini-batches 2 --lr 1e-3 --kl-coef 0.05 --max-grad-norm 1 --print-sample-every 0 --save-every 0 --output-dir $OUT/model"
 for rep in 1 2; do
   /usr/bin/time -f "ppo_$rep MAXRSS %M" python $ROOT/ppo_baseline.py --exp-name ppo_$rep $FLAGS --batch-size 64 \
-    --local-micro-batch-size 16 --no-whiten-rewards > /dev/null 2>> rss.txt
+    --local-rollout-forward-batch-size 64 --local-micro-batch-size 16 --no-whiten-rewards > /dev/null 2>> rss.txt
   /usr/bin/time -f "rebel_$rep MAXRSS %M" python $ROOT/rebel.py --exp-name rebel_$rep $FLAGS --batch-size 32 \
-    --local-micro-batch-size 8 > /dev/null 2>> rss.txt
+    --local-rollout-forward-batch-size 32 --local-micro-batch-size 8 > /dev/null 2>> rss.txt
 done
 python - <<'PY'
 import glob, json, re
