@@ -7,8 +7,9 @@ comparisons are always the password. Greedy success from the prompt (1 when the 
 evaluated every 10 updates; a run is solved when it reaches 0.9, and stops there (`--early-stop-score 0.9`, as the
 test does); unsolved runs go the full UPDATES.
 Two runs at a time, one thread each. Prints a Markdown table; the runs stay in $OUT.
-Run: python benchmarks/hard_exploration_family.py   (SEEDS=1,2,3,4 LENGTHS=3,6,9 VOCABS=16,64 UPDATES=300 OUT=/tmp/hx_family)
-REPORT_ONLY=1 redraws the table from $OUT."""
+Run: python benchmarks/hard_exploration_family.py   (SEEDS=1,2,3,4 LENGTHS=3,6,9 VOCABS=16,64 UPDATES=300 OUT=/tmp/hx_family;
+CELLS=3x16,6x16 instead of LENGTHS and VOCABS)
+REPORT_ONLY=1 redraws the table from $OUT; a run into the same $OUT skips the cells and runs it already holds."""
 
 import concurrent.futures
 import json
@@ -29,6 +30,8 @@ ALL_ARMS = {"PPO": ("drpo_tldr.py", "0"), "DR-PO 0.5": ("drpo_tldr.py", "0.5"), 
 ALL_ARMS["REBEL 0.5"] = ("rebel.py", "0.5")  # REBEL with DR-PO's reset; REBEL at PPO's generations: 32 pairs an update
 ARMS = {arm: ALL_ARMS[arm] for arm in os.environ.get("ARMS", "PPO,DR-PO 0.5").split(",")}
 CELLS = [(length, vocab) for length in LENGTHS for vocab in VOCABS]
+if os.environ.get("CELLS"):  # e.g. CELLS=3x16,3x64,6x16: these cells only
+    CELLS = [tuple(int(n) for n in cell.split("x")) for cell in os.environ["CELLS"].split(",")]
 # one thread, the CPU kernels pinned to AVX2 as demo.sh: the same trajectories on any x86 machine with AVX2
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
@@ -40,6 +43,8 @@ def cell_dir(length, vocab):
 def prepare(length, vocab):
     """The cell's world and its SFT policy (3 epochs of random answers, as benchmarks/hard_exploration.py)."""
     d = cell_dir(length, vocab)
+    if os.path.exists(f"{d}/password/sft/config.json"):  # prepared by an earlier run into the same $OUT
+        return
     run = dict(check=True, cwd=OUT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     subprocess.run(
         [
@@ -90,6 +95,8 @@ def train(length, vocab, arm, seed):
     """One DR-PO / PPO / REBEL run; it stops once solved. Returns its (update, greedy success) evaluations."""
     pw = f"{cell_dir(length, vocab)}/password"
     name = f"L{length}_V{vocab}_{arm.replace(' ', '')}_{seed}"
+    if os.path.exists(f"{OUT}/evals/{name}.json"):  # run by an earlier run into the same $OUT
+        return json.load(open(f"{OUT}/evals/{name}.json"))
     script, reset = ARMS[arm]
     own = ["--value-model-path", f"{pw}/sft"]
     if script == "rebel.py":  # 32 pairs: PPO's 64 generations an update, in one generate call; micro-batches of 16 pairs
