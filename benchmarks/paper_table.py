@@ -105,9 +105,12 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 
 def sh(*cmd, cwd):
+    cmd = [str(c) for c in cmd]
+    if "--output-dir" in cmd and os.path.exists(f"{cmd[cmd.index('--output-dir') + 1]}/config.json"):
+        return  # trained in an earlier run into the same $OUT: a new arm trains only itself
     with open(os.path.join(cwd, "log.txt"), "a") as log:
         subprocess.run(
-            [str(c) for c in cmd],
+            cmd,
             check=True,
             cwd=cwd,
             stdout=log,

@@ -50,6 +50,7 @@ SMALL_RL = [
 # with --fsdp. Every script's distributed helpers are the same lines (tests/test_copies.py checks they are).
 MODE = {"sft.py": "fsdp", "reward_model.py": "fsdp", "dpo_baseline.py": "fsdp", "drpo_tldr.py": "fsdp", "drpo_hh.py": "two"}
 MODE["rebel.py"] = "two"  # REBEL with the reset, data parallel (FSDP is the same copy of place() as DR-PO's)
+MODE["online_dpo.py"] = "fsdp"  # iterative DPO with the reset, uneven shares of pairs under FSDP
 
 
 def one_and_two(script, flags, tmp_path, env=None):
@@ -218,6 +219,29 @@ def test_rl_two_processes_roll_out_and_update_as_one(script, world, sft_model, r
     if script == "drpo_hh.py":  # the two processes append their shares in any order
         episodes = [sorted((tmp_path / name / "episodes.jsonl").read_text().splitlines()) for name in ("one", mode)]
         assert len(episodes[0]) == 3 * 32 and episodes[0] == episodes[1]
+
+
+@pytest.mark.slow  # starts torchrun
+def test_online_dpo_two_processes_under_fsdp_as_one(world, sft_model, tmp_path):
+    """online_dpo.py with K 3, the best against the worst and the reset: each process writes the responses to 8 of an
+    iteration's 16 prompts; the ties the gold rule makes (dropped) leave a number of pairs that does not split evenly,
+    so a process's last micro-batch is a stand-in of weight 0. The pairs, every logged statistic and the final weights
+    are those of one process, with the policy sharded (each process holding half)."""
+    flags = [
+        *("--sft-model-path", sft_model, "--reward-fn", f"{ROOT}/tiny_world.py:gold_reward", "--response-length", 8),
+        *("--dataset-name", world / "tldr_comparisons", "--reset-source", "chosen", "--reset-prob", 0.5),
+        *("--num-generations", 3, "--pair-selection", "max_min", "--prompts-per-iteration", 16, "--batch-size", 8),
+        *("--local-rollout-forward-batch-size", 8, "--local-micro-batch-size", 3, "--num-epochs", 2, "--lr", 1e-3),
+        *("--temperature", 1.0, "--total-episodes", 3 * 48, "--eval-every", 2, "--eval-prompts", 4),
+        *("--print-sample-every", 0, "--save-every", 0),
+    ]
+    runs = one_and_two("online_dpo.py", flags, tmp_path)
+    one = runs["one"][0]
+    assert len(one) == 3 and "eval/score" in one[1] and all(0 < m["reset/fraction"] < 1 for m in one)
+    assert any(m["online/pairs"] % 2 for m in one), [m["online/pairs"] for m in one]  # an odd number: uneven shares
+    assert_same_log(one, runs["fsdp"][0], at_least=20)
+    assert_same_weights(tmp_path / "one" / "out", tmp_path / "fsdp" / "out")
+    assert_half_held(runs["fsdp"][1], models=1)
 
 
 @pytest.mark.slow  # starts torchrun
