@@ -76,6 +76,9 @@ def pytest_configure(config):
 # of tests/zygote.py, which imported them once with the environment the tests started with
 READ_AT_IMPORT = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "DATASETS", "TOKENIZERS", "TORCH", "PYTORCH", "OMP_", "MKL", "CUDA")
 READ_AT_IMPORT += ("ATEN_", "ONEDNN_")
+# set in this process by torch itself once a test uses it (its default, which a fork computes alike): not a reason for a
+# fresh interpreter (it made every later run of a worker one, and such a run had no slow save)
+SET_IN_PROCESS = {"TORCHINDUCTOR_CACHE_DIR"}
 # every CPU kernel library held to its AVX2 code (as demo.sh does): a long RL run whose outcome is asserted then takes the
 # same trajectory on any x86-64 machine with AVX2, whatever vector unit it has beyond that
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -143,9 +146,12 @@ def start_script(script, *flags, cwd=None, env=None, output, new_session=False):
     fork = os.environ.get("FRESH_PROCESSES") != "1"
     if fork:
         default = zygote()["env"]
-        fork = all(env.get(k) == default.get(k) for k in {*env, *default} if k.startswith(READ_AT_IMPORT))
+        keys = {*env, *default} - SET_IN_PROCESS
+        fork = all(env.get(k) == default.get(k) for k in keys if k.startswith(READ_AT_IMPORT))
     if fork:
         return Forked(argv, cwd, env, output, new_session)
+    if env.get("SLOW_SAVE_S"):  # the fault injection's hook, which a fork gets from tests/zygote.py
+        argv = [os.path.join(ROOT, "tests", "slow_save.py"), *argv]
     with open(output, "w") as out:
         return subprocess.Popen(
             [sys.executable, *argv], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=new_session
