@@ -26,11 +26,12 @@ def table(path):
 
 def judge_sentence(path, world):
     models = json.load(open(path))["models"]
-    s = {name: models[f"{world}/{name}"] for name in ("sft", "ppo", "drpo", "rebel", "dpo")}
+    s = {name: models[f"{world}/{name}"] for name in ("sft", "ppo", "drpo", "rebel", "online_dpo", "dpo")}
     lo, hi = s["sft"]["ci95"]
     return (
         f"With the reward-model judge the win rates are SFT {s['sft']['win_rate']:.3f} [{lo:.3f}, {hi:.3f}], "
         f"PPO {s['ppo']['win_rate']:.3f}, DR-PO {s['drpo']['win_rate']:.3f},\nREBEL {s['rebel']['win_rate']:.3f}, "
+        f"online DPO {s['online_dpo']['win_rate']:.3f}, "
         f"DPO {s['dpo']['win_rate']:.3f}:"
     )
 
