@@ -1,10 +1,10 @@
-"""The paper's comparison at CPU scale: SFT, PPO, DR-PO (reset_prob 0.5 and 1.0), REBEL (alone and with DR-PO's reset
-0.5) and DPO side by side on the tiny
-world, TL;DR and HH, over several world seeds, each metric a mean with a 95% interval over seeds.
+"""The paper's comparison at CPU scale: SFT, PPO, DR-PO (reset_prob 0.5 and 1.0), REBEL, online DPO and iterative DPO
+(each alone and with DR-PO's reset 0.5) and DPO side by side on the tiny world, TL;DR and HH, over several world
+seeds, each metric a mean with a 95% interval over seeds.
 
-Per seed: a tiny world (`tiny_world.py --seed s`, BPE tokenizer), one SFT and one reward model per task, then PPO,
-DR-PO and DPO from that SFT with the demo's flags; the two RL arms (and DR-PO's two values) roll out the same number
-of episodes. Every policy then answers the 200 held-out prompts, sampled (temperature 0.7) and greedy:
+Per seed: a tiny world (`tiny_world.py --seed s`, BPE tokenizer), one SFT and one reward model per task, then every
+arm from that SFT with the demo's flags; the RL and online arms sample the same number of generations (1,280).
+Every policy then answers the 200 held-out prompts, sampled (temperature 0.7) and greedy:
 - gold win vs reference: the tiny world's gold rule scores the answer above the dataset's reference answer (TL;DR:
   the SFT summary; HH: the chosen response), ties half;
 - gold win vs SFT: the same against the SFT policy's answer to the same prompt (sampled against sampled, greedy
@@ -31,9 +31,10 @@ OUT = os.environ.get("OUT", "/tmp/paper_table")
 # the CPU kernels pinned to AVX2, as demo.sh: the same numbers on any x86 machine with AVX2 (unpinned, AVX-512 differs)
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 SEEDS = [int(s) for s in os.environ.get("SEEDS", "1,2,3,4,5").split(",")]
-ARMS = ["sft", "ppo", "drpo_0.5", "drpo_1.0", "rebel", "rebel_0.5", "dpo"]
+ARMS = ["sft", "ppo", "drpo_0.5", "drpo_1.0", "rebel", "rebel_0.5", "odpo", "odpo_0.5", "idpo", "idpo_0.5", "dpo"]
 LABELS = {"sft": "SFT", "ppo": "PPO", "drpo_0.5": "DR-PO reset_prob 0.5", "drpo_1.0": "DR-PO reset_prob 1.0", "dpo": "DPO"}
-LABELS |= {"rebel": "REBEL", "rebel_0.5": "REBEL + reset 0.5"}
+LABELS |= {"rebel": "REBEL", "rebel_0.5": "REBEL + reset 0.5", "odpo": "online DPO", "odpo_0.5": "online DPO + reset 0.5"}
+LABELS |= {"idpo": "iterative DPO", "idpo_0.5": "iterative DPO + reset 0.5"}
 SFT_FLAGS = [
     "--lr",
     "1e-3",
@@ -87,6 +88,16 @@ RL_FLAGS = [
 # REBEL at PPO's generations: 1280 generations in batches of 32 pairs (20 updates, as PPO), micro-batches of 8 pairs,
 # every generation of an update in one generate call (as PPO's 64 episodes)
 REBEL_FLAGS = ["--batch-size", "32", "--local-micro-batch-size", "8", "--local-rollout-forward-batch-size", "32"]
+# online DPO at PPO's generations, the demo's recipe (beta 0.2, temperature 0.7): OAIF (K 2, first_two) in 40 iterations
+# of 16 prompts, one step each; iterative DPO (K 4, max_min, the SFT model as reference, 2 epochs) in 5 iterations of 64
+# prompts, steps of 16 pairs
+ONLINE_FLAGS = [*("--response-length", 8, "--total-episodes", 1280, "--temperature", 0.7, "--lr", "1e-3", "--beta", 0.2)]
+ONLINE_FLAGS += [*("--local-micro-batch-size", 16, "--max-grad-norm", 1, "--print-sample-every", 0, "--save-every", 0)]
+ONLINE = {
+    "odpo": ["--prompts-per-iteration", 16, "--batch-size", 16, "--local-rollout-forward-batch-size", 16],
+    "idpo": [*("--num-generations", 4, "--pair-selection", "max_min", "--prompts-per-iteration", 64, "--batch-size", 16)]
+    + [*("--num-epochs", 2, "--reference", "initial", "--local-rollout-forward-batch-size", 32)],
+}
 DPO_FLAGS = [
     "--lr",
     "3e-4",
@@ -173,6 +184,11 @@ def chain(task, seed):
         for p, arm in (("0", "rebel"), ("0.5", "rebel_0.5")):
             reset = ["--reset-prob", p, "--reset-source", "chosen", "--dataset-name", f"{w}/tldr_comparisons"]
             sh(py, f"{ROOT}/rebel.py", *rl, *REBEL_FLAGS, *reset, "--output-dir", f"{d}/{arm}", cwd=d)
+        for mode, p in (("odpo", "0"), ("odpo", "0.5"), ("idpo", "0"), ("idpo", "0.5")):
+            reset = ["--reset-prob", p, "--reset-source", "chosen", "--dataset-name", f"{w}/tldr_comparisons"]
+            models = ["--sft-model-path", f"{d}/sft", "--reward-model-path", f"{d}/rm", *s]
+            arm = mode if p == "0" else f"{mode}_{p}"
+            sh(py, f"{ROOT}/online_dpo.py", *models, *ONLINE_FLAGS, *ONLINE[mode], *reset, "--output-dir", f"{d}/{arm}", cwd=d)
         sh(
             py,
             f"{ROOT}/dpo_baseline.py",
@@ -234,6 +250,11 @@ def chain(task, seed):
                 f"{d}/{arm}",
                 cwd=d,
             )
+        for mode, p in (("odpo", "0"), ("odpo", "0.5"), ("idpo", "0"), ("idpo", "0.5")):
+            models = ["--task", "hh", "--sft-model-path", f"{d}/sft", "--reward-model-path", f"{d}/rm", *hh[2:], *s]
+            arm = mode if p == "0" else f"{mode}_{p}"
+            sh(py, f"{ROOT}/online_dpo.py", *models, *ONLINE_FLAGS, *ONLINE[mode], "--reset-prob", p, "--output-dir",
+               f"{d}/{arm}", cwd=d)  # fmt: skip
         sh(
             py,
             f"{ROOT}/dpo_baseline.py",
@@ -359,7 +380,7 @@ def report():
         )
         print("| arm - PPO | " + " | ".join(f"{m} {c}".replace("_", " ") for m, c in columns) + " |")
         print("|---" * (len(columns) + 1) + "|")
-        for arm in ("drpo_0.5", "drpo_1.0", "rebel", "rebel_0.5", "dpo"):
+        for arm in ARMS[2:]:
             cells = [
                 interval([results[task, s][arm][m][c] - results[task, s]["ppo"][m][c] for s in SEEDS]) for m, c in columns
             ]
@@ -373,7 +394,8 @@ def report():
         sys.exit("matplotlib is not installed: no plot (pip install matplotlib)")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, task in zip(axes, ("tldr", "hh")):
-        for color, arm in zip(["black", "tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:green"], ARMS):
+        colors = ["black", "tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:olive", "tab:cyan", "tab:brown"]
+        for color, arm in zip([*colors, "tab:pink", "tab:green"], ARMS):
             kl = [results[task, s][arm]["sampled"]["kl"] for s in SEEDS]
             gold = [results[task, s][arm]["sampled"]["gold"] for s in SEEDS]
             ax.scatter(kl, gold, color=color, alpha=0.5, s=18)
