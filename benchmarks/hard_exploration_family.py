@@ -28,6 +28,11 @@ VOCABS = [int(s) for s in os.environ.get("VOCABS", "16,64").split(",")]
 UPDATES = int(os.environ.get("UPDATES", 300))
 ALL_ARMS = {"PPO": ("drpo_tldr.py", "0"), "DR-PO 0.5": ("drpo_tldr.py", "0.5"), "REBEL": ("rebel.py", "0")}
 ALL_ARMS["REBEL 0.5"] = ("rebel.py", "0.5")  # REBEL with DR-PO's reset; REBEL at PPO's generations: 32 pairs an update
+# online DPO at PPO's generations, labelled by the password rule (a pair only where one of the two solves): OAIF, 2
+# responses to 32 prompts an iteration (64 generations: one "update"); iterative DPO, 4 responses to 160 prompts (640
+# generations: 10 updates), the best against the worst, 2 epochs; each evaluated every 640 generations
+ALL_ARMS |= {"online DPO": ("online_dpo.py", "0"), "online DPO 0.5": ("online_dpo.py", "0.5")}
+ALL_ARMS |= {"iterative DPO": ("iterative", "0"), "iterative DPO 0.5": ("iterative", "0.5")}
 ARMS = {arm: ALL_ARMS[arm] for arm in os.environ.get("ARMS", "PPO,DR-PO 0.5").split(",")}
 CELLS = [(length, vocab) for length in LENGTHS for vocab in VOCABS]
 if os.environ.get("CELLS"):  # e.g. CELLS=3x16,3x64,6x16: these cells only
@@ -92,67 +97,35 @@ def prepare(length, vocab):
 
 
 def train(length, vocab, arm, seed):
-    """One DR-PO / PPO / REBEL run; it stops once solved. Returns its (update, greedy success) evaluations."""
+    """One DR-PO / PPO / REBEL / online DPO run; it stops once solved. Returns its (update, greedy success) evaluations."""
     pw = f"{cell_dir(length, vocab)}/password"
     name = f"L{length}_V{vocab}_{arm.replace(' ', '')}_{seed}"
     if os.path.exists(f"{OUT}/evals/{name}.json"):  # run by an earlier run into the same $OUT
         return json.load(open(f"{OUT}/evals/{name}.json"))
     script, reset = ARMS[arm]
-    own = ["--value-model-path", f"{pw}/sft"]
+    rl = [*("--batch-size", 64, "--local-rollout-forward-batch-size", 64, "--local-micro-batch-size", 32)]
+    rl += [*("--num-mini-batches", 2, "--kl-coef", 0.01, "--no-whiten-rewards", "--eval-every", 10)]
+    own = [*rl, "--value-model-path", f"{pw}/sft"]
     if script == "rebel.py":  # 32 pairs: PPO's 64 generations an update, in one generate call; micro-batches of 16 pairs
-        own = ["--batch-size", "32", "--local-micro-batch-size", "16", "--local-rollout-forward-batch-size", "32"]
+        own = [*rl, "--batch-size", 32, "--local-micro-batch-size", 16, "--local-rollout-forward-batch-size", 32]
+    if script == "online_dpo.py":
+        own = [*("--prompts-per-iteration", 32, "--batch-size", 32, "--local-rollout-forward-batch-size", 32)]
+        own += [*("--local-micro-batch-size", 16, "--beta", 0.2, "--eval-every", 10)]
+    if script == "iterative":
+        script, own = "online_dpo.py", ["--num-generations", 4, "--pair-selection", "max_min", "--num-epochs", 2]
+        own += [*("--prompts-per-iteration", 160, "--batch-size", 32, "--local-rollout-forward-batch-size", 32)]
+        own += [*("--local-micro-batch-size", 16, "--beta", 0.2, "--eval-every", 1)]
     cmd = [
         sys.executable,
         f"{ROOT}/{script}",
-        "--reset-prob",
-        reset,
-        "--sft-model-path",
-        f"{pw}/sft",
-        "--dataset-name",
-        f"{pw}/tldr_comparisons",
-        "--reward-fn",
-        f"{ROOT}/tiny_world.py:password_reward",
-        "--response-length",
-        str(length + 2),
-        "--batch-size",
-        "64",
-        "--local-rollout-forward-batch-size",
-        "64",
-        "--local-micro-batch-size",
-        "32",
-        "--num-mini-batches",
-        "2",
-        "--lr",
-        "1e-3",
-        "--kl-coef",
-        "0.01",
-        "--temperature",
-        "1",
-        "--reset-source",
-        "chosen",
-        "--max-grad-norm",
-        "1",
-        "--no-whiten-rewards",
-        "--total-episodes",
-        str(UPDATES * 64),
-        "--eval-every",
-        "10",
-        "--eval-prompts",
-        "1",
-        "--early-stop-score",
-        "0.9",
-        "--print-sample-every",
-        "0",
-        "--save-every",
-        "0",
-        "--seed",
-        str(seed),
-        "--exp-name",
-        name,
-        "--output-dir",
-        f"{OUT}/models/{name}",
+        *("--reset-prob", reset, "--sft-model-path", f"{pw}/sft", "--dataset-name", f"{pw}/tldr_comparisons"),
+        *("--reward-fn", f"{ROOT}/tiny_world.py:password_reward", "--response-length", length + 2, "--lr", "1e-3"),
+        *("--temperature", 1, "--reset-source", "chosen", "--max-grad-norm", 1, "--total-episodes", UPDATES * 64),
+        *("--eval-prompts", 1, "--early-stop-score", 0.9, "--print-sample-every", 0, "--save-every", 0, "--seed", seed),
+        *("--exp-name", name, "--output-dir", f"{OUT}/models/{name}"),
         *own,
     ]
+    cmd = [str(c) for c in cmd]
     with open(f"{OUT}/logs/{name}.txt", "w") as log:
         subprocess.run(cmd, check=True, cwd=OUT, stdout=log, stderr=subprocess.STDOUT, env=ENV)
     evals = read_evals(name)
