@@ -1,6 +1,6 @@
 """The paper's comparison at CPU scale: SFT, PPO, DR-PO (reset_prob 0.5 and 1.0), REBEL, online DPO and iterative DPO
-(each alone and with DR-PO's reset 0.5) and DPO side by side on the tiny world, TL;DR and HH, over several world
-seeds, each metric a mean with a 95% interval over seeds.
+(each alone and with DR-PO's reset 0.5), DPO and HyPO (kl_weight 0.05 and 0.5) side by side on the tiny world, TL;DR
+and HH, over several world seeds, each metric a mean with a 95% interval over seeds.
 
 Per seed: a tiny world (`tiny_world.py --seed s`, BPE tokenizer), one SFT and one reward model per task, then every
 arm from that SFT with the demo's flags; the RL and online arms sample the same number of generations (1,280).
@@ -32,9 +32,11 @@ OUT = os.environ.get("OUT", "/tmp/paper_table")
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 SEEDS = [int(s) for s in os.environ.get("SEEDS", "1,2,3,4,5").split(",")]
 ARMS = ["sft", "ppo", "drpo_0.5", "drpo_1.0", "rebel", "rebel_0.5", "odpo", "odpo_0.5", "idpo", "idpo_0.5", "dpo"]
+ARMS += ["hypo", "hypo_0.5"]  # HyPO: DPO's flags plus the online KL, kl_weight 0.05 (the default) and 0.5
 LABELS = {"sft": "SFT", "ppo": "PPO", "drpo_0.5": "DR-PO reset_prob 0.5", "drpo_1.0": "DR-PO reset_prob 1.0", "dpo": "DPO"}
 LABELS |= {"rebel": "REBEL", "rebel_0.5": "REBEL + reset 0.5", "odpo": "online DPO", "odpo_0.5": "online DPO + reset 0.5"}
 LABELS |= {"idpo": "iterative DPO", "idpo_0.5": "iterative DPO + reset 0.5"}
+LABELS |= {"hypo": "HyPO kl_weight 0.05", "hypo_0.5": "HyPO kl_weight 0.5"}
 SFT_FLAGS = [
     "--lr",
     "1e-3",
@@ -202,6 +204,9 @@ def chain(task, seed):
             *s,
             cwd=d,
         )
+        for arm, weight in (("hypo", "0.05"), ("hypo_0.5", "0.5")):
+            hypo = ["--sft-model-path", f"{d}/sft", "--dataset-name", f"{w}/tldr_comparisons", "--kl-weight", weight]
+            sh(py, f"{ROOT}/hypo.py", *hypo, "--output-dir", f"{d}/{arm}", *DPO_FLAGS, *s, cwd=d)
     else:
         hh = ["--task", "hh", "--dataset-name", f"{w}/hh"]
         sh(
@@ -269,6 +274,9 @@ def chain(task, seed):
             *s,
             cwd=d,
         )
+        for arm, weight in (("hypo", "0.05"), ("hypo_0.5", "0.5")):
+            hypo = [*hh, "--sft-model-path", f"{d}/sft", "--response-length", "16", "--kl-weight", weight]
+            sh(py, f"{ROOT}/hypo.py", *hypo, "--output-dir", f"{d}/{arm}", *DPO_FLAGS, *s, cwd=d)
     sh(py, os.path.abspath(__file__), "--eval", task, seed, cwd=d)
 
 
@@ -395,7 +403,7 @@ def report():
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, task in zip(axes, ("tldr", "hh")):
         colors = ["black", "tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:olive", "tab:cyan", "tab:brown"]
-        for color, arm in zip([*colors, "tab:pink", "tab:green"], ARMS):
+        for color, arm in zip([*colors, "tab:pink", "tab:green", "gold", "darkgoldenrod"], ARMS):
             kl = [results[task, s][arm]["sampled"]["kl"] for s in SEEDS]
             gold = [results[task, s][arm]["sampled"]["gold"] for s in SEEDS]
             ax.scatter(kl, gold, color=color, alpha=0.5, s=18)

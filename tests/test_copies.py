@@ -19,6 +19,7 @@ SCRIPTS = [
     "tiny_world.py",
     "rebel.py",
     "online_dpo.py",
+    "hypo.py",
 ]
 DIFFERENT = {
     "build_episodes": "TL;DR posts and comparisons, against HH transcripts (REBEL reads both)",

@@ -50,7 +50,8 @@ SMALL_RL = [
 # with --fsdp. Every script's distributed helpers are the same lines (tests/test_copies.py checks they are).
 MODE = {"sft.py": "fsdp", "reward_model.py": "fsdp", "dpo_baseline.py": "fsdp", "drpo_tldr.py": "fsdp", "drpo_hh.py": "two"}
 MODE["rebel.py"] = "two"  # REBEL with the reset, data parallel (FSDP is the same copy of place() as DR-PO's)
-MODE["online_dpo.py"] = "fsdp"  # iterative DPO with the reset, uneven shares of pairs under FSDP
+MODE["online_dpo.py"] = "fsdp"
+MODE["hypo.py"] = "fsdp"  # HyPO: its samples drawn with the policy gathered, its two losses under FSDP  # iterative DPO with the reset, uneven shares of pairs under FSDP
 
 
 def one_and_two(script, flags, tmp_path, env=None):
@@ -93,7 +94,7 @@ def assert_same_weights(one, two, cls=AutoModelForCausalLM):
 
 
 @pytest.mark.slow  # starts torchrun
-@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "dpo_baseline.py"])
+@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "dpo_baseline.py", "hypo.py"])
 def test_two_processes_train_as_one(script, world, sft_model, arch_folders, tmp_path):  # noqa: F811 (the fixture)
     """SFT (on a tiny Llama), the reward model and DPO: each process takes half of every batch of 32 (two micro-batches
     of 8); the loss trajectory, every logged statistic (eval included) and the final weights equal the one-process
@@ -148,6 +149,8 @@ def test_two_processes_train_as_one(script, world, sft_model, arch_folders, tmp_
             "ref_cache",
             *common,
         ]
+    if script == "hypo.py":  # each process samples 2 responses to each of its 16 prompts, in micro-batches of 8
+        flags += ["--kl-weight", 0.5, "--num-generations", 2, "--response-length", 8]
     runs = one_and_two(script, flags, tmp_path)
     one = runs["one"][0]
     assert len(one) == 6 and sum("eval_loss" in m or "eval/rewards/margins" in m for m in one) == 2

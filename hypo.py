@@ -1,0 +1,950 @@
+# HyPO (Song, Swamy, Singh, Bagnell, Sun 2024, "The Importance of Online Data: Understanding Preference Fine-tuning
+# via Coverage", arXiv 2406.01462): offline DPO on the preference pairs, plus a reverse KL to the reference measured on
+# the policy's own samples, which need no label and no reward model:
+#
+#   loss = DPO(offline pairs) + kl_weight * KL(pi || pi_ref),   KL(pi || pi_ref) = E_{y ~ pi} [log pi(y|x) - log pi_ref(y|x)]
+#
+# The KL's gradient is estimated by REINFORCE on k samples of each batch prompt with the leave-one-out (RLOO) baseline:
+#
+#   kl_i = sum over y_i's tokens of (logp - ref_logp),  a_i = kl_i - mean_{j != i} kl_j,  loss_kl = mean_i(a_i * logp_i)
+#
+# DPO's reference log-probs of the pairs are cached as in dpo_baseline.py; the online term needs the reference model.
+# With --kl-weight 0 this is dpo_baseline.py. Docs: README.md#hypopy
+import contextlib
+import datetime
+import glob
+import hashlib
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+from datasets import load_dataset
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
+
+transformers_logging.set_verbosity_error()  # its load reports flag a new value or reward head, which is expected
+transformers_logging.disable_progress_bar()
+
+
+@dataclass
+class Args:
+    # ---- the loss ----
+    beta: float = 0.05  # DPO's beta: the strength of the implicit KL constraint (0.05 as in the authors' TL;DR DPO)
+    label_smoothing: float = 0.0  # conservative DPO (Mitchell 2023): the assumed probability that a label is flipped
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO's loss; ipo: IPO's squared loss (Azar et al. 2023)
+    rpo_alpha: float = 0.0  # RPO (Pang et al. 2024): + rpo_alpha * the chosen responses' per-token NLL; 0: plain DPO
+    # ---- HyPO's online KL ----
+    kl_weight: float = 0.05  # lambda, the weight of KL(pi || pi_ref) on the policy's own samples (0: DPO; README)
+    num_generations: int = 2  # k, samples per batch prompt for the KL's estimate (RLOO needs at least 2)
+    temperature: float = 1.0  # sampling temperature of the KL's samples (1: samples of pi itself, so the KL is pi's)
+    # ---- models and data ----
+    task: Literal["tldr", "hh"] = "tldr"  # tldr: OpenAI's TL;DR comparisons; hh: Anthropic HH chosen/rejected transcripts
+    sft_model_path: Optional[str] = None  # policy and reference init (default: DEFAULTS)
+    dataset_name: Optional[str] = None  # preference pairs: Hub id, folder or json/jsonl (default: DEFAULTS)
+    dataset_config: Optional[str] = None  # Hub config of the dataset (default: DEFAULTS)
+    train_split: str = "train"  # split to train on (datasets slicing works: `train[:80%]`; a single file has only `train`)
+    eval_split: Optional[str] = None  # held-out split of the implicit-reward accuracy (default: DEFAULTS)
+    query_length: int = 512  # max prompt tokens: a TL;DR post is cut back at its last newline, an HH prompt keeps its end
+    response_length: Optional[int] = None  # max response tokens, EOS included; longer pairs are skipped (default: DEFAULTS)
+    max_train_samples: Optional[int] = None  # use only the first N training pairs (debugging)
+    max_eval_samples: Optional[int] = 1000  # use only the first N eval pairs
+    ref_cache_dir: str = "cache/ref_logprobs"  # where rank 0 caches the reference log-probs (keyed by model, data, tokens)
+    # ---- optimisation ----
+    lr: float = 3e-6  # learning rate (cosine schedule to 0)
+    eps: float = 1e-5  # AdamW epsilon
+    max_grad_norm: Optional[float] = None  # clip each step's gradient norm (None: no clipping, as the authors and N+)
+    num_train_epochs: int = 1  # passes over the training pairs
+    batch_size: int = 64  # pairs per optimizer step, over all processes
+    eval_every: int = 100  # eval accuracy every N optimizer steps (and at the end)
+    # ---- the run ----
+    exp_name: str = "hypo"  # name of this experiment (part of the run name)
+    run_name: Optional[str] = (
+        None  # log, config and checkpoints go to runs/{run_name} (default: {task}__{exp}__{seed}__{time})
+    )
+    seed: int = 1  # seed of the experiment
+    output_dir: str = "models/hypo"  # where the policy and tokenizer are saved
+    # ---- memory and speed: dtypes, LoRA, FSDP ----
+    local_micro_batch_size: int = 8  # pairs per forward/backward pass and process (chosen and rejected share it)
+    cuda: bool = True  # use CUDA when available (bf16 autocast there); CPU otherwise
+    dtype: Literal["float32", "bfloat16"] = "float32"  # trained weights' dtype, whatever the checkpoint stores
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # the reference (auto: bf16 on CUDA)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass to save memory
+    use_lora: bool = False  # train LoRA adapters (needs `peft`); the online KL's reference is the adapter off
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA alpha
+    fsdp: bool = False  # under torchrun, shard the policy's weights, gradients and AdamW state (FSDP2)
+    # ---- logging and checkpoints ----
+    track: bool = False  # log to Weights & Biases (needs `wandb`)
+    save_every: int = 100  # write a checkpoint every N optimizer steps (0: never)
+    keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
+    resume_from: Optional[str] = None  # `auto`, a run folder or a checkpoint file (README: Checkpoints and resume)
+    # ---- computed from the flags above (not flags) ----
+    num_updates: tyro.conf.Suppress[int] = 0
+    gradient_accumulation_steps: tyro.conf.Suppress[int] = 0
+
+
+DEFAULTS = {  # --task -> (SFT model, dataset, config, eval split, response length)
+    "tldr": ("cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr", "openai/summarize_from_feedback", "comparisons", "validation",
+             53),
+    "hh": ("models/sft_hh", "Anthropic/hh-rlhf", None, "test", 128),
+}  # fmt: skip
+
+
+# ---- DPO: sequence log-probs and the loss ------------------------------------------------------------------------------
+def sequence_logprobs(model, pairs, pad_id: int, device):
+    """Summed log-probs of the chosen and the rejected responses of a micro-batch, in one forward pass: (chosen (n,),
+    rejected (n,)). The sequences are left-padded, so every response token lies in the last K positions (K: the longest
+    response) and the LM head runs on those alone (logits_to_keep); prompt and padding tokens there are masked out."""
+    sequences = [q + c for q, c, _ in pairs] + [q + r for q, _, r in pairs]
+    lengths = torch.tensor([len(c) for _, c, _ in pairs] + [len(r) for _, _, r in pairs], device=device)
+    input_ids = left_pad(sequences, pad_id).to(device)
+    k = int(lengths.max())
+    attention_mask = input_ids != pad_id
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    logits = model(input_ids=input_ids.masked_fill(~attention_mask, 0), attention_mask=attention_mask,
+                   position_ids=position_ids, logits_to_keep=k + 1).logits[:, :-1]  # fmt: skip
+    targets = input_ids[:, -k:]
+    response_mask = torch.arange(k, device=device).unsqueeze(0) >= (k - lengths).unsqueeze(1)  # (2n, k)
+    logps = torch.gather(logits.float().log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    summed = (logps * response_mask).sum(1)
+    return summed[: len(pairs)], summed[len(pairs) :]
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0,
+             loss_type: str = "sigmoid", rpo_alpha: float = 0.0, chosen_lengths=None):  # fmt: skip
+    """DPO: -log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))), with conservative label smoothing, or IPO's
+    (h - 1 / (2 beta))^2; RPO adds rpo_alpha * the chosen responses' NLL per token (chosen_lengths: their token
+    counts). Returns (mean loss, implicit chosen rewards, implicit rejected rewards)."""
+    logits = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    if rpo_alpha:
+        losses = losses + rpo_alpha * -policy_chosen / chosen_lengths
+    return losses.mean(), beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+
+
+# ---- HyPO's online term: samples of the policy, their log-probs, the RLOO estimate of the KL's gradient -------------
+def rloo_kl_loss(logp, ref_logp, k: int):
+    """The online term. logp (n * k,): each sample's summed log-prob under the policy (with its graph), ref_logp under
+    the reference; row p * k + j is sample j of prompt p. Per sample kl = logp - ref_logp, its advantage kl minus the
+    mean kl of the prompt's k - 1 other samples (RLOO), and loss = mean(advantage * logp). The gradient of that loss,
+    mean((kl - baseline) * grad logp), estimates grad KL(pi || pi_ref) = E[(log pi - log pi_ref) grad log pi] without
+    bias (E[grad log pi] = 0 and the baseline does not depend on the sample); minimising it lowers the KL.
+    Returns (loss, kl (n, k))."""
+    kl = (logp.detach() - ref_logp).view(-1, k)
+    baseline = (kl.sum(1, keepdim=True) - kl) / (k - 1)
+    return ((kl - baseline).flatten() * logp).mean(), kl
+
+
+def sample_responses(policy, prompts, args, pad_id: int, eos_id: int, seed: int, **generation):
+    """k samples of each prompt (prompt p's are rows p * k to p * k + k - 1), as the RL scripts write them: a fixed
+    response length (the EOS trick), cut after the first EOS; the pad token is never sampled. (prompt, response)
+    token lists, the response up to and including its EOS (all its tokens when it has none)."""
+    states = left_pad([q for q in prompts for _ in range(args.num_generations)], pad_id).to(policy.device)
+    torch.manual_seed(seed)
+    no_reset = torch.zeros(len(states), dtype=torch.long, device=states.device)
+    responses = truncate_response(generate_responses(policy, states, no_reset, args.response_length, pad_id, **generation),
+                                  eos_id, pad_id)  # fmt: skip
+    lengths = first_true_indices(responses == pad_id).tolist()
+    return [
+        (q, r[:n].tolist()) for q, r, n in zip([q for q in prompts for _ in range(args.num_generations)], responses, lengths)
+    ]
+
+
+def response_logprobs(model, samples, pad_id: int, device):
+    """Summed log-probs (the model's own, temperature 1) of each sample's response given its prompt, (n,): as
+    sequence_logprobs computes them for a pair, the LM head on the last K positions alone."""
+    input_ids = left_pad([q + r for q, r in samples], pad_id).to(device)
+    lengths = torch.tensor([len(r) for _, r in samples], device=device)
+    k = int(lengths.max())
+    attention_mask = input_ids != pad_id
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    logits = model(input_ids=input_ids.masked_fill(~attention_mask, 0), attention_mask=attention_mask,
+                   position_ids=position_ids, logits_to_keep=k + 1).logits[:, :-1]  # fmt: skip
+    response_mask = torch.arange(k, device=device).unsqueeze(0) >= (k - lengths).unsqueeze(1)
+    logps = torch.gather(logits.float().log_softmax(-1), 2, input_ids[:, -k:].unsqueeze(-1)).squeeze(-1)
+    return (logps * response_mask).sum(1)
+
+
+def generate_responses(policy, states, h, response_length: int, pad_id: int, **generation):
+    """Each row's whole response, (rows, response_length): the last h tokens of its left-padded state (the reset
+    prefix, encoded in the prompt's forward pass, never generated; h = 0 from the prompt), then the response_length - h
+    tokens the policy writes. One call writes response_length - min(h) tokens for every row; a row with a longer prefix
+    drops its extra ones, so that every episode has the same horizon."""
+    new, mask = response_length - int(h.min()), (states != pad_id).long()
+    out = policy.generate(
+        states, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad_id, **generation
+    )
+    return out.gather(1, (states.shape[1] - h).unsqueeze(1) + torch.arange(response_length, device=states.device))
+
+
+def first_true_indices(bools, dtype=torch.long):
+    """Index of the first True of each row, or the row length when there is none."""
+    row_len = bools.size(-1)
+    zero_or_index = row_len * (~bools).type(dtype) + torch.arange(row_len, dtype=dtype, device=bools.device)
+    return torch.min(zero_or_index, dim=-1).values
+
+
+def truncate_response(responses, eos_id: int, pad_id: int):
+    """The EOS trick: keep each response up to and including its first EOS, pad the rest."""
+    trunc_idxs = first_true_indices(responses == eos_id).unsqueeze(-1)
+    idxs = torch.arange(responses.shape[1], device=responses.device).view(1, -1)
+    return torch.masked_fill(responses, idxs > trunc_idxs, pad_id)
+
+
+# ---- the training loop ------------------------------------------------------------------------------------------------
+STATS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "online/kl_loss",
+    "online/kl",
+    "online/kl_var",
+    "online/response_length",
+)
+
+
+def train(args, run, log, train_pairs, eval_pairs, ref, models, tokenizer, checkpoint):
+    rank, world, device = run
+    (policy, ref_policy), pad_id = models, tokenizer.pad_token_id
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    reference = policy.disable_adapter if args.use_lora else contextlib.nullcontext  # LoRA: the policy, adapter off
+    non_tokens = non_token_ids(tokenizer, policy.get_input_embeddings().num_embeddings, device)  # never sampled
+    sampling = dict(temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, suppress_tokens=non_tokens)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.eps)
+    start = 1
+    if checkpoint:
+        restore(policy, optimizer, checkpoint)
+        start = checkpoint["update"] + 1
+        print(f"resumed from {args.resume_from} at update {start}")
+    generator = torch.Generator().manual_seed(args.seed)  # the data order, a function of the seed: resume-safe
+    order = torch.cat([torch.randperm(len(train_pairs), generator=generator) for _ in range(args.num_train_epochs)])
+    start_time, share, k = clock(device), args.batch_size // world, args.num_generations
+    for update in progress(start, args.num_updates, rank):
+        # cosine decay to 0, no warmup (transformers' get_cosine_schedule_with_warmup, to the last bit)
+        optimizer.param_groups[0]["lr"] = args.lr * (0.5 * (1.0 + math.cos(math.pi * ((update - 1) / args.num_updates))))
+        # 1. The batch of offline pairs (this process's share)
+        idx = order[(update - 1) * args.batch_size : update * args.batch_size][rank * share : (rank + 1) * share]
+        # 2. The online samples: k responses of the policy to each of the batch's prompts, no label. A micro-batch's
+        # samples are a function of the seed and its place in the batch, whatever the number of processes.
+        samples = []
+        if args.kl_weight:
+            with torch.no_grad(), autocast, gathered(policy):  # FSDP: the policy gathered once for the sampling
+                for mb in range(0, share, args.local_micro_batch_size):
+                    prompts = [train_pairs[i][0] for i in idx[mb : mb + args.local_micro_batch_size]]
+                    seed = int(np.random.default_rng([args.seed, update, rank * share + mb]).integers(2**62))
+                    samples += sample_responses(policy, prompts, args, pad_id, tokenizer.eos_token_id, seed, **sampling)
+        sums = torch.zeros(len(STATS), dtype=torch.float64, device=device)  # the STATS, means over the whole batch
+        for micro, mb in enumerate(range(0, share, args.local_micro_batch_size)):
+            rows = samples[mb * k : (mb + args.local_micro_batch_size) * k]
+            mb = idx[mb : mb + args.local_micro_batch_size]
+            # 3. DPO's loss on the offline pairs, against the reference's cached log-probs
+            with autocast:
+                logp_c, logp_r = sequence_logprobs(policy, [train_pairs[i] for i in mb], pad_id, device)
+            lengths = torch.tensor([len(train_pairs[i][1]) for i in mb], device=device)
+            ref_c, ref_r = ref["train"][0][mb].to(device), ref["train"][1][mb].to(device)
+            loss, reward_c, reward_r = dpo_loss(logp_c, logp_r, ref_c, ref_r, args.beta, args.label_smoothing, args.loss_type,
+                args.rpo_alpha, lengths)  # fmt: skip
+            online = torch.zeros(4, device=device)
+            if args.kl_weight:
+                # 4. plus kl_weight times the online KL's RLOO estimate on the micro-batch's samples
+                with autocast:
+                    logp = response_logprobs(policy, rows, pad_id, device)
+                with torch.no_grad(), autocast, reference():
+                    ref_logp = response_logprobs(ref_policy, rows, pad_id, device)
+                kl_loss, kl = rloo_kl_loss(logp, ref_logp, k)
+                length = torch.tensor([len(r) for _, r in rows], device=device).float().mean()
+                online = torch.stack([kl_loss.detach(), kl.mean(), kl.var(1).mean(), length])
+                total = loss + args.kl_weight * kl_loss
+            else:
+                total = loss  # DPO alone: no sample is drawn
+            sync_gradients([policy], args.fsdp, last=micro == args.gradient_accumulation_steps - 1)
+            (total / args.gradient_accumulation_steps).backward()
+            stats = [loss.detach(), reward_c.mean(), reward_r.mean(), (reward_c > reward_r).float().mean(),
+                     (reward_c - reward_r).mean(), logp_c.detach().mean(), logp_r.detach().mean()]  # fmt: skip
+            sums += torch.cat([torch.stack(stats), online]).double() / (args.gradient_accumulation_steps * world)
+        average_gradients(params, args.fsdp)  # distributed: the whole batch's gradient on every process
+        stats = dict(zip(STATS, all_sum(sums).tolist()))  # one wait for the GPU an update
+        if not args.kl_weight:
+            stats = {key: value for key, value in stats.items() if not key.startswith("online/")}
+        if not math.isfinite(stats["loss"] + stats.get("online/kl_loss", 0.0)):
+            raise SystemExit(f"non-finite loss at update {update}; lower --lr or --kl-weight, or check the data")
+        if args.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        # 5. Log, evaluate (the implicit-reward accuracy on held-out pairs), checkpoint
+        metrics = {"update": update, **stats, "lr": optimizer.param_groups[0]["lr"]}
+        metrics["pairs_per_s"] = (update - start + 1) * args.batch_size / (clock(device) - start_time)
+        metrics["peak_memory_gb"] = peak_memory_gb(device)
+        if update % args.eval_every == 0 or update == args.num_updates:
+            logp_c, logp_r = all_logprobs(policy, eval_pairs, args, pad_id, device, autocast, rank, world)
+            margin = (logp_c - ref["eval"][0]) - (logp_r - ref["eval"][1])
+            metrics |= {
+                "eval/rewards/accuracies": (margin > 0).float().mean().item(),
+                "eval/rewards/margins": args.beta * margin.mean().item(),
+            }
+        log_metrics(metrics, *log)
+        if args.save_every and update % args.save_every == 0 and update < args.num_updates:
+            save_checkpoint(args, update, policy, optimizer)
+    return policy
+
+
+@torch.no_grad()
+def all_logprobs(model, pairs, args: Args, pad_id: int, device, autocast, rank: int = 0, world: int = 1):
+    """Summed log-probs of every pair's chosen and rejected response: (chosen (n,), rejected (n,)). Under torchrun each
+    process computes a contiguous share and every process gets the whole."""
+    model.eval()
+    share = -(-len(pairs) // world)
+    mine = pairs[rank * share : (rank + 1) * share]
+    logps = torch.zeros(share, 2, device=device)  # the last share may be shorter: its tail stays 0 and is cut below
+    for start in range(0, share, args.local_micro_batch_size):  # as many passes on every process (FSDP's are collective)
+        chunk = mine[start : start + args.local_micro_batch_size]
+        with autocast:
+            c, r = sequence_logprobs(model, chunk or pairs[:1], pad_id, device)  # a stand-in when the share ran out
+        logps[start : start + len(chunk)] = torch.stack([c, r], 1).float()[: len(chunk)]
+    model.train()
+    logps = gather(logps)[: len(pairs)].cpu()
+    return logps[:, 0], logps[:, 1]
+
+
+def reference_logprobs(args, tokenizer, pairs: dict, run, autocast):
+    """The reference's summed log-probs of every pair, computed once and cached on rank 0's disk, keyed by the model,
+    its settings and the exact token ids; rank 0 reads the cache and sends it to the others (their disk need not hold
+    it). A cache hit never loads the reference model; a miss runs it once, each process taking a share."""
+    rank, world, device = run
+    key = cache_key(args.sft_model_path, f"{args.frozen_dtype}|{device.type}", pairs)
+    path = f"{args.ref_cache_dir}/{key}.pt"
+    if (ref := on_rank0(lambda: torch.load(path, weights_only=True) if os.path.exists(path) else None)) is not None:
+        print(f"reference log-probs from the cache {path}; the reference model is not loaded")
+        return ref
+    start = time.time()
+    model = place(
+        from_pretrained(AutoModelForCausalLM, args.sft_model_path, tokenizer, dtype=getattr(torch, args.frozen_dtype)),
+        device,
+        False,
+    )
+    ref = {
+        split: all_logprobs(model, p, args, tokenizer.pad_token_id, device, autocast, rank, world)
+        for split, p in pairs.items()
+    }
+    if rank == 0:
+        os.makedirs(args.ref_cache_dir, exist_ok=True)
+        torch.save(ref, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)  # a crash never leaves a half-written cache
+    print(f"computed the reference log-probs in {time.time() - start:.1f}s; cached in {path}")
+    return ref
+
+
+def cache_key(model_path: str, settings: str, pairs_by_split: dict):
+    """Hash of the reference model (a folder: its files' names, sizes and times; a Hub id: the commit it resolves to, so
+    that a model updated on the Hub is another model), of its settings (dtype, device) and of the exact token ids of
+    every pair: a change to the model, its precision, the data or the tokenisation misses the cache. Rank 0's."""
+
+    def key():
+        h = hashlib.sha256(f"{model_path}|{settings}".encode())
+        if os.path.isdir(model_path):
+            for name in sorted(os.listdir(model_path)):
+                stat = os.stat(os.path.join(model_path, name))
+                h.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        else:
+            from huggingface_hub import hf_hub_download  # comes with transformers
+
+            try:  # the folder its config.json lies in is snapshots/<commit>
+                h.update(f"revision:{os.path.basename(os.path.dirname(hf_hub_download(model_path, 'config.json')))}".encode())
+            except Exception:  # noqa: BLE001 (not resolvable: the model cannot be loaded either)
+                h.update(b"revision:None")
+        for split, pairs in sorted(pairs_by_split.items()):
+            h.update(split.encode() + json.dumps(pairs).encode())
+        return h.hexdigest()[:20]
+
+    return on_rank0(key)
+
+
+def main():
+    args = tyro.cli(Args)
+    check_flags(args)
+    run = rank, world, device = init_distributed(args)  # (0, 1, cuda or cpu) in one process
+    args, checkpoint = resume(args, args.task) if args.resume_from else (args, None)  # the flags from the run's checkpoint
+    default_model, default_dataset, default_config, default_eval, default_length = DEFAULTS[args.task]
+    args.sft_model_path = args.sft_model_path or default_model
+    if args.dataset_name is None:
+        args.dataset_name, args.dataset_config = default_dataset, default_config
+    args.eval_split, args.response_length = args.eval_split or default_eval, args.response_length or default_length
+    args.gradient_accumulation_steps = args.batch_size // (args.local_micro_batch_size * world)  # per process
+    check_flags(args, world)
+    check_hub([args.sft_model_path, args.dataset_name])
+    tokenizer = load_tokenizer(args.sft_model_path)
+    train_pairs = build_pairs(args, tokenizer, args.train_split, args.max_train_samples)
+    eval_pairs = build_pairs(args, tokenizer, args.eval_split, args.max_eval_samples)
+    args.num_updates = args.num_train_epochs * len(train_pairs) // args.batch_size
+    if args.num_updates == 0:
+        raise SystemExit(f"{len(train_pairs)} pairs are fewer than one batch of {args.batch_size}")
+    log = start_run(args, args.task, checkpoint["update"] + 1 if checkpoint else 1)
+    if args.frozen_dtype == "auto":  # a frozen model needs no fp32 copy on a GPU; bf16 is slow on a CPU
+        args.frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    on = "on" if device.type == "cuda" else "off"
+    print(f"dtypes: trained weights {args.dtype}, frozen models {args.frozen_dtype}, bf16 autocast {on} ({device})")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    ref = reference_logprobs(args, tokenizer, {"train": train_pairs, "eval": eval_pairs}, run, autocast)
+    policy = from_pretrained(AutoModelForCausalLM, args.sft_model_path, tokenizer, dtype=getattr(torch, args.dtype))
+    if args.use_lora:
+        from peft import LoraConfig, get_peft_model  # only imported when asked for
+
+        policy = get_peft_model(
+            policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
+        )
+        policy.print_trainable_parameters()
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        if args.use_lora:
+            policy.enable_input_require_grads()
+    place(policy, device, args.fsdp).train()
+    policy.generation_config.eos_token_id = policy.generation_config.bos_token_id = None  # the EOS trick: sample them all
+    ref_policy = None  # the online KL's reference: the SFT model (with LoRA, the policy with its adapter off)
+    if args.kl_weight and not args.use_lora:
+        ref_policy = from_pretrained(
+            AutoModelForCausalLM, args.sft_model_path, tokenizer, dtype=getattr(torch, args.frozen_dtype)
+        )
+        ref_policy.to(device).eval().requires_grad_(False)
+    policy = train(args, run, log, train_pairs, eval_pairs, ref, (policy, ref_policy or policy), tokenizer, checkpoint)
+    policy.generation_config.eos_token_id = tokenizer.eos_token_id  # the EOS trick was for training only
+    save_model(args, policy.merge_and_unload() if args.use_lora else policy, tokenizer)
+
+
+# ======================================================================================================================
+# Appendix: the machinery. Data; models; flag checks; torchrun and FSDP; checkpoints and resume; the run and its log.
+# ======================================================================================================================
+TLDR_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+HH_TAG = "\n\nAssistant:"
+SCHEMAS = {"tldr": {"info": dict, "summaries": list, "choice": int}, "hh": {"chosen": str, "rejected": str}}
+
+
+def build_pairs(args: Args, tokenizer, split: str, limit: Optional[int]):
+    """(prompt ids, chosen ids, rejected ids) triples; unusable rows are skipped and counted."""
+    name, schema = args.dataset_name, SCHEMAS[args.task]
+    ds = load_rows(name, split, schema, args.dataset_config)
+    ds = ds.select(range(min(limit, len(ds)))) if limit else ds
+    keys = (
+        "rows query_truncated dropped_query_too_long dropped_empty_response dropped_identical_pair dropped_response_too_long "
+    )
+    pairs, counts = [], dict.fromkeys((keys + "dropped_no_shared_prompt dropped_cnndm").split(), 0)
+    for i, row in enumerate(ds):
+        check_row(row, i, schema, f"{name} ({split})")
+        counts["rows"] += 1
+        if args.task == "tldr":
+            texts, missing = comparison_texts(row, i, f"{name} ({split})"), "dropped_cnndm"
+            query = tldr_query(tokenizer, texts[0], args.query_length) if texts else None
+            missing = missing if texts is None else "dropped_query_too_long"
+        else:
+            texts, missing = hh_split(row["chosen"], row["rejected"]), "dropped_no_shared_prompt"
+            query = hh_prompt(tokenizer, texts[0], args.query_length) if texts else None
+        if query is None:
+            counts[missing] += 1
+            continue
+        counts["query_truncated"] += query[1]
+        (chosen, rejected), ids = texts[1:], [response_ids(tokenizer, t) for t in texts[1:]]
+        if not chosen.strip() or not rejected.strip():
+            counts["dropped_empty_response"] += 1
+        elif chosen.strip() == rejected.strip():  # carries no preference
+            counts["dropped_identical_pair"] += 1
+        elif max(map(len, ids)) > args.response_length:  # a cut response would lose its EOS
+            counts["dropped_response_too_long"] += 1
+        else:
+            pairs.append((query[0], *ids))
+    print(f"{name} ({split}): {len(pairs)} pairs kept; {counts}")
+    if not pairs:
+        raise SystemExit(f"no usable pair in {name} ({split}); see the counts above")
+    return pairs
+
+
+def comparison_texts(row: dict, i: int, source: str):
+    """TL;DR comparison -> (post fields, chosen text, rejected text); None for the CNN/DailyMail rows (an article, no
+    post) of openai/summarize_from_feedback's validation split (the N+ code drops them too)."""
+    info = row["info"]
+    if info.get("article") is not None and all(info.get(k) is None for k in ("post", "title", "subreddit")):
+        return None
+    for key in ("post", "title", "subreddit"):
+        if not isinstance(info.get(key), str):
+            raise SystemExit(f"{source} row {i}, column 'info.{key}': expected str, got {type(info.get(key)).__name__}")
+    texts = [s.get("text") if isinstance(s, dict) else None for s in row["summaries"]]
+    if len(texts) != 2 or not all(isinstance(t, str) for t in texts) or row["choice"] not in (0, 1):
+        raise SystemExit(f"{source} row {i}, column 'summaries'/'choice': expected two {{'text': str}} and choice 0 or 1")
+    return info, texts[row["choice"]], texts[1 - row["choice"]]
+
+
+def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None):
+    """A Hub id, a local folder or a json/jsonl file (its one split is `train`), its columns checked against the schema."""
+    file = name.endswith((".json", ".jsonl"))
+    try:
+        ds = load_dataset("json", data_files={"train": name}, split=split) if file else load_dataset(name, config, split=split)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"could not read split '{split}' of {name}: {e}")
+    except Exception as e:  # connection errors come in many types, from requests, httpx and huggingface_hub
+        if file or os.path.exists(name):
+            raise
+        raise SystemExit(f"Could not load the dataset '{name}' from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"Offline, point --dataset-name at a folder or json/jsonl file with columns {list(schema)}") from None  # fmt: skip
+    if missing := [c for c in schema if c not in ds.column_names]:
+        raise SystemExit(f"{name} (split {split}) lacks column(s) {missing}; expected the schema {list(schema)}, "
+            f"found {ds.column_names}")  # fmt: skip
+    if extra := [c for c in ds.column_names if c not in schema]:
+        print(f"note: {name} has extra column(s) {extra}, which are not used")
+    return ds.select_columns(list(schema))
+
+
+def check_row(row: dict, i: int, schema: dict, source: str):
+    for column, kind in schema.items():
+        if not isinstance(row[column], kind):
+            raise SystemExit(
+                f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}"
+            )
+
+
+def encode(tokenizer, text: str, special: bool = True):
+    """Token ids of a data text: a special token's string in it (a post can hold `<|endoftext|>`) is plain text, never
+    that token. `special` adds the tokenizer's own special tokens (Llama's BOS): prompts get them, responses do not."""
+    return tokenizer.encode(text, add_special_tokens=special, split_special_tokens=True)
+
+
+def tldr_query(tokenizer, row: dict, query_length: int):
+    """OpenAI's TL;DR query. A post that does not fit is cut exactly as the N+ code cut it for the public SFT and reward
+    checkpoints (tldr_dataset.py, process_query): at its last newline (that newline and what follows go, nothing is
+    stripped), again and again, then one character at a time. Returns (ids, whether it was cut); None if nothing fits."""
+    post, truncated = row["post"], False
+    while (
+        len(ids := encode(tokenizer, TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post)))
+        > query_length
+    ):
+        if not post:
+            return None
+        post, truncated = post[: post.rfind("\n")], True  # with no newline left rfind is -1: the last character goes
+    return ids, truncated
+
+
+def hh_split(chosen: str, rejected: str):
+    """The prompt is the transcript up to and including the last '\\n\\nAssistant:' that chosen and rejected share."""
+    end = os.path.commonprefix([chosen, rejected]).rfind(HH_TAG)
+    return None if end < 0 else (chosen[: end + len(HH_TAG)], chosen[end + len(HH_TAG) :], rejected[end + len(HH_TAG) :])
+
+
+def hh_prompt(tokenizer, prompt: str, query_length: int):
+    """HH prompt ids: a long conversation keeps its end (left truncation) and the tokenizer's leading special tokens
+    (Llama's BOS). Returns (ids, whether the prompt was truncated)."""
+    head = tokenizer.encode("")  # what the tokenizer puts before any text: [BOS], or nothing
+    ids = encode(tokenizer, prompt, special=False)
+    cut = max(0, len(head) + len(ids) - query_length)
+    return head + ids[cut:], cut > 0
+
+
+def response_ids(tokenizer, text: str):
+    """A response: one leading space, then the EOS token (appended as an id, never as text)."""
+    return encode(tokenizer, " " + text.strip(), special=False) + [tokenizer.eos_token_id]
+
+
+def left_pad(sequences, pad_id: int, width: int = 0):
+    width = max(width, max(len(s) for s in sequences))  # (rows, max(width, longest))
+    return torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
+
+
+def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
+    """cls.from_pretrained, with a clear message when the Hub cannot be reached. A model (given its tokenizer) gets room
+    for an added pad token and its id (a classifier reads the last non-pad token), no dropout (N+), and a note of the
+    weights its checkpoint lacks (a new value or reward head: expected) in place of transformers' load report."""
+    try:
+        model, info = (cls.from_pretrained(path, **kwargs), None) if tokenizer is None else cls.from_pretrained(
+            path, output_loading_info=True, **kwargs)  # fmt: skip
+    except OSError as e:
+        if os.path.exists(path):
+            raise
+        raise SystemExit(f"Could not load '{path}' ({e}). Offline, point the model flags (--sft-model-path, ...) at local "
+            "folders saved with save_pretrained (sft.py and reward_model.py write them).") from None  # fmt: skip
+    if tokenizer is None:
+        return model  # the tokenizer
+    if missing := sorted(info["missing_keys"]):
+        print(
+            f"{path}: {', '.join(missing[:4])}{' ...' * (len(missing) > 4)} initialised from scratch (not in the checkpoint)"
+        )
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    for dropout in (m for m in model.modules() if isinstance(m, torch.nn.Dropout)):
+        dropout.p = 0.0
+    return model
+
+
+def non_token_ids(tokenizer, vocab_size: int, device=None):
+    """The ids the policy must never write. The pad token: the code reads it as padding, so a sampled one would end the
+    response unseen, untrained and unpenalised (an absorbing action). And the embedding rows past the tokenizer's
+    vocabulary, which no text encodes to (Pythia-1B: 50304 rows, 50281 tokens)."""
+    return torch.tensor([tokenizer.pad_token_id] + list(range(len(tokenizer), vocab_size)), device=device)
+
+
+def load_tokenizer(path: str, padding_side: str = "left"):
+    tokenizer = from_pretrained(AutoTokenizer, path, padding_side=padding_side)
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f"the tokenizer of {path} has no EOS token; set `eos_token` in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # with pad = EOS, masking the padding would mask the EOS
+    return tokenizer
+
+
+def save_model(args, model, tokenizer, weights=None):
+    """The final model, a save_pretrained folder that loads on one device, FSDP or not: every process takes part in
+    gathering the weights (unless given), rank 0 holds them in CPU memory and writes them. Then all leave together."""
+    if weights is None:
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model.save_pretrained(args.output_dir, state_dict=weights)
+        tokenizer.save_pretrained(args.output_dir)
+        print(f"saved the model and tokenizer to {args.output_dir}")
+    if dist.is_initialized():  # none closes its connections while another still uses them
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---- flags, checked before anything is loaded ----
+FLAG_RULES = {
+    "> 0": "lr eps batch_size local_micro_batch_size query_length response_length num_train_epochs keep_checkpoints "
+    "max_train_samples max_eval_samples beta max_grad_norm lora_r temperature",
+    ">= 0": "eval_every save_every rpo_alpha kl_weight",
+    ">= 2": "num_generations",
+    "in [0, 0.5)": "label_smoothing",
+}
+RESUMABLE = "resume_from save_every keep_checkpoints eval_every output_dir fsdp"  # may change on resume
+COMPUTED = "num_updates gradient_accumulation_steps"  # filled in by main()
+CHECKS = {
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    ">= 2": lambda v: v >= 2,
+    "in [0, 0.5)": lambda v: 0 <= v < 0.5,
+}
+
+
+def check_flags(args, world: Optional[int] = None):
+    """A flag out of its range (FLAG_RULES) is refused, named; with `world`, a batch that does not split into whole
+    micro-batches (and rollout chunks) on every process too."""
+    for must, names in FLAG_RULES.items():
+        for name in names.split():
+            if (value := getattr(args, name)) is not None and not CHECKS[must](value):
+                raise SystemExit(f"--{name.replace('_', '-')} {value}: must be {must}")
+    parts, chunk = getattr(args, "num_mini_batches", 1), getattr(args, "local_rollout_forward_batch_size", 1)
+    if world and (args.batch_size % (args.local_micro_batch_size * world * parts) or args.batch_size % (chunk * world)):
+        raise SystemExit(f"--batch-size {args.batch_size} must split into --num-mini-batches minibatches of whole "
+            f"--local-micro-batch-size x {world} processes, and of --local-rollout-forward-batch-size x {world}")  # fmt: skip
+    if world and args.fsdp and (not dist.is_initialized() or getattr(args, "use_lora", False)):
+        raise SystemExit(f"--fsdp shards the trained weights across torchrun's processes (torchrun ... {sys.argv[0]} --fsdp); "
+                         "not with --use-lora, where the adapters alone train")  # fmt: skip
+
+
+def check_hub(paths):
+    """Fails in seconds, not after minutes of retries, when a Hub id is asked for and the Hub cannot be reached."""
+    remote = list(dict.fromkeys(p for p in paths if p and not os.path.exists(p) and not p.endswith((".json", ".jsonl"))))
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if not remote or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5).close()
+    except urllib.error.HTTPError:  # an answer, even an error status: the Hub is there
+        pass
+    except OSError as e:  # no answer: offline, a firewall, a wrong HF_ENDPOINT
+        raise SystemExit(f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be reached "
+                         f"({getattr(e, 'reason', e)}). Offline, point these flags at local folders or json/jsonl files, or "
+                         "set HF_HUB_OFFLINE=1 to use what the Hub cache already holds.")  # fmt: skip
+
+
+# ---- torchrun and FSDP2: each function is a no-op in one process ----
+def init_distributed(args):
+    """(rank, processes, device). Under torchrun every process trains the same model on its share of each batch: NCCL
+    between GPUs, gloo between CPU processes. A rank that dies stops the job (torchrun ends the others)."""
+    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    cuda = args.cuda and torch.cuda.is_available()
+    # LOCAL_RANK's GPU, modulo the visible ones: a scheduler may show each process its own GPU alone
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if "RANK" in os.environ:
+        if cuda:
+            torch.cuda.set_device(device)
+        # rank 0 alone writes a checkpoint (24 GB for PPO at 1B) while the others wait: NCCL's 10 minutes are too short
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+        if rank > 0:  # one console: rank 0 prints (errors, on stderr, come from every rank)
+            sys.stdout = open(os.devnull, "w")
+    return rank, world, device
+
+
+def on_rank0(fn):
+    """fn() run by rank 0 alone and its result sent to every process (another node's disk, clock or numbers may
+    differ); a SystemExit there stops every process with its message."""
+    box = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except SystemExit as e:
+            box = [("exit", str(e))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, 0)
+    if box[0][0] == "exit":
+        raise SystemExit(box[0][1])
+    return box[0][1]
+
+
+def gather(tensor):
+    """Every process's rows, concatenated in rank order: each process rolls out its share, and all get the whole batch."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def all_sum(tensor):
+    """The sum of a tensor over all processes."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def average_gradients(params, fsdp: bool, bucket_bytes: int = 2**25):
+    """Each process holds the gradient of its share of the batch; their mean is the whole batch's. What DDP does, written
+    out: one all-reduce per 32 MB bucket of gradients, not one per tensor. (FSDP has reduce-scattered its shards.)"""
+    if not dist.is_initialized() or fsdp:
+        return
+    grads, bucket, size = [p.grad for p in params if p.grad is not None], [], 0
+    for i, grad in enumerate(grads):
+        bucket, size = bucket + [grad], size + grad.numel() * grad.element_size()
+        if size >= bucket_bytes or i == len(grads) - 1 or grads[i + 1].dtype != grad.dtype:
+            flat = torch.cat([g.flatten() for g in bucket])
+            dist.all_reduce(flat)
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g) / dist.get_world_size())
+            bucket, size = [], 0
+
+
+def sync_gradients(models, fsdp: bool, last: bool):
+    """FSDP reduce-scatters the gradients at the last micro-batch of a minibatch only, not at every one."""
+    for model in models if fsdp else ():
+        model.set_requires_gradient_sync(last)
+
+
+def place(model, device, fsdp: bool):
+    """The model on the device: whole, or with FSDP2 on an explicit mesh of the script's device (not the build's
+    accelerator), each decoder layer a unit (gathered for its forward and backward passes, freed after) and the rest
+    the root. Sharded on the CPU, each unit moves its shard alone to the GPU; there the gathered weights are bf16 and
+    the gradients are reduced in fp32."""
+    if not fsdp:
+        return model.to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    units = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]  # the decoder layers
+    for unit in units + [model]:
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    held, total = sum(p.to_local().numel() for p in model.parameters()), sum(p.numel() for p in model.parameters())
+    print(f"FSDP: {type(model).__name__} in {len(units) + 1} units; this process holds {held:,} of its {total:,} parameters")
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """FSDP: the whole model on every process for generate(), gathered once and not at every decode step (the trap of
+    trl#1726), then sharded again: one full copy of the weights for that time. A no-op without FSDP."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(unit is not model, recurse=False)  # FSDP's default: the root stays gathered
+            unit.reshard()
+
+
+# ---- checkpoints: one file, on the CPU, written by rank 0 and made current by one rename ----
+def save_checkpoint(args, update: int, model, optimizer, **counters):
+    """What training changes (the trained weights, with LoRA the adapters alone; the AdamW state), the counters and the
+    run's flags, gathered into rank 0's CPU memory (the others hold nothing) and written to a temporary file that one
+    rename makes checkpoint `update`: a kill at any instant leaves the previous checkpoint complete."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    weights, optimizer_state = get_state_dict(model, optimizer, options=options)  # FSDP: every process takes part
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    folder = f"runs/{args.run_name}/checkpoints"
+    os.makedirs(folder, exist_ok=True)
+    state = {"model": weights, "optimizer": optimizer_state, "update": update, "config": asdict(args), **counters}
+    torch.save(state, f"{folder}/incomplete.pt")
+    os.replace(f"{folder}/incomplete.pt", f"{folder}/update_{update:07d}.pt")
+    for old in sorted(glob.glob(f"{folder}/update_*.pt"))[: -args.keep_checkpoints]:
+        os.remove(old)
+    print(f"checkpoint written to {folder}/update_{update:07d}.pt (resume with --resume-from auto)")
+
+
+def restore(model, optimizer, checkpoint):
+    """A checkpoint's weights and AdamW state into the models: rank 0 read it, the others receive it (under FSDP each
+    process keeps its shard)."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
+    set_model_state_dict(model, checkpoint.get("model", {}), options=options)
+    set_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), options=options)
+
+
+def resume(args, task: str):
+    """--resume-from: rank 0 finds the checkpoint and reads it into CPU memory (another node's disk need not hold it);
+    every process gets the run's flags and counters and parses the command line again over them (only RESUMABLE flags
+    may differ). Returns (args, checkpoint); rank 0's checkpoint holds the tensors too, which restore() sends out."""
+    tensors = {}
+
+    def read(where=args.resume_from.rstrip("/")):
+        if where == "auto":  # the newest run of this task, experiment and seed that holds a checkpoint
+            runs = sorted(glob.glob(f"runs/{task}__{args.exp_name}__{args.seed}__*"), key=lambda r: int(r.rsplit("__", 1)[1]))
+            if not (where := next((r for r in reversed(runs) if glob.glob(f"{r}/checkpoints/update_*.pt")), None)):
+                return print("--resume-from auto: no checkpoint of this run under runs/, starting a new run")
+        candidates = [where] if os.path.isfile(where) else sorted(glob.glob(f"{where}/checkpoints/update_*.pt"), reverse=True)
+        for path in candidates:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and numbers: no code runs
+            except Exception as e:  # noqa: BLE001 (any damage: name it and try the previous checkpoint)
+                print(
+                    f"WARNING: checkpoint {path} does not load ({type(e).__name__}: {str(e)[:300]}); trying the previous one"
+                )
+                continue
+            tensors.update(model=state.pop("model"), optimizer=state.pop("optimizer"))
+            return path, state
+        if candidates or not os.path.exists(f"{where}/args.json"):
+            raise SystemExit(
+                f"--resume-from {where}: no checkpoint loads (of {candidates}) and no args.json to start again from"
+            )
+        print(f"--resume-from {where}: no checkpoint yet; the run starts again with the flags of {where}/args.json")
+        return where, {"config": json.load(open(f"{where}/args.json"))}  # a run stopped before its first checkpoint
+
+    if (found := on_rank0(read)) is None:
+        return Args(**{**asdict(args), "resume_from": None}), None
+    (path, counters), resumable = found, RESUMABLE.split()
+    saved = counters["config"]
+    given = tyro.cli(Args, default=Args(**saved))  # the saved flags, and those given anew
+    if clash := [
+        f"--{k.replace('_', '-')} {v} (saved: {saved[k]})"
+        for k, v in asdict(given).items()
+        if k not in resumable and v != saved[k]
+    ]:
+        raise SystemExit(f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
+                         f"{', '.join('--' + k.replace('_', '-') for k in resumable)} may change on resume.")  # fmt: skip
+    given.resume_from = path
+    check_flags(given)
+    return given, ({**counters, **tensors} if "update" in counters else None)
+
+
+# ---- the run folder and its log ----
+def start_run(args, task: str, start: int):
+    """Rank 0 names the run (by its clock), checks now that the output and run folders can be written, saves every flag
+    to runs/{run_name}/args.json and opens its metrics.jsonl; a resumed run keeps the lines before its checkpoint's
+    update (a line cut by the kill dropped), so that each update is logged once. Returns (log, W&B, TensorBoard)."""
+
+    def begin():
+        if args.run_name and not args.resume_from and os.path.exists(f"runs/{args.run_name}/metrics.jsonl"):
+            raise SystemExit(f"runs/{args.run_name} holds a run already: choose another --run-name, or --resume-from it")
+        name = args.run_name or f"{task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        for folder in (args.output_dir, f"runs/{name}"):
+            try:
+                os.makedirs(folder, exist_ok=True)
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as e:
+                raise SystemExit(f"cannot write to {folder}: {e}")
+        config, default, quiet = asdict(args) | {"run_name": name, "resume_from": None}, asdict(Args()), COMPUTED.split()
+        changed = [
+            f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet + ["run_name"] and v != default[k]
+        ]
+        print(f"run {name}: {' '.join(changed) or 'the default flags'} (every flag: runs/{name}/args.json)")
+        path, kept = f"runs/{name}/metrics.jsonl", []
+        for line in open(path) if start > 1 and os.path.exists(path) else []:
+            try:
+                kept += [line] if json.loads(line)["update"] < start else []
+            except json.JSONDecodeError:  # a line cut by the kill
+                break
+        for file, text in ((f"runs/{name}/args.json", json.dumps(config, indent=1)), (path, "".join(kept))):
+            with open(f"{file}.tmp", "w") as f:
+                f.write(text)
+            os.replace(f"{file}.tmp", file)
+        return name
+
+    args.run_name = on_rank0(begin)
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return open(os.devnull, "w"), None, None
+    tracker = writer = None
+    if getattr(args, "track", False):
+        import wandb  # only imported when asked for
+
+        tracker = wandb.init(project="drpo", name=args.run_name, config=asdict(args), resume="allow", id=args.run_name)
+    if getattr(args, "tensorboard", False):
+        from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
+
+        writer = SummaryWriter(f"runs/{args.run_name}")
+    return open(f"runs/{args.run_name}/metrics.jsonl", "a"), tracker, writer
+
+
+def log_metrics(metrics: dict, log, tracker=None, writer=None):
+    """One line on the console, one json line in metrics.jsonl, W&B and TensorBoard when asked for. The tensor values
+    are read from the device in one transfer."""
+    if tensors := [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]:
+        metrics |= dict(zip(tensors, torch.stack([metrics[k].double() for k in tensors]).tolist()))
+    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    log.write(json.dumps(metrics) + "\n")
+    log.flush()
+    step = metrics.get("episodes", metrics["update"])
+    if tracker is not None:
+        tracker.log(metrics, step=step)
+    for k, v in metrics.items() if writer is not None else ():
+        writer.add_scalar(k, v, step)
+
+
+def progress(start: int, end: int, rank: int):
+    """The updates start..end, with a progress bar and an ETA on a terminal (none in a log file, nor on other ranks)."""
+    return tqdm(
+        range(start, end + 1), initial=start - 1, total=end, unit="update", disable=rank > 0 or not sys.stderr.isatty()
+    )
+
+
+def clock(device):
+    """time.time(), once the GPU has done the work queued so far (else a phase's time would be that of its queueing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
+def peak_memory_gb(device):
+    """GPU: the peak memory the caching allocator reserved (what the device had to hold); CPU: the peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+if __name__ == "__main__":
+    main()
