@@ -176,7 +176,7 @@ def sample_responses(policy, prompts, args, pad_id: int, eos_id: int, seed: int,
     ]
 
 
-def response_logprobs(model, samples, pad_id: int, device):
+def sample_logprobs(model, samples, pad_id: int, device):
     """Summed log-probs (the model's own, temperature 1) of each sample's response given its prompt, (n,): as
     sequence_logprobs computes them for a pair, the LM head on the last K positions alone."""
     input_ids = left_pad([q + r for q, r in samples], pad_id).to(device)
@@ -279,9 +279,9 @@ def train(args, run, log, train_pairs, eval_pairs, ref, models, tokenizer, check
             if args.kl_weight:
                 # 4. plus kl_weight times the online KL's RLOO estimate on the micro-batch's samples
                 with autocast:
-                    logp = response_logprobs(policy, rows, pad_id, device)
+                    logp = sample_logprobs(policy, rows, pad_id, device)
                 with torch.no_grad(), autocast, reference():
-                    ref_logp = response_logprobs(ref_policy, rows, pad_id, device)
+                    ref_logp = sample_logprobs(ref_policy, rows, pad_id, device)
                 kl_loss, kl = rloo_kl_loss(logp, ref_logp, k)
                 length = torch.tensor([len(r) for _, r in rows], device=device).float().mean()
                 online = torch.stack([kl_loss.detach(), kl.mean(), kl.var(1).mean(), length])

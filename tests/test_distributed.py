@@ -50,8 +50,8 @@ SMALL_RL = [
 # with --fsdp. Every script's distributed helpers are the same lines (tests/test_copies.py checks they are).
 MODE = {"sft.py": "fsdp", "reward_model.py": "fsdp", "dpo_baseline.py": "fsdp", "drpo_tldr.py": "fsdp", "drpo_hh.py": "two"}
 MODE["rebel.py"] = "two"  # REBEL with the reset, data parallel (FSDP is the same copy of place() as DR-PO's)
-MODE["online_dpo.py"] = "fsdp"
-MODE["hypo.py"] = "fsdp"  # HyPO: its samples drawn with the policy gathered, its two losses under FSDP  # iterative DPO with the reset, uneven shares of pairs under FSDP
+MODE["online_dpo.py"] = "fsdp"  # iterative DPO with the reset, uneven shares of pairs under FSDP
+MODE["hypo.py"] = "fsdp"  # HyPO: its samples drawn with the policy gathered, its two losses under FSDP
 
 
 def one_and_two(script, flags, tmp_path, env=None):
