@@ -165,15 +165,14 @@ def sample_responses(policy, prompts, args, pad_id: int, eos_id: int, seed: int,
     """k samples of each prompt (prompt p's are rows p * k to p * k + k - 1), as the RL scripts write them: a fixed
     response length (the EOS trick), cut after the first EOS; the pad token is never sampled. (prompt, response)
     token lists, the response up to and including its EOS (all its tokens when it has none)."""
-    states = left_pad([q for q in prompts for _ in range(args.num_generations)], pad_id).to(policy.device)
+    repeated = [q for q in prompts for _ in range(args.num_generations)]
+    states = left_pad(repeated, pad_id).to(policy.device)
     torch.manual_seed(seed)
     no_reset = torch.zeros(len(states), dtype=torch.long, device=states.device)
     responses = truncate_response(generate_responses(policy, states, no_reset, args.response_length, pad_id, **generation),
                                   eos_id, pad_id)  # fmt: skip
     lengths = first_true_indices(responses == pad_id).tolist()
-    return [
-        (q, r[:n].tolist()) for q, r, n in zip([q for q in prompts for _ in range(args.num_generations)], responses, lengths)
-    ]
+    return [(q, r[:n].tolist()) for q, r, n in zip(repeated, responses, lengths)]
 
 
 def sample_logprobs(model, samples, pad_id: int, device):

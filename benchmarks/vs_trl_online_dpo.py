@@ -15,10 +15,12 @@ Run: /tmp/trlenv/bin/python benchmarks/vs_trl_online_dpo.py              (Pythia
      /tmp/trlenv/bin/python benchmarks/vs_trl_online_dpo.py --hidden 64 --layers 2 --heads 2 --intermediate 256"""
 
 import argparse
+import glob
 import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -183,17 +185,13 @@ def main():
     work = args.work or tempfile.mkdtemp(prefix="vs_trl_odpo_")
     import torch
     import trl
-    from transformers import GPTNeoXForSequenceClassification
+    from transformers import AutoConfig, GPTNeoXForSequenceClassification
     from vs_trl import build_model
 
     params = build_model(work, args.hidden, args.layers, args.heads, args.intermediate)
     torch.manual_seed(1)
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(f"{work}/model", num_labels=1)
     GPTNeoXForSequenceClassification(config).save_pretrained(f"{work}/rm")
-    import shutil
-
     for name in os.listdir(f"{work}/model"):
         if "token" in name or name == "special_tokens_map.json":
             shutil.copy(f"{work}/model/{name}", f"{work}/rm/{name}")
@@ -214,7 +212,7 @@ def main():
         proc = subprocess.run(command, cwd=work, capture_output=True, text=True)
         assert proc.returncode == 0, " ".join(command) + "\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
         if side == "ours":
-            logs = [json.loads(x) for x in open(sorted(__import__("glob").glob(f"{work}/runs/*/metrics.jsonl"))[-1])]
+            logs = [json.loads(x) for x in open(sorted(glob.glob(f"{work}/runs/*/metrics.jsonl"))[-1])]
             pairs = sum(m["online/pairs"] for m in logs)
             seconds = sum(m["time/rollout"] + m["time/scoring"] + m["time/update"] for m in logs)
             result = {
