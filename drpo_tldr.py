@@ -29,15 +29,9 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint.state_dict as dist_state  # full state dicts on rank 0, under FSDP or not
 import tyro
 from datasets import load_dataset
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
@@ -290,10 +284,8 @@ def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, return
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
     with torch.no_grad():
-        clipfrac, vf_clipfrac = (
-            masked_mean((pg_losses2 > pg_losses).float(), mask),
-            masked_mean((vf_losses > (vpred - returns) ** 2).float(), mask),
-        )
+        clipped = ((pg_losses2, pg_losses), (vf_losses, (vpred - returns) ** 2))  # (the loss taken, the unclipped one)
+        clipfrac, vf_clipfrac = (masked_mean((taken > unclipped).float(), mask) for taken, unclipped in clipped)
         stats = [0.5 * masked_mean(logratio**2, mask), clipfrac, pg_loss, vf_loss, vf_clipfrac, masked_mean(ratio, mask)]
     return pg_loss, vf_loss, torch.stack(stats)
 
@@ -311,6 +303,7 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     non_tokens = non_token_ids(tokenizer, policy.get_input_embeddings().num_embeddings, device)  # never sampled
     sampling = dict(temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, suppress_tokens=non_tokens)
+    as_sampled = (pad_id, args.temperature, non_tokens)  # log-probs under the sampling distribution
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     reference = policy.disable_adapter if args.use_lora else contextlib.nullcontext  # LoRA: the policy, adapter off
     trained = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # what the optimizer trains, checkpoints hold
@@ -353,11 +346,9 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
                 state = left_pad(states[chunk], pad_id, width=context_length).to(device)
                 response = generate_responses(policy, state, h[chunk], args.response_length, pad_id, **sampling)
                 query_response = torch.cat((query_batch[chunk], response), 1)
-                logprobs.append(response_logprobs(policy, query_response, response, pad_id, args.temperature, non_tokens))
+                logprobs.append(response_logprobs(policy, query_response, response, *as_sampled))
                 with reference():
-                    ref_logprobs.append(
-                        response_logprobs(ref_policy, query_response, response, pad_id, args.temperature, non_tokens)
-                    )
+                    ref_logprobs.append(response_logprobs(ref_policy, query_response, response, *as_sampled))
                 values.append(token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1])
                 responses.append(response)
             t1 = clock(device)
@@ -383,9 +374,8 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
         # 5. PPO: num_ppo_epochs passes over the batch; a minibatch is one optimizer step, accumulated from micro-batches
         stats, finite = [], torch.ones((), dtype=torch.bool, device=device)
         for ppo_epoch in range(args.num_ppo_epochs):
-            order = torch.from_numpy(np.random.default_rng([args.seed, update, ppo_epoch]).permutation(args.batch_size)).to(
-                device
-            )
+            order = np.random.default_rng([args.seed, update, ppo_epoch]).permutation(args.batch_size)
+            order = torch.from_numpy(order).to(device)
             for mb_start in range(0, args.batch_size, args.minibatch_size):
                 # each process takes a contiguous part of the minibatch: the same micro-batches as one process, shared out
                 part = mb_start + rank * args.minibatch_size // world
@@ -393,9 +383,7 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
                     idx = order[mi : mi + args.local_micro_batch_size]
                     mb_query_responses = torch.cat((query_batch[idx], responses[idx]), 1)
                     with autocast:
-                        new_logprobs = response_logprobs(
-                            policy, mb_query_responses, responses[idx], pad_id, args.temperature, non_tokens
-                        )
+                        new_logprobs = response_logprobs(policy, mb_query_responses, responses[idx], *as_sampled)
                         vpred = token_scores(value_model, mb_query_responses, pad_id)[:, context_length - 1 : -1]
                     pg_loss, vf_loss, mb_stats = ppo_losses(new_logprobs, logprobs[idx], advantages[idx], vpred, values[idx],
                         returns[idx], mask[idx], args.cliprange, args.cliprange_value)  # fmt: skip
@@ -419,9 +407,7 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
             kl_coef = adaptive_kl_coef(kl_coef, mean_kl, args.batch_size, args.target_kl, args.kl_horizon)
         # 6. Evaluate (greedy, from the prompt alone: resets are for training only), log, checkpoint
         evaluating = args.eval_every and update % args.eval_every == 0
-        eval_score = (
-            evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast) if evaluating else None
-        )
+        eval_score = evaluating and evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast)
         episodes, non_score = update * args.batch_size, non_score_reward.sum(1).mean().double()
         metrics = {
             "update": update, "episodes": episodes, "objective/kl": mean_kl,
@@ -461,27 +447,24 @@ def evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, au
     prompts, pad_id, (policy, _, _, reward_model) = queries[: args.eval_prompts], tokenizer.pad_token_id, models
     with autocast, gathered(policy):
         batch, no_reset = left_pad(prompts, pad_id).to(device), torch.zeros(len(prompts), dtype=torch.long, device=device)
-        responses = generate_responses(
-            policy, batch, no_reset, args.response_length, pad_id, do_sample=False, suppress_tokens=non_tokens
-        )
-        chunk = args.local_rollout_forward_batch_size
-        scored = score_responses(
-            reward_model, reward_fn, tokenizer, prompts, batch, responses, args.missing_eos_penalty, chunk
-        )
+        greedy = dict(do_sample=False, suppress_tokens=non_tokens)
+        responses = generate_responses(policy, batch, no_reset, args.response_length, pad_id, **greedy)
+        scored = score_responses(reward_model, reward_fn, tokenizer, prompts, batch, responses, args.missing_eos_penalty,
+                                 args.local_rollout_forward_batch_size)  # fmt: skip
     return on_rank0(lambda: scored[2].mean().item())
 
 
 def print_samples(tokenizer, prompts_ids, postprocessed, h, scores, reset, n: int = 4):
     """A few episodes, from the prompt and reset alike: score, the prompt's end, [the reset prefix], what the policy wrote."""
-    starts, resets = (~reset).nonzero().flatten().tolist(), reset.nonzero().flatten().tolist()
+    starts, resets, decode = (~reset).nonzero().flatten().tolist(), reset.nonzero().flatten().tolist(), tokenizer.decode
     print(f"{'score':>7} | query (end) | [reset prefix] response")
     for i in starts[: max(n // 2, n - len(resets))] + resets[: max(n // 2, n - len(starts))]:
-        query = tokenizer.decode(prompts_ids[i][-40:]).replace("\n", "\\n")
-        prefix, rest = (
-            tokenizer.decode(postprocessed[i, : h[i]]),
-            tokenizer.decode(postprocessed[i, h[i] :], skip_special_tokens=True),
+        query, prefix, rest = (
+            decode(prompts_ids[i][-40:]).replace("\n", "\\n"),
+            postprocessed[i, : h[i]],
+            postprocessed[i, h[i] :],
         )
-        print(f"{scores[i].item():7.3f} | ...{query} | [{prefix}]{rest!r}")
+        print(f"{scores[i].item():7.3f} | ...{query} | [{decode(prefix)}]{decode(rest, skip_special_tokens=True)!r}")
 
 
 def main():
@@ -586,28 +569,21 @@ def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None)
 
 
 def check_row(row: dict, i: int, schema: dict, source: str):
-    for column, kind in schema.items():
-        if not isinstance(row[column], kind):
-            raise SystemExit(
-                f"{source} row {i}, column '{column}': expected {kind.__name__}, got {type(row[column]).__name__}"
-            )
+    if bad := next((c for c, kind in schema.items() if not isinstance(row[c], kind)), None):
+        raise SystemExit(f"{source} row {i}, column '{bad}': expected {schema[bad].__name__}, got {type(row[bad]).__name__}")
 
 
 def encode(tokenizer, text: str, special: bool = True):
-    """Token ids of a data text: a special token's string in it (a post can hold `<|endoftext|>`) is plain text, never
-    that token. `special` adds the tokenizer's own special tokens (Llama's BOS): prompts get them, responses do not."""
+    """Token ids of a data text, a special token's string in it (a post can hold `<|endoftext|>`) as plain text;
+    `special` adds the tokenizer's own special tokens (Llama's BOS): prompts get them, responses do not."""
     return tokenizer.encode(text, add_special_tokens=special, split_special_tokens=True)
 
 
 def tldr_query(tokenizer, row: dict, query_length: int):
-    """OpenAI's TL;DR query. A post that does not fit is cut exactly as the N+ code cut it for the public SFT and reward
-    checkpoints (tldr_dataset.py, process_query): at its last newline (that newline and what follows go, nothing is
-    stripped), again and again, then one character at a time. Returns (ids, whether it was cut); None if nothing fits."""
+    """OpenAI's TL;DR query. A post that does not fit is cut as the N+ code cut it (tldr_dataset.py, process_query): at
+    its last newline, again and again, then one character at a time. Returns (ids, whether cut); None if nothing fits."""
     post, truncated = row["post"], False
-    while (
-        len(ids := encode(tokenizer, TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post)))
-        > query_length
-    ):
+    while len(ids := encode(tokenizer, TLDR_FORMAT.format_map(row | {"post": post}))) > query_length:
         if not post:
             return None
         post, truncated = post[: post.rfind("\n")], True  # with no newline left rfind is -1: the last character goes
@@ -636,8 +612,8 @@ def load_models(args, tokenizer, device):
     the frozen ones need no fp32 copy on a GPU. With LoRA the reference is the policy with its adapter off."""
     if args.frozen_dtype == "auto":  # bf16 is slow on a CPU
         args.frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    on = "on" if device.type == "cuda" else "off"
-    print(f"dtypes: trained weights {args.dtype}, frozen models {args.frozen_dtype}, bf16 autocast {on} ({device})")
+    autocast = ", bf16 autocast" if device.type == "cuda" else ""
+    print(f"dtypes: trained weights {args.dtype}, frozen models {args.frozen_dtype}{autocast} ({device})")
     lm, rm, trained, frozen = AutoModelForCausalLM, AutoModelForSequenceClassification, args.dtype, args.frozen_dtype
     policy = from_pretrained(lm, args.sft_model_path, tokenizer, dtype=getattr(torch, trained))
     value_model = from_pretrained(rm, args.value_model_path, tokenizer, num_labels=1, dtype=getattr(torch, trained))
@@ -671,19 +647,18 @@ def load_models(args, tokenizer, device):
 
 def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
     """cls.from_pretrained, with a clear message when the Hub cannot be reached. A model (given its tokenizer) gets room
-    for an added pad token and its id (a classifier reads the last non-pad token), no dropout (N+), and a note of the
-    weights its checkpoint lacks (a new value or reward head: expected) in place of transformers' load report."""
+    for an added pad token and its id, no dropout (N+), and a note of the weights its checkpoint lacks (a new head)."""
     try:
-        model, info = (cls.from_pretrained(path, **kwargs), None) if tokenizer is None else cls.from_pretrained(
-            path, output_loading_info=True, **kwargs)  # fmt: skip
+        loaded = cls.from_pretrained(path, **kwargs, **({} if tokenizer is None else {"output_loading_info": True}))
     except OSError as e:
         if os.path.exists(path):
             raise
         raise SystemExit(f"Could not load '{path}' ({e}). Offline, point the model flags (--sft-model-path, ...) at local "
             "folders saved with save_pretrained (sft.py and reward_model.py write them).") from None  # fmt: skip
     if tokenizer is None:
-        return model  # the tokenizer
-    if missing := sorted(info["missing_keys"]):
+        return loaded  # the tokenizer
+    model, missing = loaded[0], sorted(loaded[1]["missing_keys"])
+    if missing:
         print(
             f"{path}: {', '.join(missing[:4])}{' ...' * (len(missing) > 4)} initialised from scratch (not in the checkpoint)"
         )
@@ -705,9 +680,8 @@ def load_tokenizer(path: str, padding_side: str = "left"):
 
 
 def non_token_ids(tokenizer, vocab_size: int, device=None):
-    """The ids the policy must never write. The pad token: the code reads it as padding, so a sampled one would end the
-    response unseen, untrained and unpenalised (an absorbing action). And the embedding rows past the tokenizer's
-    vocabulary, which no text encodes to (Pythia-1B: 50304 rows, 50281 tokens)."""
+    """The ids the policy must never write: the pad token (read as padding, a sampled one would end the response unseen
+    and unpenalised) and the embedding rows past the tokenizer's vocabulary (Pythia-1B: 50304 rows, 50281 tokens)."""
     return torch.tensor([tokenizer.pad_token_id] + list(range(len(tokenizer), vocab_size)), device=device)
 
 
@@ -721,10 +695,10 @@ def load_reward_fn(spec: str):
 
 
 def save_model(args, model, tokenizer, weights=None):
-    """The final model, a save_pretrained folder that loads on one device, FSDP or not: every process takes part in
-    gathering the weights (unless given), rank 0 holds them in CPU memory and writes them. Then all leave together."""
-    if weights is None:
-        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """The final model, a save_pretrained folder that loads on one device: every process takes part in gathering the
+    weights (unless given), rank 0 writes them from its CPU memory. Then all leave together."""
+    options = dist_state.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = dist_state.get_model_state_dict(model, options=options) if weights is None else weights
     if not dist.is_initialized() or dist.get_rank() == 0:
         model.save_pretrained(args.output_dir, state_dict=weights)
         tokenizer.save_pretrained(args.output_dir)
@@ -769,7 +743,7 @@ def check_flags(args, world: Optional[int] = None):
 
 
 def check_hub(paths):
-    """Fails in seconds, not after minutes of retries, when a Hub id is asked for and the Hub cannot be reached."""
+    """Fails in seconds, not after a minute of retries, when a Hub id is asked for and the Hub cannot be reached."""
     remote = list(dict.fromkeys(p for p in paths if p and not os.path.exists(p) and not p.endswith((".json", ".jsonl"))))
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     if not remote or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
@@ -850,10 +824,9 @@ def sync_gradients(models, fsdp: bool, last: bool):
 
 
 def place(model, device, fsdp: bool):
-    """The model on the device: whole, or with FSDP2 on an explicit mesh of the script's device (not the build's
-    accelerator), each decoder layer a unit (gathered for its forward and backward passes, freed after) and the rest
-    the root. Sharded on the CPU, each unit moves its shard alone to the GPU; there the gathered weights are bf16 and
-    the gradients are reduced in fp32."""
+    """The model on the device: whole, or FSDP2 on a mesh of the script's device (not the build's accelerator), each
+    decoder layer a unit and the rest the root; sharded on the CPU, each unit moves its shard alone to the GPU, where
+    the gathered weights are bf16 and the gradients are reduced in fp32."""
     if not fsdp:
         return model.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -885,10 +858,10 @@ def gathered(model):
 # ---- checkpoints: one file, on the CPU, written by rank 0 and made current by one rename ----
 def save_checkpoint(args, update: int, model, optimizer, **counters):
     """What training changes (the trained weights, with LoRA the adapters alone; the AdamW state), the counters and the
-    run's flags, gathered into rank 0's CPU memory (the others hold nothing) and written to a temporary file that one
-    rename makes checkpoint `update`: a kill at any instant leaves the previous checkpoint complete."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    weights, optimizer_state = get_state_dict(model, optimizer, options=options)  # FSDP: every process takes part
+    flags, gathered into rank 0's CPU memory and written to a temporary file that one rename makes checkpoint `update`:
+    a kill at any instant leaves the previous checkpoint complete."""
+    options = dist_state.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    weights, optimizer_state = dist_state.get_state_dict(model, optimizer, options=options)  # FSDP: every process takes part
     if dist.is_initialized() and dist.get_rank() > 0:
         return
     folder = f"runs/{args.run_name}/checkpoints"
@@ -904,9 +877,9 @@ def save_checkpoint(args, update: int, model, optimizer, **counters):
 def restore(model, optimizer, checkpoint):
     """A checkpoint's weights and AdamW state into the models: rank 0 read it, the others receive it (under FSDP each
     process keeps its shard)."""
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
-    set_model_state_dict(model, checkpoint.get("model", {}), options=options)
-    set_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), options=options)
+    options = dist_state.StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
+    dist_state.set_model_state_dict(model, checkpoint.get("model", {}), options=options)
+    dist_state.set_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), options=options)
 
 
 def resume(args, task: str):
@@ -940,16 +913,14 @@ def resume(args, task: str):
 
     if (found := on_rank0(read)) is None:
         return Args(**{**asdict(args), "resume_from": None}), None
-    (path, counters), resumable = found, RESUMABLE.split()
-    saved = counters["config"]
+    (path, counters), flag = found, lambda k: "--" + k.replace("_", "-")
+    saved, resumable = counters["config"], RESUMABLE.split()
     given = tyro.cli(Args, default=Args(**saved))  # the saved flags, and those given anew
     if clash := [
-        f"--{k.replace('_', '-')} {v} (saved: {saved[k]})"
-        for k, v in asdict(given).items()
-        if k not in resumable and v != saved[k]
+        f"{flag(k)} {v} (saved: {saved[k]})" for k, v in asdict(given).items() if k not in resumable and v != saved[k]
     ]:
         raise SystemExit(f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
-                         f"{', '.join('--' + k.replace('_', '-') for k in resumable)} may change on resume.")  # fmt: skip
+                         f"{', '.join(map(flag, resumable))} may change on resume.")  # fmt: skip
     given.resume_from = path
     check_flags(given)
     return given, ({**counters, **tensors} if "update" in counters else None)
@@ -957,9 +928,9 @@ def resume(args, task: str):
 
 # ---- the run folder and its log ----
 def start_run(args, task: str, start: int):
-    """Rank 0 names the run (by its clock), checks now that the output and run folders can be written, saves every flag
-    to runs/{run_name}/args.json and opens its metrics.jsonl; a resumed run keeps the lines before its checkpoint's
-    update (a line cut by the kill dropped), so that each update is logged once. Returns (log, W&B, TensorBoard)."""
+    """Rank 0 names the run (by its clock), checks that the output and run folders can be written, saves every flag to
+    runs/{run_name}/args.json and opens its metrics.jsonl; a resumed run keeps the lines before its checkpoint's update
+    (a line cut by the kill dropped), so that each update is logged once. Returns (log, W&B, TensorBoard)."""
 
     def begin():
         if args.run_name and not args.resume_from and os.path.exists(f"runs/{args.run_name}/metrics.jsonl"):
@@ -1033,7 +1004,7 @@ def clock(device):
 
 
 def peak_memory_gb(device):
-    """GPU: the peak memory the caching allocator reserved (what the device had to hold); CPU: the peak RSS."""
+    """GPU: the peak memory the caching allocator reserved (what the device had to hold); CPU: the peak RSS in GiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
