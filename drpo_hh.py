@@ -295,6 +295,7 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     non_tokens = non_token_ids(tokenizer, policy.get_input_embeddings().num_embeddings, device)  # never sampled
     sampling = dict(temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, suppress_tokens=non_tokens)
+    as_sampled = (pad_id, args.temperature, non_tokens)  # log-probs under the sampling distribution
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     reference = policy.disable_adapter if args.use_lora else contextlib.nullcontext  # LoRA: the policy, adapter off
     trained = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # what the optimizer trains, checkpoints hold
@@ -317,12 +318,12 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
         batch = batch_indices(update, args.batch_size, len(queries), args.seed)
         states, h, reset = reset_states([queries[i] for i in batch], [chosens[i] for i in batch], args.reset_prob,
                                         args.reset_min_prefix, args.response_length, reset_generator)  # fmt: skip
-        # The batch is ordered by h once, for the whole update: a generate call writes response_length - min(h) tokens,
-        # so chunks of similar h stop early. A stable sort: with no reset nothing moves (reset_prob 0 is PPO).
+        # sorted by h (stably: nothing moves with no reset), so that a generate call, which writes response_length - min(h)
+        # tokens, stops early
         by_h = torch.argsort(h, stable=True).tolist()
         batch, states, h, reset = [batch[i] for i in by_h], [states[i] for i in by_h], h[by_h], reset[by_h]
         h, reset, batch_queries = h.to(device), reset.to(device), [queries[i] for i in batch]
-        query_batch = left_pad(batch_queries, pad_id).to(device)  # (batch, context_length): the prompts alone
+        query_batch = left_pad(batch_queries, pad_id).to(device)  # (batch, context_length)
         context_length = query_batch.shape[1]
         mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's share
         # 2. Rollout: the policy writes the rest of each response; the log-probs of the policy and the reference, values
@@ -337,11 +338,9 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
                 state = left_pad(states[chunk], pad_id, width=context_length).to(device)
                 response = generate_responses(policy, state, h[chunk], args.response_length, pad_id, **sampling)
                 query_response = torch.cat((query_batch[chunk], response), 1)
-                logprobs.append(response_logprobs(policy, query_response, response, pad_id, args.temperature, non_tokens))
+                logprobs.append(response_logprobs(policy, query_response, response, *as_sampled))
                 with reference():
-                    ref_logprobs.append(
-                        response_logprobs(ref_policy, query_response, response, pad_id, args.temperature, non_tokens)
-                    )
+                    ref_logprobs.append(response_logprobs(ref_policy, query_response, response, *as_sampled))
                 values.append(token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1])
                 responses.append(response)
             t1 = clock(device)
@@ -367,9 +366,8 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
         # 5. PPO: num_ppo_epochs passes over the batch; a minibatch is one optimizer step, accumulated from micro-batches
         stats, finite = [], torch.ones((), dtype=torch.bool, device=device)
         for ppo_epoch in range(args.num_ppo_epochs):
-            order = torch.from_numpy(np.random.default_rng([args.seed, update, ppo_epoch]).permutation(args.batch_size)).to(
-                device
-            )
+            order = np.random.default_rng([args.seed, update, ppo_epoch]).permutation(args.batch_size)
+            order = torch.from_numpy(order).to(device)
             for mb_start in range(0, args.batch_size, args.minibatch_size):
                 # each process takes a contiguous part of the minibatch: the same micro-batches as one process, shared out
                 part = mb_start + rank * args.minibatch_size // world
@@ -377,9 +375,7 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
                     idx = order[mi : mi + args.local_micro_batch_size]
                     mb_query_responses = torch.cat((query_batch[idx], responses[idx]), 1)
                     with autocast:
-                        new_logprobs = response_logprobs(
-                            policy, mb_query_responses, responses[idx], pad_id, args.temperature, non_tokens
-                        )
+                        new_logprobs = response_logprobs(policy, mb_query_responses, responses[idx], *as_sampled)
                         vpred = token_scores(value_model, mb_query_responses, pad_id)[:, context_length - 1 : -1]
                     pg_loss, vf_loss, mb_stats = ppo_losses(new_logprobs, logprobs[idx], advantages[idx], vpred, values[idx],
                         returns[idx], mask[idx], args.cliprange, args.cliprange_value)  # fmt: skip
@@ -401,11 +397,9 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
         mean_kl = kl.sum(1).mean().item()
         if args.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, mean_kl, args.batch_size, args.target_kl, args.kl_horizon)
-        # 6. Evaluate (greedy, from the prompt alone: resets are for training only), log, checkpoint
+        # 6. Evaluate (greedy, from the prompt alone), log, checkpoint
         evaluating = args.eval_every and update % args.eval_every == 0
-        eval_score = (
-            evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast) if evaluating else None
-        )
+        eval_score = evaluating and evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast)
         episodes, non_score = update * args.batch_size, non_score_reward.sum(1).mean().double()
         metrics = {
             "update": update, "episodes": episodes, "objective/kl": mean_kl,
@@ -440,8 +434,8 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
 
 @torch.no_grad()
 def evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast):
-    """Mean score of greedy responses, from the prompt alone, to the first --eval-prompts prompts. Every process computes
-    it (under FSDP all take part in gathering the policy); rank 0's score decides the early stop for all."""
+    """Mean score of greedy responses from the prompt alone to the first --eval-prompts prompts. Every process computes it
+    (under FSDP all take part in gathering the policy); rank 0's score decides the early stop for all."""
     prompts, pad_id, (policy, _, _, reward_model) = queries[: args.eval_prompts], tokenizer.pad_token_id, models
     with autocast, gathered(policy):
         batch, no_reset = left_pad(prompts, pad_id).to(device), torch.zeros(len(prompts), dtype=torch.long, device=device)
@@ -454,15 +448,15 @@ def evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, au
 
 def print_samples(tokenizer, prompts_ids, postprocessed, h, scores, reset, n: int = 4):
     """A few episodes, from the prompt and reset alike: score, the prompt's end, [the reset prefix], what the policy wrote."""
-    starts, resets, decode = (~reset).nonzero().flatten().tolist(), reset.nonzero().flatten().tolist(), tokenizer.decode
+    starts, resets = (~reset).nonzero().flatten().tolist(), reset.nonzero().flatten().tolist()
     print(f"{'score':>7} | query (end) | [reset prefix] response")
     for i in starts[: max(n // 2, n - len(resets))] + resets[: max(n // 2, n - len(starts))]:
-        query, prefix, rest = (
-            decode(prompts_ids[i][-40:]).replace("\n", "\\n"),
-            postprocessed[i, : h[i]],
-            postprocessed[i, h[i] :],
+        query = tokenizer.decode(prompts_ids[i][-40:]).replace("\n", "\\n")
+        prefix, rest = (
+            tokenizer.decode(postprocessed[i, : h[i]]),
+            tokenizer.decode(postprocessed[i, h[i] :], skip_special_tokens=True),
         )
-        print(f"{scores[i].item():7.3f} | ...{query} | [{decode(prefix)}]{decode(rest, skip_special_tokens=True)!r}")
+        print(f"{scores[i].item():7.3f} | ...{query} | [{prefix}]{rest!r}")
 
 
 def main():

@@ -79,12 +79,12 @@ class Args:
     cliprange_value: float = 0.2  # value clip range
     vf_coef: float = 0.1  # value loss coefficient
     missing_eos_penalty: Optional[float] = -1.0  # score of a response with no EOS, replacing its reward (None: keep it)
-    eval_every: int = 0  # every N updates, score greedy responses from the prompt alone on --eval-prompts prompts (0: never)
+    eval_every: int = 0  # every N updates, score greedy responses on the first --eval-prompts prompts (0: never)
     eval_prompts: int = 64  # how many prompts the periodic evaluation uses
     early_stop_score: Optional[float] = None  # stop (and save) once the evaluation's mean score reaches this value
     # ---- the run ----
     exp_name: str = "drpo"  # name of this experiment (part of the run name)
-    run_name: Optional[str] = None  # log, config and checkpoints go to runs/{run_name} (default: tldr__{exp}__{seed}__{time})
+    run_name: Optional[str] = None  # log, config, checkpoints: runs/{run_name} (default: tldr__{exp}__{seed}__{time})
     seed: int = 1  # seed of the experiment
     output_dir: str = "models/drpo_tldr"  # where the final policy and tokenizer are saved
     # ---- memory and speed: batch splits, dtypes, LoRA, FSDP ----
@@ -326,12 +326,12 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
         batch = batch_indices(update, args.batch_size, len(queries), args.seed)
         states, h, reset = reset_states([queries[i] for i in batch], [chosens[i] for i in batch], args.reset_prob,
                                         args.reset_min_prefix, args.response_length, reset_generator)  # fmt: skip
-        # The batch is ordered by h once, for the whole update: a generate call writes response_length - min(h) tokens,
-        # so chunks of similar h stop early. A stable sort: with no reset nothing moves (reset_prob 0 is PPO).
+        # sorted by h (stably: nothing moves with no reset), so that a generate call, which writes response_length - min(h)
+        # tokens, stops early
         by_h = torch.argsort(h, stable=True).tolist()
         batch, states, h, reset = [batch[i] for i in by_h], [states[i] for i in by_h], h[by_h], reset[by_h]
         h, reset, batch_queries = h.to(device), reset.to(device), [queries[i] for i in batch]
-        query_batch = left_pad(batch_queries, pad_id).to(device)  # (batch, context_length): the prompts alone
+        query_batch = left_pad(batch_queries, pad_id).to(device)  # (batch, context_length)
         context_length = query_batch.shape[1]
         mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's share
         # 2. Rollout: the policy writes the rest of each response; the log-probs of the policy and the reference, values
@@ -352,8 +352,8 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
                 values.append(token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1])
                 responses.append(response)
             t1 = clock(device)
-            # 3. Score: the EOS trick, the reward model on the whole response (the prefix included), the missing-EOS
-            # penalty. Then every process gets the whole batch: every statistic below is the whole batch's.
+            # 3. Score: the EOS trick, the reward model on the whole response, the missing-EOS penalty. Then every process
+            # gets the whole batch: every statistic below is the whole batch's.
             scored = score_responses(reward_model, reward_fn, tokenizer, batch_queries[mine], query_batch[mine],
                 torch.cat(responses), args.missing_eos_penalty, args.local_rollout_forward_batch_size)  # fmt: skip
             responses, logprobs, ref_logprobs, values = (
@@ -405,7 +405,7 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
         mean_kl = kl.sum(1).mean().item()
         if args.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, mean_kl, args.batch_size, args.target_kl, args.kl_horizon)
-        # 6. Evaluate (greedy, from the prompt alone: resets are for training only), log, checkpoint
+        # 6. Evaluate (greedy, from the prompt alone), log, checkpoint
         evaluating = args.eval_every and update % args.eval_every == 0
         eval_score = evaluating and evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast)
         episodes, non_score = update * args.batch_size, non_score_reward.sum(1).mean().double()
@@ -442,8 +442,8 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
 
 @torch.no_grad()
 def evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast):
-    """Mean score of greedy responses, from the prompt alone, to the first --eval-prompts prompts. Every process computes
-    it (under FSDP all take part in gathering the policy); rank 0's score decides the early stop for all."""
+    """Mean score of greedy responses from the prompt alone to the first --eval-prompts prompts. Every process computes it
+    (under FSDP all take part in gathering the policy); rank 0's score decides the early stop for all."""
     prompts, pad_id, (policy, _, _, reward_model) = queries[: args.eval_prompts], tokenizer.pad_token_id, models
     with autocast, gathered(policy):
         batch, no_reset = left_pad(prompts, pad_id).to(device), torch.zeros(len(prompts), dtype=torch.long, device=device)
@@ -456,15 +456,15 @@ def evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, au
 
 def print_samples(tokenizer, prompts_ids, postprocessed, h, scores, reset, n: int = 4):
     """A few episodes, from the prompt and reset alike: score, the prompt's end, [the reset prefix], what the policy wrote."""
-    starts, resets, decode = (~reset).nonzero().flatten().tolist(), reset.nonzero().flatten().tolist(), tokenizer.decode
+    starts, resets = (~reset).nonzero().flatten().tolist(), reset.nonzero().flatten().tolist()
     print(f"{'score':>7} | query (end) | [reset prefix] response")
     for i in starts[: max(n // 2, n - len(resets))] + resets[: max(n // 2, n - len(starts))]:
-        query, prefix, rest = (
-            decode(prompts_ids[i][-40:]).replace("\n", "\\n"),
-            postprocessed[i, : h[i]],
-            postprocessed[i, h[i] :],
+        query = tokenizer.decode(prompts_ids[i][-40:]).replace("\n", "\\n")
+        prefix, rest = (
+            tokenizer.decode(postprocessed[i, : h[i]]),
+            tokenizer.decode(postprocessed[i, h[i] :], skip_special_tokens=True),
         )
-        print(f"{scores[i].item():7.3f} | ...{query} | [{decode(prefix)}]{decode(rest, skip_special_tokens=True)!r}")
+        print(f"{scores[i].item():7.3f} | ...{query} | [{prefix}]{rest!r}")
 
 
 def main():

@@ -79,9 +79,7 @@ class Args:
     early_stop_score: Optional[float] = None  # stop (and save) once the evaluation's mean score reaches this value
     # ---- the run ----
     exp_name: str = "ppo"  # name of this experiment (part of the run name)
-    run_name: Optional[str] = (
-        None  # log, config and checkpoints go to runs/{run_name} (default: {task}__{exp}__{seed}__{time})
-    )
+    run_name: Optional[str] = None  # log, config, checkpoints: runs/{run_name} (default: {task}__{exp}__{seed}__{time})
     seed: int = 1  # seed of the experiment
     output_dir: str = "models/ppo"  # where the final policy and tokenizer are saved
     # ---- memory and speed: batch splits, dtypes, LoRA, FSDP ----
@@ -277,6 +275,7 @@ def train(args, run, log, tokenizer, queries, models, reward_fn, checkpoint):
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     non_tokens = non_token_ids(tokenizer, policy.get_input_embeddings().num_embeddings, device)  # never sampled
     sampling = dict(temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, suppress_tokens=non_tokens)
+    as_sampled = (pad_id, args.temperature, non_tokens)  # log-probs under the sampling distribution
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     reference = policy.disable_adapter if args.use_lora else contextlib.nullcontext  # LoRA: the policy, adapter off
     trained = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # what the optimizer trains, checkpoints hold
@@ -307,16 +306,14 @@ def train(args, run, log, tokenizer, queries, models, reward_fn, checkpoint):
                 torch.manual_seed(int(np.random.default_rng([args.seed, update, i]).integers(2**62)))
                 response = generate_responses(policy, query_batch[chunk], args.response_length, pad_id, **sampling)
                 query_response = torch.cat((query_batch[chunk], response), 1)
-                logprobs.append(response_logprobs(policy, query_response, response, pad_id, args.temperature, non_tokens))
+                logprobs.append(response_logprobs(policy, query_response, response, *as_sampled))
                 with reference():
-                    ref_logprobs.append(
-                        response_logprobs(ref_policy, query_response, response, pad_id, args.temperature, non_tokens)
-                    )
+                    ref_logprobs.append(response_logprobs(ref_policy, query_response, response, *as_sampled))
                 values.append(token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1])
                 responses.append(response)
             t1 = clock(device)
-            # 3. Score: the EOS trick, the reward model on the truncated response, the missing-EOS penalty. Then every
-            # process gets the whole batch: every statistic below is the whole batch's.
+            # 3. Score: the EOS trick, the reward model on the whole response, the missing-EOS penalty. Then every process
+            # gets the whole batch: every statistic below is the whole batch's.
             scored = score_responses(reward_model, reward_fn, tokenizer, batch_queries[mine], query_batch[mine],
                 torch.cat(responses), args.missing_eos_penalty, args.local_rollout_forward_batch_size)  # fmt: skip
             responses, logprobs, ref_logprobs, values = (
@@ -336,9 +333,8 @@ def train(args, run, log, tokenizer, queries, models, reward_fn, checkpoint):
         # 5. PPO: num_ppo_epochs passes over the batch; a minibatch is one optimizer step, accumulated from micro-batches
         stats, finite = [], torch.ones((), dtype=torch.bool, device=device)
         for ppo_epoch in range(args.num_ppo_epochs):
-            order = torch.from_numpy(np.random.default_rng([args.seed, update, ppo_epoch]).permutation(args.batch_size)).to(
-                device
-            )
+            order = np.random.default_rng([args.seed, update, ppo_epoch]).permutation(args.batch_size)
+            order = torch.from_numpy(order).to(device)
             for mb_start in range(0, args.batch_size, args.minibatch_size):
                 # each process takes a contiguous part of the minibatch: the same micro-batches as one process, shared out
                 part = mb_start + rank * args.minibatch_size // world
@@ -346,9 +342,7 @@ def train(args, run, log, tokenizer, queries, models, reward_fn, checkpoint):
                     idx = order[mi : mi + args.local_micro_batch_size]
                     mb_query_responses = torch.cat((query_batch[idx], responses[idx]), 1)
                     with autocast:
-                        new_logprobs = response_logprobs(
-                            policy, mb_query_responses, responses[idx], pad_id, args.temperature, non_tokens
-                        )
+                        new_logprobs = response_logprobs(policy, mb_query_responses, responses[idx], *as_sampled)
                         vpred = token_scores(value_model, mb_query_responses, pad_id)[:, context_length - 1 : -1]
                     pg_loss, vf_loss, mb_stats = ppo_losses(new_logprobs, logprobs[idx], advantages[idx], vpred, values[idx],
                         returns[idx], mask[idx], args.cliprange, args.cliprange_value)  # fmt: skip
@@ -370,11 +364,9 @@ def train(args, run, log, tokenizer, queries, models, reward_fn, checkpoint):
         mean_kl = kl.sum(1).mean().item()
         if args.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, mean_kl, args.batch_size, args.target_kl, args.kl_horizon)
-        # 6. Evaluate (greedy responses), log, checkpoint
+        # 6. Evaluate (greedy, from the prompt alone), log, checkpoint
         evaluating = args.eval_every and update % args.eval_every == 0
-        eval_score = (
-            evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast) if evaluating else None
-        )
+        eval_score = evaluating and evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast)
         episodes, non_score = update * args.batch_size, non_score_reward.sum(1).mean().double()
         metrics = {
             "update": update, "episodes": episodes, "objective/kl": mean_kl,
@@ -404,18 +396,15 @@ def train(args, run, log, tokenizer, queries, models, reward_fn, checkpoint):
 
 @torch.no_grad()
 def evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast):
-    """Mean score of greedy responses to the first --eval-prompts prompts. Every process computes it (under FSDP all take
-    part in gathering the policy); rank 0's score decides the early stop for all."""
+    """Mean score of greedy responses from the prompt alone to the first --eval-prompts prompts. Every process computes it
+    (under FSDP all take part in gathering the policy); rank 0's score decides the early stop for all."""
     prompts, pad_id, (policy, _, _, reward_model) = queries[: args.eval_prompts], tokenizer.pad_token_id, models
     with autocast, gathered(policy):
         batch = left_pad(prompts, pad_id).to(device)
-        responses = generate_responses(
-            policy, batch, args.response_length, pad_id, do_sample=False, suppress_tokens=non_tokens
-        )
-        chunk = args.local_rollout_forward_batch_size
-        scored = score_responses(
-            reward_model, reward_fn, tokenizer, prompts, batch, responses, args.missing_eos_penalty, chunk
-        )
+        greedy = dict(do_sample=False, suppress_tokens=non_tokens)
+        responses = generate_responses(policy, batch, args.response_length, pad_id, **greedy)
+        scored = score_responses(reward_model, reward_fn, tokenizer, prompts, batch, responses, args.missing_eos_penalty,
+                                 args.local_rollout_forward_batch_size)  # fmt: skip
     return on_rank0(lambda: scored[2].mean().item())
 
 
