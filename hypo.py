@@ -72,7 +72,7 @@ class Args:
     max_grad_norm: Optional[float] = None  # clip each step's gradient norm (None: no clipping, as the authors and N+)
     num_train_epochs: int = 1  # passes over the training pairs
     batch_size: int = 64  # pairs per optimizer step, over all processes
-    eval_every: int = 100  # eval accuracy every N optimizer steps (and at the end)
+    eval_every: int = 100  # eval accuracy every N optimizer steps and at the end (0: at the end only)
     # ---- the run ----
     exp_name: str = "hypo"  # name of this experiment (part of the run name)
     run_name: Optional[str] = (
@@ -300,7 +300,7 @@ def train(args, run, log, train_pairs, eval_pairs, ref, models, tokenizer, check
         metrics = {"update": update, **stats, "lr": optimizer.param_groups[0]["lr"]}
         metrics["pairs_per_s"] = (update - start + 1) * args.batch_size / (clock(device) - start_time)
         metrics["peak_memory_gb"] = peak_memory_gb(device)
-        if update % args.eval_every == 0 or update == args.num_updates:
+        if (args.eval_every and update % args.eval_every == 0) or update == args.num_updates:
             logp_c, logp_r = all_logprobs(policy, eval_pairs, args, pad_id, device, autocast, rank, world)
             margin = (logp_c - ref["eval"][0]) - (logp_r - ref["eval"][1])
             metrics |= {

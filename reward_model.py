@@ -56,7 +56,7 @@ class Args:
     eps: float = 1e-5  # AdamW epsilon
     num_train_epochs: int = 1  # passes over the training pairs
     batch_size: int = 64  # pairs per optimizer step, over all processes
-    eval_every: int = 100  # eval accuracy every N optimizer steps (and at the end)
+    eval_every: int = 100  # eval accuracy every N optimizer steps and at the end (0: at the end only)
     # ---- the run ----
     exp_name: str = "reward"  # name of this experiment (part of the run name)
     run_name: Optional[str] = (
@@ -180,7 +180,7 @@ def train(args, run, log, train_pairs, eval_pairs, model, pad_id, checkpoint):
         optimizer.zero_grad()
         metrics = {"update": update, "loss": loss_sum, "accuracy": accuracy, "lr": optimizer.param_groups[0]["lr"]}
         metrics["pairs_per_s"] = (update - start + 1) * args.batch_size / (clock(device) - start_time)
-        if update % args.eval_every == 0 or update == args.num_updates:
+        if (args.eval_every and update % args.eval_every == 0) or update == args.num_updates:
             metrics["eval_accuracy"], metrics["eval_loss"] = evaluate(
                 model, eval_pairs, args, pad_id, device, autocast, rank, world
             )

@@ -55,7 +55,7 @@ class Args:
     eps: float = 1e-5  # AdamW epsilon
     num_train_epochs: int = 1  # passes over the training data
     batch_size: int = 128  # examples per optimizer step, over all processes
-    eval_every: int = 100  # eval loss every N optimizer steps (and at the end)
+    eval_every: int = 100  # eval loss every N optimizer steps and at the end (0: at the end only)
     # ---- the run ----
     exp_name: str = "sft"  # name of this experiment (part of the run name)
     run_name: Optional[str] = (
@@ -146,7 +146,7 @@ def train(args, run, log, tokenizer, train_examples, eval_examples, model, check
         tokens_seen += tokens
         metrics = {"update": update, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"]}
         metrics["tokens_per_s"] = tokens_seen / (clock(device) - start_time)  # since the start (or resume)
-        if update % args.eval_every == 0 or update == args.num_updates:
+        if (args.eval_every and update % args.eval_every == 0) or update == args.num_updates:
             metrics["eval_loss"] = evaluate(model, eval_examples, args, tokenizer.pad_token_id, device, autocast, rank, world)
         log_metrics(metrics, *log)
         if args.save_every and update % args.save_every == 0 and update < args.num_updates:

@@ -1,8 +1,8 @@
 """Every script on three causal-LM families as the Hub stores them: GPT-NeoX saved in fp16 with a padded vocabulary
 (Pythia), Llama saved in bf16 (RMSNorm, no biases, tied embeddings, a tokenizer that adds a BOS and has no pad token,
 a padded vocabulary), GPT-2 saved in fp32 (learned absolute positions, tied embeddings, no pad token). Cheap checks
-run on all three in-process; the whole pipeline (SFT, reward model, PPO, both DR-PO scripts, DPO, eval_winrate)
-runs on each, a few updates per stage."""
+run on all three in-process; the whole pipeline (SFT, reward model, PPO, both DR-PO scripts, REBEL, online DPO, HyPO,
+DPO, eval_winrate) runs on each, a few updates per stage."""
 
 import json
 import math
@@ -12,6 +12,9 @@ import torch
 from conftest import SMALL, metrics_file
 from conftest import run_script as run_one
 from safetensors import safe_open
+from test_hypo import FLAGS as HYPO_FLAGS
+from test_online_dpo import SMALL_ONLINE
+from test_rebel import SMALL_REBEL
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -416,6 +419,32 @@ def pipeline(name, out, world, tmp_path):
             abs(m["policy/first_ratio"] - 1) < 1e-5 and math.isfinite(m["objective/entropy"]) for m in log
         )
         assert all(m.get("reset/fraction", 0.5) > 0 for m in log)
+        assert stored_dtypes(tmp_path / script[:-3]) == {"F32"}
+
+    # the rest of the family, each from its first step where the policy is its own reference: REBEL with the reset
+    # (d = 0 at the first minibatch), online DPO with K 3, max_min and the reset (loss log 2 at the first step), HyPO
+    # (DPO's log 2 and an online KL of 0 at step 1); all save fp32 weights
+    family = [
+        ("rebel.py", [*rl[:4], *SMALL_REBEL, "--total-episodes", 64, "--reset-prob", 0.5, "--response-length", 16,
+                      "--dataset-name", data["tldr"]]),
+        ("online_dpo.py", [*rl[:4], *SMALL_ONLINE, "--total-episodes", 96, "--reset-prob", 0.5, "--response-length", 16,
+                           "--num-generations", 3, "--pair-selection", "max_min", "--dataset-name", data["tldr"]]),
+        ("hypo.py", ["--sft-model-path", tmp_path / "sft", *HYPO_FLAGS, "--max-train-samples", 64, "--eval-every", 0,
+                     "--response-length", 16, "--batch-size", 16, "--num-generations", 3, "--kl-weight", 0.5,
+                     "--dataset-name", data["comparisons"]]),
+    ]  # fmt: skip
+    for script, flags in family:
+        proc = run_script(script, *flags, "--output-dir", tmp_path / script[:-3], cwd=tmp_path)
+        assert "dtypes: trained weights float32" in proc.stdout
+        log = [json.loads(x) for x in open(metrics_file(proc.stdout, tmp_path))]
+        assert len(log) >= 2 and all(math.isfinite(v) for m in log for v in m.values() if isinstance(v, float))
+        first = log[0]
+        if script == "rebel.py":
+            assert first["rebel/first_abs_d"] < 1e-5 and sum(m["reset/fraction"] for m in log) > 0
+        elif script == "online_dpo.py":
+            assert first["first_loss"] == pytest.approx(math.log(2), abs=1e-5) and sum(m["reset/fraction"] for m in log) > 0
+        else:
+            assert first["loss"] == pytest.approx(math.log(2), abs=1e-5) and abs(first["online/kl"]) < 1e-4
         assert stored_dtypes(tmp_path / script[:-3]) == {"F32"}
 
     if name == "gpt_neox":  # from here on its SFT model is an fp32 GPT-NeoX: the tiny world's, in test_dpo.py and test_eval.py

@@ -182,3 +182,25 @@ def test_a_forked_run_is_a_fresh_run(world, tmp_path, monkeypatch):
     assert "--reset-prob 1.5: must be in [0, 1]" in fork_bad.stdout
     assert fresh_crash.returncode == fork_crash.returncode != 0
     assert fresh_crash.stdout.splitlines()[-1] == fork_crash.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "script,data,eval_key",
+    [
+        ("sft.py", "tldr_sft", "eval_loss"),
+        ("reward_model.py", "tldr_comparisons", "eval_accuracy"),
+        ("dpo_baseline.py", "tldr_comparisons", "eval/rewards/accuracies"),
+        ("hypo.py", "tldr_comparisons", "eval/rewards/accuracies"),
+    ],
+)
+def test_eval_every_0_evaluates_at_the_end_only(script, data, eval_key, world, sft_model, tmp_path):
+    """--eval-every 0 passes the flag check (>= 0): it means no periodic evaluation, the final one only (it divided by
+    zero at the first step)."""
+    model = ["--base-model", world / "base"] if script == "sft.py" else ["--sft-model-path", sft_model]
+    flags = [*model, "--dataset-name", world / data, "--batch-size", 16, "--local-micro-batch-size", 16, "--lr", 1e-4]
+    flags += ["--max-train-samples", 48, "--max-eval-samples", 16, "--eval-every", 0, "--output-dir", tmp_path / "out"]
+    flags += ["--norm-dataset-name", world / "tldr_sft", "--max-norm-samples", 16] if script == "reward_model.py" else []
+    flags += ["--response-length", 16] if script in ("dpo_baseline.py", "hypo.py") else []
+    proc = run_script(script, *flags, cwd=tmp_path)
+    log = [json.loads(x) for x in open(os.path.join(tmp_path, "runs", os.listdir(tmp_path / "runs")[0], "metrics.jsonl"))]
+    assert len(log) == 3 and [eval_key in m for m in log] == [False, False, True], proc.stdout[-2000:]
