@@ -554,8 +554,8 @@ def load_models(args, tokenizer, device):
     the frozen ones need no fp32 copy on a GPU. With LoRA the reference is the policy with its adapter off."""
     if args.frozen_dtype == "auto":  # bf16 is slow on a CPU
         args.frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    autocast = ", bf16 autocast" if device.type == "cuda" else ""
-    print(f"dtypes: trained weights {args.dtype}, frozen models {args.frozen_dtype}{autocast} ({device})")
+    on = "on" if device.type == "cuda" else "off"
+    print(f"dtypes: trained weights {args.dtype}, frozen models {args.frozen_dtype}, bf16 autocast {on} ({device})")
     lm, rm, trained, frozen = AutoModelForCausalLM, AutoModelForSequenceClassification, args.dtype, args.frozen_dtype
     policy = from_pretrained(lm, args.sft_model_path, tokenizer, dtype=getattr(torch, trained))
     value_model = from_pretrained(rm, args.value_model_path, tokenizer, num_labels=1, dtype=getattr(torch, trained))
