@@ -276,8 +276,8 @@ def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, return
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
     with torch.no_grad():
-        clipped = ((pg_losses2, pg_losses), (vf_losses, (vpred - returns) ** 2))  # (the loss taken, the unclipped one)
-        clipfrac, vf_clipfrac = (masked_mean((taken > unclipped).float(), mask) for taken, unclipped in clipped)
+        pairs = ((pg_losses2, pg_losses), (vf_losses, (vpred - returns) ** 2))  # the clip bites where the first is larger
+        clipfrac, vf_clipfrac = (masked_mean((clipped > plain).float(), mask) for clipped, plain in pairs)
         stats = [0.5 * masked_mean(logratio**2, mask), clipfrac, pg_loss, vf_loss, vf_clipfrac, masked_mean(ratio, mask)]
     return pg_loss, vf_loss, torch.stack(stats)
 

@@ -284,8 +284,8 @@ def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, return
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
     with torch.no_grad():
-        clipped = ((pg_losses2, pg_losses), (vf_losses, (vpred - returns) ** 2))  # (the loss taken, the unclipped one)
-        clipfrac, vf_clipfrac = (masked_mean((taken > unclipped).float(), mask) for taken, unclipped in clipped)
+        pairs = ((pg_losses2, pg_losses), (vf_losses, (vpred - returns) ** 2))  # the clip bites where the first is larger
+        clipfrac, vf_clipfrac = (masked_mean((clipped > plain).float(), mask) for clipped, plain in pairs)
         stats = [0.5 * masked_mean(logratio**2, mask), clipfrac, pg_loss, vf_loss, vf_clipfrac, masked_mean(ratio, mask)]
     return pg_loss, vf_loss, torch.stack(stats)
 
@@ -352,8 +352,8 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
                 values.append(token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1])
                 responses.append(response)
             t1 = clock(device)
-            # 3. Score: the EOS trick, the reward model on the whole response, the missing-EOS penalty. Then every process
-            # gets the whole batch: every statistic below is the whole batch's.
+            # 3. Score: the EOS trick, the reward model on the response cut after its EOS, the missing-EOS penalty. Then
+            # every process gets the whole batch: every statistic below is the whole batch's.
             scored = score_responses(reward_model, reward_fn, tokenizer, batch_queries[mine], query_batch[mine],
                 torch.cat(responses), args.missing_eos_penalty, args.local_rollout_forward_batch_size)  # fmt: skip
             responses, logprobs, ref_logprobs, values = (
