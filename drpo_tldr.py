@@ -5,9 +5,9 @@
 # or the one the labelers preferred in a comparison (--reset-source chosen); h is uniform in {h_min, ..., len - 1}.
 # Evaluation starts from the prompt alone. One reset episode, response_length 8, h 3:
 #
-#   tokens  SUBREDDIT: r/pets ... TL;DR: | my  cat  is | sick  ,  vet  .  <eos> | <pad>
-#           the prompt                    | prefix (h) | what the policy writes  | after the EOS
-#   mask    -                             | 0   0    0 | 1     1  1    1  1     | 0
+#   tokens  SUBREDDIT: r/pets ... TL;DR: | my  cat  is | sick  ,  vet  <eos>    | <pad>
+#           the prompt                   | prefix (h)  | what the policy writes | after the EOS
+#   mask    -                            | 0   0    0  | 1     1  1    1        | 0
 #   reward  -kl_coef * (logp - ref_logp) on each token of the mask; the reward model's score of the whole response,
 #           prefix included, on the EOS
 # Docs: README.md#drpo_tldrpy-and-drpo_hhpy
@@ -74,7 +74,7 @@ class Args:
     kl_horizon: int = 10000  # horizon (episodes) of the adaptive controller
     gamma: float = 1.0  # discount factor
     gae_lambda: float = 0.95  # GAE lambda
-    whiten_rewards: bool = True  # whiten the per-token rewards (no mean shift) before GAE, as the paper's runs
+    whiten_rewards: bool = True  # per-token rewards scaled to unit variance (mean kept) before GAE, as DR-PO's runs
     cliprange: float = 0.2  # PPO policy clip range
     cliprange_value: float = 0.2  # value clip range
     vf_coef: float = 0.1  # value loss coefficient
@@ -137,8 +137,8 @@ def reset_states(queries, chosens, reset_prob: float, h_min: int, response_lengt
 def generate_responses(policy, states, h, response_length: int, pad_id: int, **generation):
     """Each row's whole response, (rows, response_length): the last h tokens of its left-padded state (the reset
     prefix, encoded in the prompt's forward pass, never generated; h = 0 from the prompt), then the response_length - h
-    tokens the policy writes. One call writes response_length - min(h) tokens for every row; a row with a longer prefix
-    drops its extra ones, so that every episode has the same horizon."""
+    tokens the policy writes. One call samples response_length - min(h) tokens for every row (no EOS stops it: the EOS
+    trick), and a row with a longer prefix drops its extra ones: every row is response_length wide, prefix included."""
     new, mask = response_length - int(h.min()), (states != pad_id).long()
     out = policy.generate(
         states, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad_id, **generation
@@ -172,8 +172,8 @@ def response_logprobs(model, query_responses, responses, pad_id: int, temperatur
 
 
 def token_scores(model, query_responses, pad_id: int):
-    """The scalar head of a sequence classifier at every position, (batch, seq_len). The model's own forward runs (the
-    one FSDP shards) and returns the last token's score alone: a forward hook reads the head's output on the way."""
+    """The scalar head of a sequence classifier at every position, (batch, seq_len). The model's own forward (the one
+    FSDP shards) returns the last token's score alone, so a forward hook captures the head's output at every position."""
     scores = []
     hook = model.score.register_forward_hook(lambda module, inputs, output: scores.append(output))
     try:
@@ -326,8 +326,8 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
         batch = batch_indices(update, args.batch_size, len(queries), args.seed)
         states, h, reset = reset_states([queries[i] for i in batch], [chosens[i] for i in batch], args.reset_prob,
                                         args.reset_min_prefix, args.response_length, reset_generator)  # fmt: skip
-        # sorted by h (stably: nothing moves with no reset), so that a generate call, which writes response_length - min(h)
-        # tokens, stops early
+        # sorted by h (stably: nothing moves with no reset), so that rows of similar h share a chunk, whose generate call
+        # writes response_length - min(h) tokens: fewer when all of them start after a long prefix
         by_h = torch.argsort(h, stable=True).tolist()
         batch, states, h, reset = [batch[i] for i in by_h], [states[i] for i in by_h], h[by_h], reset[by_h]
         h, reset, batch_queries = h.to(device), reset.to(device), [queries[i] for i in batch]
@@ -442,8 +442,8 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
 
 @torch.no_grad()
 def evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast):
-    """Mean score of greedy responses from the prompt alone to the first --eval-prompts prompts. Every process computes it
-    (under FSDP all take part in gathering the policy); rank 0's score decides the early stop for all."""
+    """Mean score of greedy responses from the prompt alone to the first --eval-prompts training prompts. Every process
+    computes it (under FSDP all take part in gathering the policy); rank 0's score decides the early stop for all."""
     prompts, pad_id, (policy, _, _, reward_model) = queries[: args.eval_prompts], tokenizer.pad_token_id, models
     with autocast, gathered(policy):
         batch, no_reset = left_pad(prompts, pad_id).to(device), torch.zeros(len(prompts), dtype=torch.long, device=device)

@@ -187,8 +187,8 @@ def sample_logprobs(model, samples, pad_id: int, device):
 def generate_responses(policy, states, h, response_length: int, pad_id: int, **generation):
     """Each row's whole response, (rows, response_length): the last h tokens of its left-padded state (the reset
     prefix, encoded in the prompt's forward pass, never generated; h = 0 from the prompt), then the response_length - h
-    tokens the policy writes. One call writes response_length - min(h) tokens for every row; a row with a longer prefix
-    drops its extra ones, so that every episode has the same horizon."""
+    tokens the policy writes. One call samples response_length - min(h) tokens for every row (no EOS stops it: the EOS
+    trick), and a row with a longer prefix drops its extra ones: every row is response_length wide, prefix included."""
     new, mask = response_length - int(h.min()), (states != pad_id).long()
     out = policy.generate(
         states, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad_id, **generation

@@ -205,8 +205,8 @@ def reset_states(queries, chosens, reset_prob: float, h_min: int, response_lengt
 def generate_responses(policy, states, h, response_length: int, pad_id: int, **generation):
     """Each row's whole response, (rows, response_length): the last h tokens of its left-padded state (the reset
     prefix, encoded in the prompt's forward pass, never generated; h = 0 from the prompt), then the response_length - h
-    tokens the policy writes. One call writes response_length - min(h) tokens for every row; a row with a longer prefix
-    drops its extra ones, so that every episode has the same horizon."""
+    tokens the policy writes. One call samples response_length - min(h) tokens for every row (no EOS stops it: the EOS
+    trick), and a row with a longer prefix drops its extra ones: every row is response_length wide, prefix included."""
     new, mask = response_length - int(h.min()), (states != pad_id).long()
     out = policy.generate(
         states, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad_id, **generation
@@ -238,8 +238,8 @@ def forward(model, query_responses, pad_id: int, **kwargs):
 
 
 def token_scores(model, query_responses, pad_id: int):
-    """The scalar head of a sequence classifier at every position, (batch, seq_len). The model's own forward runs (the
-    one FSDP shards) and returns the last token's score alone: a forward hook reads the head's output on the way."""
+    """The scalar head of a sequence classifier at every position, (batch, seq_len). The model's own forward (the one
+    FSDP shards) returns the last token's score alone, so a forward hook captures the head's output at every position."""
     scores = []
     hook = model.score.register_forward_hook(lambda module, inputs, output: scores.append(output))
     try:

@@ -4,9 +4,9 @@
 # reward model scores it, a per-token KL penalty keeps the policy near the SFT policy, and PPO updates the policy and a
 # value model on the batch. One episode, response_length 8:
 #
-#   tokens  SUBREDDIT: r/pets ... TL;DR: | my  cat  is  sick  ,  vet  .  <eos> | <pad>
-#           the prompt                    | what the policy writes            | after the EOS
-#   mask    -                             | 1   1    1   1     1  1    1  1     | 0
+#   tokens  SUBREDDIT: r/pets ... TL;DR: | my  cat  is  sick  ,  vet  <eos> | <pad>
+#           the prompt                   | what the policy writes           | after the EOS
+#   mask    -                            | 1   1    1   1     1  1    1     | 0
 #   reward  -kl_coef * (logp - ref_logp) on each token of the mask; the reward model's score of the response on the EOS
 # Docs: README.md#ppo_baselinepy
 import contextlib
@@ -69,7 +69,7 @@ class Args:
     kl_horizon: int = 10000  # horizon (episodes) of the adaptive controller
     gamma: float = 1.0  # discount factor
     gae_lambda: float = 0.95  # GAE lambda
-    whiten_rewards: bool = True  # whiten the per-token rewards (no mean shift) before GAE, as the paper's runs
+    whiten_rewards: bool = True  # per-token rewards scaled to unit variance (mean kept) before GAE, as DR-PO's runs
     cliprange: float = 0.2  # PPO policy clip range
     cliprange_value: float = 0.2  # value clip range
     vf_coef: float = 0.1  # value loss coefficient
@@ -144,8 +144,8 @@ def response_logprobs(model, query_responses, responses, pad_id: int, temperatur
 
 
 def token_scores(model, query_responses, pad_id: int):
-    """The scalar head of a sequence classifier at every position, (batch, seq_len). The model's own forward runs (the
-    one FSDP shards) and returns the last token's score alone: a forward hook reads the head's output on the way."""
+    """The scalar head of a sequence classifier at every position, (batch, seq_len). The model's own forward (the one
+    FSDP shards) returns the last token's score alone, so a forward hook captures the head's output at every position."""
     scores = []
     hook = model.score.register_forward_hook(lambda module, inputs, output: scores.append(output))
     try:
@@ -396,8 +396,8 @@ def train(args, run, log, tokenizer, queries, models, reward_fn, checkpoint):
 
 @torch.no_grad()
 def evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast):
-    """Mean score of greedy responses from the prompt alone to the first --eval-prompts prompts. Every process computes it
-    (under FSDP all take part in gathering the policy); rank 0's score decides the early stop for all."""
+    """Mean score of greedy responses from the prompt alone to the first --eval-prompts training prompts. Every process
+    computes it (under FSDP all take part in gathering the policy); rank 0's score decides the early stop for all."""
     prompts, pad_id, (policy, _, _, reward_model) = queries[: args.eval_prompts], tokenizer.pad_token_id, models
     with autocast, gathered(policy):
         batch = left_pad(prompts, pad_id).to(device)
