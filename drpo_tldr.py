@@ -46,7 +46,7 @@ transformers_logging.disable_progress_bar()
 class Args:
     # ---- DR-PO's reset ----
     reset_prob: float = 0.5  # probability that an episode starts from a state of the offline dataset (0 is PPO)
-    reset_min_prefix: int = 1  # h_min, the shortest reset prefix; h is uniform in {h_min, ..., len(chosen incl. EOS) - 1}
+    reset_min_prefix: int = 1  # h_min, the shortest reset prefix; h is uniform in {h_min, ..., len(reset response) - 1}
     reset_source: Literal["sft_reference", "chosen"] = "sft_reference"  # reset to the SFT reference or the chosen summary
     # ---- models and data ----
     sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"  # policy and reference init
@@ -120,17 +120,18 @@ DATASETS = {  # --reset-source -> the default dataset and config
 
 
 # ---- DR-PO: the reset, the generation from a reset state, the action mask -------------------------------------------
-def reset_states(queries, chosens, reset_prob: float, h_min: int, response_length: int, generator):
+def reset_states(queries, reset_responses, reset_prob: float, h_min: int, response_length: int, generator):
     """DR-PO's reset. Each episode is reset with probability reset_prob (coin flips from `generator`, a stream of their
-    own). A reset episode starts at prompt + chosen[:h], h uniform in {h_min, ..., h_max}, h_max = min(len(chosen) - 1,
-    response_length - 1): the length counts the EOS, so the prefix never holds it, and the policy writes at least one
-    token. A response too short for h_min is never reset. Returns the states (token lists), h and reset, (batch,)."""
+    own). A reset episode starts at prompt + reset_response[:h], a prefix of the offline data's good response (its ids,
+    EOS included), h uniform in {h_min, ..., h_max}, h_max = min(len(reset_response) - 1, response_length - 1): the
+    prefix never holds the EOS, and the policy writes at least one token. A response too short for h_min is never reset.
+    Returns the states (token lists), h and reset, (batch,)."""
     coins = torch.rand(len(queries), generator=generator)
     uniforms = torch.rand(len(queries), generator=generator)  # drawn for every episode: a fixed use of the stream
-    h_max = torch.tensor([min(len(c) - 1, response_length - 1) for c in chosens])
+    h_max = torch.tensor([min(len(c) - 1, response_length - 1) for c in reset_responses])
     reset = (coins < reset_prob) & (h_max >= h_min)
     h = torch.where(reset, h_min + (uniforms * (h_max - h_min + 1).clamp(min=1)).long(), 0)
-    states = [q + c[:n] for q, c, n in zip(queries, chosens, h.tolist())]
+    states = [q + c[:n] for q, c, n in zip(queries, reset_responses, h.tolist())]
     return states, h, reset
 
 
@@ -297,7 +298,7 @@ def adaptive_kl_coef(kl_coef: float, current_kl: float, n_episodes: int, target:
 
 
 # ---- the training loop ------------------------------------------------------------------------------------------------
-def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkpoint):
+def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn, checkpoint):
     rank, world, device = run
     policy, ref_policy, value_model, reward_model = models
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -324,8 +325,8 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
         # first h tokens of a good summary from the offline data; the policy writes the rest.
         t0 = clock(device)
         batch = batch_indices(update, args.batch_size, len(queries), args.seed)
-        states, h, reset = reset_states([queries[i] for i in batch], [chosens[i] for i in batch], args.reset_prob,
-                                        args.reset_min_prefix, args.response_length, reset_generator)  # fmt: skip
+        states, h, reset = reset_states([queries[i] for i in batch], [reset_responses[i] for i in batch],
+            args.reset_prob, args.reset_min_prefix, args.response_length, reset_generator)  # fmt: skip
         # sorted by h (stably: nothing moves with no reset), so that rows of similar h share a chunk, whose generate call
         # writes response_length - min(h) tokens: fewer when all of them start after a long prefix
         by_h = torch.argsort(h, stable=True).tolist()
@@ -488,10 +489,10 @@ def main():
     log = start_run(args, "tldr", checkpoint["update"] + 1 if checkpoint else 1)
     check_hub([args.sft_model_path, args.value_model_path, args.dataset_name, None if reward_fn else args.reward_model_path])
     tokenizer = load_tokenizer(args.sft_model_path)
-    queries, chosens = build_episodes(args, tokenizer)
+    queries, reset_responses = build_episodes(args, tokenizer)
     torch.manual_seed(args.seed)  # a new value head's init
     models = load_models(args, tokenizer, device)
-    policy = train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkpoint)
+    policy = train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn, checkpoint)
     policy.generation_config.eos_token_id = tokenizer.eos_token_id  # the EOS trick was for training only
     save_model(args, policy.merge_and_unload() if args.use_lora else policy, tokenizer)
 
@@ -507,12 +508,12 @@ SCHEMAS = {
 
 
 def build_episodes(args: Args, tokenizer):
-    """(prompt ids, chosen response ids incl. EOS): the prompts to roll out and the offline states to reset to. A row
-    whose chosen response is empty, or longer than an episode, keeps its prompt and is never reset (counted)."""
+    """(prompt ids, reset response ids incl. EOS): the prompts to roll out and the offline states to reset to. A row
+    whose response is empty, or longer than an episode, keeps its prompt and is never reset (counted)."""
     name, split, schema = args.dataset_name, args.train_split, SCHEMAS[args.reset_source]
     ds = load_rows(name, split, schema, args.dataset_config)
-    keys = "rows query_truncated dropped_query_too_long dropped_cnndm empty_chosen_never_reset long_chosen_never_reset"
-    queries, chosens, counts = [], [], dict.fromkeys(keys.split(), 0)
+    keys = "rows query_truncated dropped_query_too_long dropped_cnndm empty_response_never_reset long_response_never_reset"
+    queries, reset_responses, counts = [], [], dict.fromkeys(keys.split(), 0)
     for i, row in enumerate(ds):
         check_row(row, i, schema, f"{name} ({split})")
         texts = comparison_texts(row, i, name) if args.reset_source == "chosen" else (row, row["summary"])
@@ -523,14 +524,14 @@ def build_episodes(args: Args, tokenizer):
             continue
         ids = response_ids(tokenizer, texts[1]) if texts[1].strip() else []
         counts["query_truncated"] += query[1]
-        counts["empty_chosen_never_reset"] += not ids
-        counts["long_chosen_never_reset"] += len(ids) > args.response_length
+        counts["empty_response_never_reset"] += not ids
+        counts["long_response_never_reset"] += len(ids) > args.response_length
         queries.append(query[0])
-        chosens.append(ids if len(ids) <= args.response_length else [])
+        reset_responses.append(ids if len(ids) <= args.response_length else [])
     print(f"{name} ({split}): {len(queries)} prompts kept; {counts}")
     if not queries:
         raise SystemExit(f"no usable prompt in {name} ({split}); see the counts above")
-    return queries, chosens
+    return queries, reset_responses
 
 
 def comparison_texts(row: dict, i: int, source: str):

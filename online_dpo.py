@@ -59,7 +59,7 @@ class Args:
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO's loss; ipo: IPO's squared loss
     # ---- DR-PO's reset ----
     reset_prob: float = 0.0  # probability that a prompt's K responses start from a state of the offline dataset
-    reset_min_prefix: int = 1  # h_min, the shortest reset prefix; h is uniform in {h_min, ..., len(chosen incl. EOS) - 1}
+    reset_min_prefix: int = 1  # h_min, the shortest reset prefix; h is uniform in {h_min, ..., len(reset response) - 1}
     reset_source: Literal["sft_reference", "chosen"] = "sft_reference"  # TL;DR: reset to the SFT reference or the chosen
     # ---- models and data ----
     task: Literal["tldr", "hh"] = "tldr"  # tldr: Reddit TL;DR posts; hh: Anthropic HH conversations
@@ -188,17 +188,18 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return losses.mean(), beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
 
 
-def reset_states(queries, chosens, reset_prob: float, h_min: int, response_length: int, generator):
+def reset_states(queries, reset_responses, reset_prob: float, h_min: int, response_length: int, generator):
     """DR-PO's reset. Each episode is reset with probability reset_prob (coin flips from `generator`, a stream of their
-    own). A reset episode starts at prompt + chosen[:h], h uniform in {h_min, ..., h_max}, h_max = min(len(chosen) - 1,
-    response_length - 1): the length counts the EOS, so the prefix never holds it, and the policy writes at least one
-    token. A response too short for h_min is never reset. Returns the states (token lists), h and reset, (batch,)."""
+    own). A reset episode starts at prompt + reset_response[:h], a prefix of the offline data's good response (its ids,
+    EOS included), h uniform in {h_min, ..., h_max}, h_max = min(len(reset_response) - 1, response_length - 1): the
+    prefix never holds the EOS, and the policy writes at least one token. A response too short for h_min is never reset.
+    Returns the states (token lists), h and reset, (batch,)."""
     coins = torch.rand(len(queries), generator=generator)
     uniforms = torch.rand(len(queries), generator=generator)  # drawn for every episode: a fixed use of the stream
-    h_max = torch.tensor([min(len(c) - 1, response_length - 1) for c in chosens])
+    h_max = torch.tensor([min(len(c) - 1, response_length - 1) for c in reset_responses])
     reset = (coins < reset_prob) & (h_max >= h_min)
     h = torch.where(reset, h_min + (uniforms * (h_max - h_min + 1).clamp(min=1)).long(), 0)
-    states = [q + c[:n] for q, c, n in zip(queries, chosens, h.tolist())]
+    states = [q + c[:n] for q, c, n in zip(queries, reset_responses, h.tolist())]
     return states, h, reset
 
 
@@ -294,7 +295,7 @@ STATS = (
 )
 
 
-def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkpoint):
+def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn, checkpoint):
     rank, world, device = run
     policy, ref_policy, reward_model = models
     pad_id, eos_id, k = tokenizer.pad_token_id, tokenizer.eos_token_id, args.num_generations
@@ -320,8 +321,8 @@ def train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkp
         # are their scores comparable, and the pair's preference is about what the policy wrote after the same prefix.
         t0 = clock(device)
         batch = batch_indices(update, prompts, len(queries), args.seed)
-        states, h, reset = reset_states([queries[i] for i in batch], [chosens[i] for i in batch], args.reset_prob,
-            args.reset_min_prefix, args.response_length, reset_generator)  # fmt: skip
+        states, h, reset = reset_states([queries[i] for i in batch], [reset_responses[i] for i in batch],
+            args.reset_prob, args.reset_min_prefix, args.response_length, reset_generator)  # fmt: skip
         by_h = torch.argsort(h, stable=True).tolist()  # prompts of similar h in one generate call, which then stops early
         batch, states, h, reset = [batch[i] for i in by_h], [states[i] for i in by_h], h[by_h], reset[by_h]
         # the K responses of prompt p are rows p * K to p * K + K - 1, from the same state: (prompts * K, ...) from here on
@@ -495,9 +496,9 @@ def main():
     log = start_run(args, args.task, checkpoint["update"] + 1 if checkpoint else 1)
     check_hub([args.sft_model_path, args.dataset_name, None if reward_fn else args.reward_model_path])
     tokenizer = load_tokenizer(args.sft_model_path)
-    queries, chosens = build_episodes(args, tokenizer)
+    queries, reset_responses = build_episodes(args, tokenizer)
     models = load_models(args, tokenizer, device)
-    policy = train(args, run, log, tokenizer, queries, chosens, models, reward_fn, checkpoint)
+    policy = train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn, checkpoint)
     policy.generation_config.eos_token_id = tokenizer.eos_token_id  # the EOS trick was for training only
     save_model(args, policy.merge_and_unload() if args.use_lora else policy, tokenizer)
 
@@ -515,12 +516,12 @@ SCHEMAS = {
 
 
 def build_episodes(args: Args, tokenizer):
-    """(prompt ids, chosen response ids incl. EOS): the prompts to roll out and the offline states to reset to. A row
-    whose chosen response is empty, or longer than an episode, keeps its prompt and is never reset (counted)."""
+    """(prompt ids, reset response ids incl. EOS): the prompts to roll out and the offline states to reset to. A row
+    whose response is empty, or longer than an episode, keeps its prompt and is never reset (counted)."""
     name, split, source = args.dataset_name, args.train_split, args.reset_source if args.task == "tldr" else "hh"
     ds = load_rows(name, split, SCHEMAS[source], args.dataset_config)
-    keys = "rows query_truncated dropped_query_too_long dropped_cnndm dropped_no_shared_prompt empty_chosen_never_reset "
-    queries, chosens, counts = [], [], dict.fromkeys((keys + "long_chosen_never_reset").split(), 0)
+    keys = "rows query_truncated dropped_query_too_long dropped_cnndm dropped_no_shared_prompt empty_response_never_reset "
+    queries, reset_responses, counts = [], [], dict.fromkeys((keys + "long_response_never_reset").split(), 0)
     for i, row in enumerate(ds):
         check_row(row, i, SCHEMAS[source], f"{name} ({split})")
         if source == "hh":
@@ -536,14 +537,14 @@ def build_episodes(args: Args, tokenizer):
             continue
         ids = response_ids(tokenizer, texts[1]) if texts[1].strip() else []
         counts["query_truncated"] += query[1]
-        counts["empty_chosen_never_reset"] += not ids
-        counts["long_chosen_never_reset"] += len(ids) > args.response_length
+        counts["empty_response_never_reset"] += not ids
+        counts["long_response_never_reset"] += len(ids) > args.response_length
         queries.append(query[0])
-        chosens.append(ids if len(ids) <= args.response_length else [])
+        reset_responses.append(ids if len(ids) <= args.response_length else [])
     print(f"{name} ({split}): {len(queries)} prompts kept; {counts}")
     if not queries:
         raise SystemExit(f"no usable prompt in {name} ({split}); see the counts above")
-    return queries, chosens
+    return queries, reset_responses
 
 
 def comparison_texts(row: dict, i: int, source: str):

@@ -25,8 +25,8 @@ model.generation_config.eos_token_id = None  # the EOS trick, as in the scripts
 pad = tokenizer.pad_token_id
 rows = [json.loads(line) for line in open(f"{ROOT}/../shared/data/tldr/comparisons_gpt4_dev.jsonl")][:BATCH]
 queries = [drpo_tldr.tldr_query(tokenizer, r["info"], 512)[0] for r in rows]
-chosens = [drpo_tldr.response_ids(tokenizer, r["summaries"][r["choice"]]["text"]) for r in rows]
-states, h, _ = drpo_tldr.reset_states(queries, chosens, 1.0, 1, R, torch.Generator().manual_seed(0))
+reset_responses = [drpo_tldr.response_ids(tokenizer, r["summaries"][r["choice"]]["text"]) for r in rows]
+states, h, _ = drpo_tldr.reset_states(queries, reset_responses, 1.0, 1, R, torch.Generator().manual_seed(0))
 sampling = dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, pad_token_id=pad, suppress_tokens=[pad])  # as the scripts
 
 
@@ -62,7 +62,7 @@ def forced():
     batch = drpo_tldr.left_pad(queries, pad)
     for i in range(0, BATCH, CHUNK):
         q = batch[i : i + CHUNK]
-        processor = ForcePrefix([chosens[j][: int(h[j])] for j in range(i, i + CHUNK)], q.shape[1])
+        processor = ForcePrefix([reset_responses[j][: int(h[j])] for j in range(i, i + CHUNK)], q.shape[1])
         model.generate(
             input_ids=q,
             attention_mask=(q != pad).long(),
@@ -83,7 +83,7 @@ with torch.no_grad():
             times[name].append(time.perf_counter() - start)
 t_ours, t_forced = (min(v) for v in times.values())
 print(
-    f"{BATCH} reset episodes (p=1, mean h {h.float().mean():.1f} of chosen length {sum(map(len, chosens)) / BATCH:.1f}), "
+    f"{BATCH} reset episodes (p=1, mean h {h.float().mean():.1f} of length {sum(map(len, reset_responses)) / BATCH:.1f}), "
     f"response_length {R}, chunks of {CHUNK}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 )
 print(

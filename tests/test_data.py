@@ -260,10 +260,10 @@ def test_chosen_responses_longer_than_an_episode_are_never_reset(script, tokeniz
             ],
         )
         args = drpo_hh.Args(dataset_name=path, response_length=8)
-    queries, chosens = script.build_episodes(args, tokenizer)
-    assert len(queries) == 2 and chosens[0] == script.response_ids(tokenizer, "cat vet .") and chosens[1] == []
-    assert "'long_chosen_never_reset': 1" in capsys.readouterr().out
-    _, h, reset = script.reset_states(queries, chosens, 1.0, 1, 8, torch.Generator().manual_seed(0))
+    queries, reset_responses = script.build_episodes(args, tokenizer)
+    assert len(queries) == 2 and reset_responses[0] == script.response_ids(tokenizer, "cat vet .") and reset_responses[1] == []
+    assert "'long_response_never_reset': 1" in capsys.readouterr().out
+    _, h, reset = script.reset_states(queries, reset_responses, 1.0, 1, 8, torch.Generator().manual_seed(0))
     assert reset.tolist() == [True, False] and h[1] == 0
 
 

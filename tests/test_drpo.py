@@ -24,12 +24,12 @@ EOS, PAD = 0, 1
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_reset_states_exact_tokens_and_ranges(script):
     queries = [[10, 11, 12], [20], [30, 31], [40]]
-    chosens = [[5, 6, 7, 8, EOS], [EOS], [], [5, 6, 7, 8, 9, 10, 11, 12, EOS]]  # rows 1 and 2 are too short to reset
+    reset_responses = [[5, 6, 7, 8, EOS], [EOS], [], [5, 6, 7, 8, 9, 10, 11, 12, EOS]]  # rows 1 and 2 are too short to reset
     g = torch.Generator().manual_seed(0)
     seen_h = set()
     for _ in range(200):
-        states, h, reset = script.reset_states(queries, chosens, 0.5, 1, 6, g)
-        for q, c, s, n, r in zip(queries, chosens, states, h.tolist(), reset.tolist()):
+        states, h, reset = script.reset_states(queries, reset_responses, 0.5, 1, 6, g)
+        for q, c, s, n, r in zip(queries, reset_responses, states, h.tolist(), reset.tolist()):
             if r:
                 assert 1 <= n <= min(len(c) - 1, 6 - 1) and s == q + c[:n] and EOS not in s[len(q) :]
             else:
@@ -42,13 +42,13 @@ def test_reset_states_exact_tokens_and_ranges(script):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_reset_fraction_and_reset_prob_one(script):
     n, p = 4000, 0.3
-    queries, chosens = [[7]] * n, [[5, 6, EOS]] * n
-    _, _, reset = script.reset_states(queries, chosens, p, 1, 8, torch.Generator().manual_seed(1))
+    queries, reset_responses = [[7]] * n, [[5, 6, EOS]] * n
+    _, _, reset = script.reset_states(queries, reset_responses, p, 1, 8, torch.Generator().manual_seed(1))
     assert abs(reset.float().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n)  # binomial bound, 4 sigma
-    chosens = [[5, 6, EOS], [EOS], [5, EOS]] * 10
-    _, h, reset = script.reset_states([[7]] * 30, chosens, 1.0, 1, 8, torch.Generator().manual_seed(2))
+    reset_responses = [[5, 6, EOS], [EOS], [5, EOS]] * 10
+    _, h, reset = script.reset_states([[7]] * 30, reset_responses, 1.0, 1, 8, torch.Generator().manual_seed(2))
     assert reset.tolist() == [True, False, True] * 10  # every usable chosen response is reset
-    _, h0, reset0 = script.reset_states([[7]] * 30, chosens, 1.0, 0, 8, torch.Generator().manual_seed(2))
+    _, h0, reset0 = script.reset_states([[7]] * 30, reset_responses, 1.0, 0, 8, torch.Generator().manual_seed(2))
     assert reset0.all()  # with h_min 0 even [EOS] can be reset (to h = 0)
 
 
