@@ -20,11 +20,10 @@ import runpy
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
+import huggingface_hub
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -562,8 +561,8 @@ def check_row(row: dict, i: int, schema: dict, source: str):
 
 
 def encode(tokenizer, text: str, special: bool = True):
-    """Token ids of a data text, a special token's string in it (a post can hold `<|endoftext|>`) as plain text;
-    `special` adds the tokenizer's own special tokens (Llama's BOS): prompts get them, responses do not."""
+    """A data text's ids, a special token's string in it (`<|endoftext|>` in a post) kept as text; `special` adds the
+    tokenizer's own special tokens (Llama's BOS): prompts get them, responses do not."""
     return tokenizer.encode(text, add_special_tokens=special, split_special_tokens=True)
 
 
@@ -585,8 +584,7 @@ def left_pad(sequences, pad_id: int, width: int = 0):
 
 
 def load_models(args, tokenizer, device):
-    """(policy, reference, value model, reward model). The trained ones are sharded (FSDP) before they leave the CPU;
-    the frozen ones need no fp32 copy on a GPU. With LoRA the reference is the policy with its adapter off."""
+    """(policy, reference, value model, reward model): the trained ones sharded (FSDP) before they leave the CPU."""
     if args.frozen_dtype == "auto":  # bf16 is slow on a CPU
         args.frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
     on = "on" if device.type == "cuda" else "off"
@@ -623,8 +621,7 @@ def load_models(args, tokenizer, device):
 
 
 def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
-    """cls.from_pretrained, with a clear message when the Hub cannot be reached. A model (given its tokenizer) gets room
-    for an added pad token and its id, no dropout (N+), and a note of the weights its checkpoint lacks (a new head)."""
+    """cls.from_pretrained with a clear offline error; a model also gets room for the pad token, and no dropout (N+)."""
     try:
         loaded = cls.from_pretrained(path, **kwargs, **({} if tokenizer is None else {"output_loading_info": True}))
     except OSError as e:
@@ -636,9 +633,7 @@ def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
         return loaded  # the tokenizer
     model, missing = loaded[0], sorted(loaded[1]["missing_keys"])
     if missing:
-        print(
-            f"{path}: {', '.join(missing[:4])}{' ...' * (len(missing) > 4)} initialised from scratch (not in the checkpoint)"
-        )
+        print(f"{path}: {', '.join(missing[:4])}{' ...' * (len(missing) > 4)} initialised from scratch, not in the checkpoint")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -657,8 +652,7 @@ def load_tokenizer(path: str, padding_side: str = "left"):
 
 
 def non_token_ids(tokenizer, vocab_size: int, device=None):
-    """The ids the policy must never write: the pad token (read as padding, a sampled one would end the response unseen
-    and unpenalised) and the embedding rows past the tokenizer's vocabulary (Pythia-1B: 50304 rows, 50281 tokens)."""
+    """Ids never to be written: the pad token (read as padding) and the embedding rows past the tokenizer's vocabulary."""
     return torch.tensor([tokenizer.pad_token_id] + list(range(len(tokenizer), vocab_size)), device=device)
 
 
@@ -672,8 +666,7 @@ def load_reward_fn(spec: str):
 
 
 def save_model(args, model, tokenizer, weights=None):
-    """The final model, a save_pretrained folder that loads on one device: every process takes part in gathering the
-    weights (unless given), rank 0 writes them from its CPU memory. Then all leave together."""
+    """The final model, a save_pretrained folder: every process helps gather the weights, rank 0 writes them."""
     options = dist_state.StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = dist_state.get_model_state_dict(model, options=options) if weights is None else weights
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -704,8 +697,7 @@ CHECKS = {
 
 
 def check_flags(args, world: Optional[int] = None):
-    """A flag out of its range (FLAG_RULES) is refused, named; with `world`, a batch that does not split into whole
-    micro-batches (and rollout chunks) on every process too."""
+    """A flag out of its FLAG_RULES range is refused; with `world`, a batch that does not split over the processes too."""
     for must, names in FLAG_RULES.items():
         for name in names.split():
             if (value := getattr(args, name)) is not None and not CHECKS[must](value):
@@ -722,23 +714,20 @@ def check_flags(args, world: Optional[int] = None):
 def check_hub(paths):
     """Fails in seconds, not after a minute of retries, when a Hub id is asked for and the Hub cannot be reached."""
     remote = list(dict.fromkeys(p for p in paths if p and not os.path.exists(p) and not p.endswith((".json", ".jsonl"))))
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if not remote or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    endpoint = huggingface_hub.constants.ENDPOINT
+    if not remote or huggingface_hub.constants.HF_HUB_OFFLINE:
         return
     try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5).close()
-    except urllib.error.HTTPError:  # an answer, even an error status: the Hub is there
-        pass
-    except OSError as e:  # no answer: offline, a firewall, a wrong HF_ENDPOINT
+        huggingface_hub.get_session().head(endpoint, timeout=5)  # an answer, even an error status: the Hub is there
+    except Exception as e:  # no answer: offline, a firewall, a wrong HF_ENDPOINT
         raise SystemExit(f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be reached "
-                         f"({getattr(e, 'reason', e)}). Offline, point these flags at local folders or json/jsonl files, or "
+                         f"({type(e).__name__}: {e}). Offline, point these flags at local folders or json/jsonl files, or "
                          "set HF_HUB_OFFLINE=1 to use what the Hub cache already holds.")  # fmt: skip
 
 
 # ---- torchrun and FSDP2: each function is a no-op in one process ----
 def init_distributed(args):
-    """(rank, processes, device). Under torchrun every process trains the same model on its share of each batch: NCCL
-    between GPUs, gloo between CPU processes. A rank that dies stops the job (torchrun ends the others)."""
+    """(rank, processes, device); under torchrun the process group: NCCL between GPUs, gloo between CPU processes."""
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     cuda = args.cuda and torch.cuda.is_available()
     # LOCAL_RANK's GPU, modulo the visible ones: a scheduler may show each process its own GPU alone
@@ -754,8 +743,7 @@ def init_distributed(args):
 
 
 def on_rank0(fn):
-    """fn() run by rank 0 alone and its result sent to every process (another node's disk, clock or numbers may
-    differ); a SystemExit there stops every process with its message."""
+    """fn() run by rank 0 alone, its result (or its SystemExit) sent to every process: another node's disk may differ."""
     box = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
@@ -779,8 +767,7 @@ def gather(tensor):
 
 
 def average_gradients(params, fsdp: bool, bucket_bytes: int = 2**25):
-    """Each process holds the gradient of its share of the batch; their mean is the whole batch's. What DDP does, written
-    out: one all-reduce per 32 MB bucket of gradients, not one per tensor. (FSDP has reduce-scattered its shards.)"""
+    """DDP written out: the mean of the processes' gradients, one all-reduce per 32 MB bucket (FSDP reduced its own)."""
     if not dist.is_initialized() or fsdp:
         return
     grads, bucket, size = [p.grad for p in params if p.grad is not None], [], 0
@@ -801,9 +788,8 @@ def sync_gradients(models, fsdp: bool, last: bool):
 
 
 def place(model, device, fsdp: bool):
-    """The model on the device: whole, or FSDP2 on a mesh of the script's device (not the build's accelerator), each
-    decoder layer a unit and the rest the root; sharded on the CPU, each unit moves its shard alone to the GPU, where
-    the gathered weights are bf16 and the gradients are reduced in fp32."""
+    """The model on the device, or FSDP2 on a mesh of the script's device: sharded on the CPU, each decoder layer a unit;
+    on a GPU the gathered weights are bf16 and the gradients are reduced in fp32."""
     if not fsdp:
         return model.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -818,8 +804,7 @@ def place(model, device, fsdp: bool):
 
 @contextlib.contextmanager
 def gathered(model):
-    """FSDP: the whole model on every process for generate(), gathered once and not at every decode step (the trap of
-    trl#1726), then sharded again: one full copy of the weights for that time. A no-op without FSDP."""
+    """FSDP: the whole policy gathered once for generate(), not at every decode step (trl#1726); a no-op without FSDP."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()
@@ -834,9 +819,8 @@ def gathered(model):
 
 # ---- checkpoints: one file, on the CPU, written by rank 0 and made current by one rename ----
 def save_checkpoint(args, update: int, model, optimizer, **counters):
-    """What training changes (the trained weights, with LoRA the adapters alone; the AdamW state), the counters and the
-    flags, gathered into rank 0's CPU memory and written to a temporary file that one rename makes checkpoint `update`:
-    a kill at any instant leaves the previous checkpoint complete."""
+    """The trained weights (LoRA: the adapters), the AdamW state, the counters and the flags, gathered into rank 0's CPU
+    memory, written to a temporary file that one rename makes current: a kill at any instant leaves a whole checkpoint."""
     options = dist_state.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     weights, optimizer_state = dist_state.get_state_dict(model, optimizer, options=options)  # FSDP: every process takes part
     if dist.is_initialized() and dist.get_rank() > 0:
@@ -852,17 +836,15 @@ def save_checkpoint(args, update: int, model, optimizer, **counters):
 
 
 def restore(model, optimizer, checkpoint):
-    """A checkpoint's weights and AdamW state into the models: rank 0 read it, the others receive it (under FSDP each
-    process keeps its shard)."""
+    """A checkpoint's weights and AdamW state into the models, sent from rank 0 (under FSDP each keeps its shard)."""
     options = dist_state.StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
     dist_state.set_model_state_dict(model, checkpoint.get("model", {}), options=options)
     dist_state.set_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), options=options)
 
 
 def resume(args, task: str):
-    """--resume-from: rank 0 finds the checkpoint and reads it into CPU memory (another node's disk need not hold it);
-    every process gets the run's flags and counters and parses the command line again over them (only RESUMABLE flags
-    may differ). Returns (args, checkpoint); rank 0's checkpoint holds the tensors too, which restore() sends out."""
+    """--resume-from: rank 0 finds and reads the checkpoint; every process gets the run's flags and parses the command
+    line over them (only RESUMABLE flags may differ). Returns (args, checkpoint)."""
     tensors = {}
 
     def read(where=args.resume_from.rstrip("/")):
@@ -875,16 +857,12 @@ def resume(args, task: str):
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and numbers: no code runs
             except Exception as e:  # noqa: BLE001 (any damage: name it and try the previous checkpoint)
-                print(
-                    f"WARNING: checkpoint {path} does not load ({type(e).__name__}: {str(e)[:300]}); trying the previous one"
-                )
+                print(f"WARNING: checkpoint {path} does not load ({type(e).__name__}: {str(e)[:300]}); trying the one before")
                 continue
             tensors.update(model=state.pop("model"), optimizer=state.pop("optimizer"))
             return path, state
         if candidates or not os.path.exists(f"{where}/args.json"):
-            raise SystemExit(
-                f"--resume-from {where}: no checkpoint loads (of {candidates}) and no args.json to start again from"
-            )
+            raise SystemExit(f"--resume-from {where}: no checkpoint loads (of {candidates}), no args.json to start again from")
         print(f"--resume-from {where}: no checkpoint yet; the run starts again with the flags of {where}/args.json")
         return where, {"config": json.load(open(f"{where}/args.json"))}  # a run stopped before its first checkpoint
 
@@ -893,9 +871,7 @@ def resume(args, task: str):
     (path, counters), flag = found, lambda k: "--" + k.replace("_", "-")
     saved, resumable = counters["config"], RESUMABLE.split()
     given = tyro.cli(Args, default=Args(**saved))  # the saved flags, and those given anew
-    if clash := [
-        f"{flag(k)} {v} (saved: {saved[k]})" for k, v in asdict(given).items() if k not in resumable and v != saved[k]
-    ]:
+    if clash := [f"{flag(k)} {v} (saved: {saved[k]})" for k, v in vars(given).items() if k not in resumable and v != saved[k]]:
         raise SystemExit(f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
                          f"{', '.join(map(flag, resumable))} may change on resume.")  # fmt: skip
     given.resume_from = path
@@ -905,9 +881,8 @@ def resume(args, task: str):
 
 # ---- the run folder and its log ----
 def start_run(args, task: str, start: int):
-    """Rank 0 names the run (by its clock), checks that the output and run folders can be written, saves every flag to
-    runs/{run_name}/args.json and opens its metrics.jsonl; a resumed run keeps the lines before its checkpoint's update
-    (a line cut by the kill dropped), so that each update is logged once. Returns (log, W&B, TensorBoard)."""
+    """Rank 0 names the run, checks its folders, writes args.json and opens metrics.jsonl (a resumed run keeps the lines
+    before its checkpoint's update). Returns (log, W&B, TensorBoard)."""
 
     def begin():
         if args.run_name and not args.resume_from and os.path.exists(f"runs/{args.run_name}/metrics.jsonl"):
@@ -952,8 +927,7 @@ def start_run(args, task: str, start: int):
 
 
 def log_metrics(metrics: dict, log, tracker=None, writer=None):
-    """One line on the console, one json line in metrics.jsonl, W&B and TensorBoard when asked for. The tensor values
-    are read from the device in one transfer."""
+    """The console, metrics.jsonl, W&B and TensorBoard; the tensor values read from the device in one transfer."""
     if tensors := [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]:
         metrics |= dict(zip(tensors, torch.stack([metrics[k].double() for k in tensors]).tolist()))
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
@@ -968,9 +942,7 @@ def log_metrics(metrics: dict, log, tracker=None, writer=None):
 
 def progress(start: int, end: int, rank: int):
     """The updates start..end, with a progress bar and an ETA on a terminal (none in a log file, nor on other ranks)."""
-    return tqdm(
-        range(start, end + 1), initial=start - 1, total=end, unit="update", disable=rank > 0 or not sys.stderr.isatty()
-    )
+    return tqdm(range(start, end + 1), initial=start - 1, total=end, unit="update", disable=rank or not sys.stderr.isatty())
 
 
 def clock(device):

@@ -115,8 +115,8 @@ HH_TAG = "\n\nAssistant:"
 
 
 def encode(tokenizer, text: str, special: bool = True):
-    """Token ids of a data text, a special token's string in it (a post can hold `<|endoftext|>`) as plain text;
-    `special` adds the tokenizer's own special tokens (Llama's BOS): prompts get them, responses do not."""
+    """A data text's ids, a special token's string in it (`<|endoftext|>` in a post) kept as text; `special` adds the
+    tokenizer's own special tokens (Llama's BOS): prompts get them, responses do not."""
     return tokenizer.encode(text, add_special_tokens=special, split_special_tokens=True)
 
 
