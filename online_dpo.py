@@ -390,9 +390,7 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
             raise SystemExit(f"non-finite loss or score at iteration {update}: lower --lr, or check the models or --reward-fn")
         # 6. Evaluate (greedy, from the prompt alone: resets are for training only), log, checkpoint
         evaluating = args.eval_every and update % args.eval_every == 0
-        eval_score = (
-            evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast) if evaluating else None
-        )
+        eval_score = evaluating and evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast)
         episodes, pair_scores = update * generations, scores.view(prompts, k).cpu()[kept]
         metrics = {
             "update": update, "episodes": episodes, "objective/scores": scores.mean(),

@@ -371,9 +371,7 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
             kl_coef = adaptive_kl_coef(kl_coef, mean_kl, generations, args.target_kl, args.kl_horizon)
         # 6. Evaluate (greedy, from the prompt alone: resets are for training only), log, checkpoint
         evaluating = args.eval_every and update % args.eval_every == 0
-        eval_score = (
-            evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast) if evaluating else None
-        )
+        eval_score = evaluating and evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast)
         episodes, first, last = update * generations, stats[0], stats[-1]
         metrics = {
             "update": update, "episodes": episodes, "objective/kl": mean_kl, "objective/entropy": -logprobs.mean(),
