@@ -17,7 +17,7 @@ stage() {  # a header with the time since the start: [4/9] PPO (1m12s)
 }
 
 stage "the tiny world: prompts, SFT data, preference pairs, a base model"
-# the 512-token BPE tokenizer trained on the world's text (the default): the same world on every machine
+# the BPE tokenizer (at most 512 tokens: 508) trained on the world's text (the default): the same world on every machine
 python tiny_world.py --out $W --tokenizer bpe
 stage "SFT"
 python sft.py --base-model $W/base --dataset-name $W/tldr_sft --output-dir $W/sft \

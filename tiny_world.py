@@ -221,7 +221,7 @@ class Args:
     n_eval: int = 200
     """held-out examples per dataset (the `validation` / `test` split)"""
     tokenizer: str = "bpe"
-    """`bpe`: a 512-token byte-level BPE trained on the world's text (the same on every machine); or a tokenizer folder"""
+    """`bpe`: a byte-level BPE of at most 512 tokens (508) trained on the world's text (the same everywhere); or a folder"""
     hidden_size: int = 64
     """width of the tiny GPT-NeoX"""
     num_layers: int = 2
