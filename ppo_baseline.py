@@ -880,11 +880,11 @@ def start_run(args, task: str, start: int):
     if dist.is_initialized() and dist.get_rank() > 0:
         return open(os.devnull, "w"), None, None
     tracker = writer = None
-    if getattr(args, "track", False):
+    if args.track:
         import wandb  # only imported when asked for
 
         tracker = wandb.init(project="drpo", name=args.run_name, config=asdict(args), resume="allow", id=args.run_name)
-    if getattr(args, "tensorboard", False):
+    if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
 
         writer = SummaryWriter(f"runs/{args.run_name}")

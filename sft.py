@@ -67,7 +67,9 @@ class Args:
     cuda: bool = True  # use CUDA when available (bf16 autocast there); CPU otherwise
     dtype: Literal["float32", "bfloat16"] = "float32"  # trained weights' dtype, whatever the checkpoint stores
     fsdp: bool = False  # under torchrun, shard the weights, gradients and AdamW state (FSDP2)
-    # ---- checkpoints ----
+    # ---- logging and checkpoints ----
+    track: bool = False  # log to Weights & Biases (needs `wandb`)
+    tensorboard: bool = False  # log to TensorBoard under runs/{run_name} (needs `tensorboard`)
     save_every: int = 100  # write a checkpoint every N optimizer steps (0: never)
     keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
     resume_from: Optional[str] = None  # `auto`, a run folder or a checkpoint file (README: Checkpoints and resume)
@@ -598,11 +600,11 @@ def start_run(args, task: str, start: int):
     if dist.is_initialized() and dist.get_rank() > 0:
         return open(os.devnull, "w"), None, None
     tracker = writer = None
-    if getattr(args, "track", False):
+    if args.track:
         import wandb  # only imported when asked for
 
         tracker = wandb.init(project="drpo", name=args.run_name, config=asdict(args), resume="allow", id=args.run_name)
-    if getattr(args, "tensorboard", False):
+    if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
 
         writer = SummaryWriter(f"runs/{args.run_name}")
