@@ -8,7 +8,7 @@ import os
 import shutil
 
 import pytest
-from conftest import ROOT, SFT_FLAGS, SMALL, run_script
+from conftest import ROOT, SMALL, run_script
 
 SCRIPTS = "sft reward_model ppo_baseline drpo_tldr drpo_hh dpo_baseline rebel online_dpo hypo".split()
 
@@ -34,7 +34,7 @@ def test_every_script_has_both_tracker_flags(script):
 @pytest.mark.parametrize(
     "script,flags",
     [
-        ("sft.py", lambda w, sft: ["--base-model", w / "base", "--dataset-name", w / "tldr_sft", *SFT_FLAGS[:2],
+        ("sft.py", lambda w, sft: ["--base-model", w / "base", "--dataset-name", w / "tldr_sft", "--lr", 1e-3,
                                    "--num-train-epochs", 1, "--batch-size", 32, "--local-micro-batch-size", 32]),
         ("reward_model.py", lambda w, sft: ["--sft-model-path", sft, "--dataset-name", w / "tldr_comparisons",
                                             "--norm-dataset-name", w / "tldr_sft", "--max-train-samples", 64,
