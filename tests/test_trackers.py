@@ -1,11 +1,12 @@
-"""--track: every script hands W&B the run's name, its whole config and, at every update, the same metrics it writes to
-metrics.jsonl, at the step the README states (episodes for the RL scripts, the update otherwise). W&B is not installed
-here: a stand-in `wandb` module next to a copy of the script (scripts stand alone) records what it is given."""
+"""--track and --tensorboard: every script hands W&B the run's name, its whole config and, at every update, the same
+metrics it writes to metrics.jsonl, at the step the README states (episodes for the RL scripts, the update otherwise);
+TensorBoard gets the same scalars at the same steps, in runs/{run_name}. Neither is installed here: a stand-in `wandb`
+module next to a copy of the script (scripts stand alone) records what it is given, and the copy's one TensorBoard
+import is pointed at a stand-in SummaryWriter (the real one, tensorboard 2.21, was checked by hand: README)."""
 
 import importlib
 import json
 import os
-import shutil
 
 import pytest
 from conftest import ROOT, SMALL, run_script
@@ -22,7 +23,13 @@ class Run:
 def init(project, name, config, resume, id):
     _write({"init": {"project": project, "name": name, "resume": resume, "id": id}, "config": config})
     return Run()
+class SummaryWriter:  # torch.utils.tensorboard's, as the scripts use it
+    def __init__(self, log_dir):
+        _write({"tensorboard": log_dir})
+    def add_scalar(self, tag, value, step):
+        _write({"tag": tag, "value": value, "step": step})
 """
+TENSORBOARD_IMPORT = "from torch.utils.tensorboard import SummaryWriter"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -43,17 +50,23 @@ def test_every_script_has_both_tracker_flags(script):
                                          w / "tldr_sft", "--total-episodes", 64, *SMALL]),
     ],
 )  # fmt: skip
-def test_track_logs_every_update_to_wandb(script, flags, world, sft_model, tmp_path):
+def test_track_and_tensorboard_log_every_update(script, flags, world, sft_model, tmp_path):
     (tmp_path / "code").mkdir()
-    shutil.copy(os.path.join(ROOT, script), tmp_path / "code" / script)
+    source = open(os.path.join(ROOT, script)).read()
+    assert source.count(TENSORBOARD_IMPORT) == 1
+    (tmp_path / "code" / script).write_text(source.replace(TENSORBOARD_IMPORT, "from wandb import SummaryWriter"))
     (tmp_path / "code" / "wandb.py").write_text(FAKE_WANDB)
     record = tmp_path / "wandb.jsonl"
-    run_script(str(tmp_path / "code" / script), *flags(world, sft_model), "--track", "--output-dir", tmp_path / "out",
-               cwd=tmp_path, env={"FAKE_WANDB_LOG": str(record)})  # fmt: skip
+    run_script(str(tmp_path / "code" / script), *flags(world, sft_model), "--track", "--tensorboard", "--output-dir",
+               tmp_path / "out", cwd=tmp_path, env={"FAKE_WANDB_LOG": str(record)})  # fmt: skip
     (run,) = os.listdir(tmp_path / "runs")
     logged = [json.loads(line) for line in open(tmp_path / "runs" / run / "metrics.jsonl")]
-    init, *steps = [json.loads(line) for line in open(record)]
+    init, tensorboard, *records = [json.loads(line) for line in open(record)]
     assert init["init"] == {"project": "drpo", "name": run, "resume": "allow", "id": run}
     assert init["config"] == json.load(open(tmp_path / "runs" / run / "args.json"))
+    assert tensorboard == {"tensorboard": f"runs/{run}"}
+    steps = [r for r in records if "metrics" in r]
     assert len(logged) >= 2 and [s["metrics"] for s in steps] == logged
     assert [s["step"] for s in steps] == [m.get("episodes", m["update"]) for m in logged]
+    scalars = [{"tag": k, "value": v, "step": m.get("episodes", m["update"])} for m in logged for k, v in m.items()]
+    assert [r for r in records if "tag" in r] == scalars  # every metric, in the order of metrics.jsonl
