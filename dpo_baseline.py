@@ -502,12 +502,7 @@ FLAG_RULES = {
 }
 RESUMABLE = "resume_from save_every keep_checkpoints eval_every output_dir fsdp"  # may change on resume
 COMPUTED = "num_updates gradient_accumulation_steps"  # filled in by main()
-CHECKS = {
-    "> 0": lambda v: v > 0,
-    ">= 0": lambda v: v >= 0,
-    "in [0, 1]": lambda v: 0 <= v <= 1,
-    "in [0, 0.5)": lambda v: 0 <= v < 0.5,
-}
+CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 0.5)": lambda v: 0 <= v < 0.5}
 
 
 def check_flags(args, world: Optional[int] = None):
@@ -700,10 +695,9 @@ def start_run(args, task: str, start: int):
                 tempfile.TemporaryFile(dir=folder).close()
             except OSError as e:
                 raise SystemExit(f"cannot write to {folder}: {e}")
-        config, default, quiet = asdict(args) | {"run_name": name, "resume_from": None}, asdict(Args()), COMPUTED.split()
-        changed = [
-            f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet + ["run_name"] and v != default[k]
-        ]
+        config = asdict(args) | {"run_name": name, "resume_from": None}
+        default, quiet = asdict(Args()) | {"run_name": name}, COMPUTED.split()  # the run line lists the changed flags
+        changed = [f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet and v != default[k]]
         print(f"run {name}: {' '.join(changed) or 'the default flags'} (every flag: runs/{name}/args.json)")
         path, kept = f"runs/{name}/metrics.jsonl", []
         for line in open(path) if start > 1 and os.path.exists(path) else []:

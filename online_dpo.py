@@ -242,10 +242,8 @@ def token_scores(model, query_responses, pad_id: int):
     FSDP shards) returns the last token's score alone, so a forward hook captures the head's output at every position."""
     scores = []
     hook = model.score.register_forward_hook(lambda module, inputs, output: scores.append(output))
-    try:
-        forward(model, query_responses, pad_id)
-    finally:
-        hook.remove()
+    forward(model, query_responses, pad_id)
+    hook.remove()
     return scores[0].squeeze(-1).float()
 
 
@@ -951,10 +949,9 @@ def start_run(args, task: str, start: int):
                 tempfile.TemporaryFile(dir=folder).close()
             except OSError as e:
                 raise SystemExit(f"cannot write to {folder}: {e}")
-        config, default, quiet = asdict(args) | {"run_name": name, "resume_from": None}, asdict(Args()), COMPUTED.split()
-        changed = [
-            f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet + ["run_name"] and v != default[k]
-        ]
+        config = asdict(args) | {"run_name": name, "resume_from": None}
+        default, quiet = asdict(Args()) | {"run_name": name}, COMPUTED.split()  # the run line lists the changed flags
+        changed = [f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet and v != default[k]]
         print(f"run {name}: {' '.join(changed) or 'the default flags'} (every flag: runs/{name}/args.json)")
         path, kept = f"runs/{name}/metrics.jsonl", []
         for line in open(path) if start > 1 and os.path.exists(path) else []:

@@ -188,10 +188,8 @@ def token_scores(model, query_responses, pad_id: int):
     FSDP shards) returns the last token's score alone, so a forward hook captures the head's output at every position."""
     scores = []
     hook = model.score.register_forward_hook(lambda module, inputs, output: scores.append(output))
-    try:
-        forward(model, query_responses, pad_id)
-    finally:
-        hook.remove()
+    forward(model, query_responses, pad_id)
+    hook.remove()
     return scores[0].squeeze(-1).float()
 
 
@@ -428,10 +426,8 @@ def print_samples(tokenizer, prompts_ids, postprocessed, h, rewards, reset, n: i
     for i in starts[: max(n // 2, n - len(resets))] + resets[: max(n // 2, n - len(starts))]:
         for j in (i, i + 1):
             query = tokenizer.decode(prompts_ids[j][-40:]).replace("\n", "\\n")
-            prefix, rest = (
-                tokenizer.decode(postprocessed[j, : h[j]]),
-                tokenizer.decode(postprocessed[j, h[j] :], skip_special_tokens=True),
-            )
+            prefix = tokenizer.decode(postprocessed[j, : h[j]])
+            rest = tokenizer.decode(postprocessed[j, h[j] :], skip_special_tokens=True)
             print(f"{rewards[j].item():7.3f} | ...{query} | [{prefix}]{rest!r}")
 
 
@@ -703,12 +699,7 @@ FLAG_RULES = {
 }
 RESUMABLE = "resume_from total_episodes save_every keep_checkpoints print_sample_every output_dir fsdp"  # may change on resume
 COMPUTED = "num_updates minibatch_size gradient_accumulation_steps"  # filled in by main()
-CHECKS = {
-    "> 0": lambda v: v > 0,
-    ">= 0": lambda v: v >= 0,
-    "in [0, 1]": lambda v: 0 <= v <= 1,
-    "in [0, 0.5)": lambda v: 0 <= v < 0.5,
-}
+CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1}
 
 
 def check_flags(args, world: Optional[int] = None):
@@ -909,10 +900,9 @@ def start_run(args, task: str, start: int):
                 tempfile.TemporaryFile(dir=folder).close()
             except OSError as e:
                 raise SystemExit(f"cannot write to {folder}: {e}")
-        config, default, quiet = asdict(args) | {"run_name": name, "resume_from": None}, asdict(Args()), COMPUTED.split()
-        changed = [
-            f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet + ["run_name"] and v != default[k]
-        ]
+        config = asdict(args) | {"run_name": name, "resume_from": None}
+        default, quiet = asdict(Args()) | {"run_name": name}, COMPUTED.split()  # the run line lists the changed flags
+        changed = [f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet and v != default[k]]
         print(f"run {name}: {' '.join(changed) or 'the default flags'} (every flag: runs/{name}/args.json)")
         path, kept = f"runs/{name}/metrics.jsonl", []
         for line in open(path) if start > 1 and os.path.exists(path) else []:
