@@ -72,7 +72,7 @@ class Args:
     kl_coef: float = 0.05  # coefficient of the KL penalty in the reward: r = score - kl_coef * KL(response)
     adaptive_kl: bool = False  # adapt kl_coef towards --target-kl (Ziegler et al. 2019)
     target_kl: float = 6.0  # target KL per response of the adaptive controller
-    kl_horizon: int = 10000  # horizon (generations) of the adaptive controller
+    kl_horizon: int = 10000  # horizon (prompts, as the authors' code) of the adaptive controller
     whiten_rewards: bool = False  # whiten the rewards over the batch, their mean kept (the authors' option, off)
     missing_eos_penalty: Optional[float] = -1.0  # score of a response with no EOS, replacing its reward (None: keep it)
     eval_every: int = 0  # every N updates, score greedy responses from the prompt alone on --eval-prompts prompts (0: never)
@@ -247,7 +247,7 @@ def adaptive_kl_coef(kl_coef: float, current_kl: float, n_episodes: int, target:
 
 
 # ---- the training loop ------------------------------------------------------------------------------------------------
-STATS = ("loss", "abs_d", "order_right", "approxkl")
+STATS = ("loss", "abs_d", "right", "unequal", "approxkl")  # per micro-batch; right, unequal: pair counts
 
 
 def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn, checkpoint):
@@ -346,12 +346,9 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
                     (loss / args.gradient_accumulation_steps).backward()
                     with torch.no_grad():
                         dr = rewards[idx][0::2] - rewards[idx][1::2]  # the update got a pair's order right: d and dr agree
-                        right = ((torch.sign(d) == torch.sign(dr)) & (dr != 0)).float().sum() / (dr != 0).float().sum().clamp(
-                            min=1
-                        )
-                        stats.append(
-                            torch.stack([loss.detach(), d.abs().mean(), right, 0.5 * ((new - logprobs[idx]) ** 2).mean()])
-                        )
+                        right, unequal = ((torch.sign(d) == torch.sign(dr)) & (dr != 0)).sum(), (dr != 0).sum()
+                        approxkl = 0.5 * ((new - logprobs[idx]) ** 2).mean()
+                        stats.append(torch.stack([loss.detach(), d.abs().mean(), right, unequal, approxkl]))
                 average_gradients(params, args.fsdp)  # distributed: the minibatch's mean gradient on every process
                 if args.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -366,7 +363,7 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
             raise SystemExit(f"non-finite loss or score at update {update}: lower --lr, or check the models or --reward-fn")
         mean_kl = kl.mean().item()
         if args.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, mean_kl, generations, args.target_kl, args.kl_horizon)
+            kl_coef = adaptive_kl_coef(kl_coef, mean_kl, args.batch_size, args.target_kl, args.kl_horizon)  # per prompt
         # 6. Evaluate (greedy, from the prompt alone: resets are for training only), log, checkpoint
         evaluating = args.eval_every and update % args.eval_every == 0
         eval_score = evaluating and evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast)
@@ -378,7 +375,7 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
             "objective/kl_coef": kl_coef, "rebel/loss": stats[..., 0].mean(), "rebel/first_loss": first[0, 0],
             "rebel/first_abs_d": first[0, 1], "rebel/reward_diff": (rewards[0::2] - rewards[1::2]).abs().mean(),
             "rebel/abs_d_first_epoch": first[:, 1].mean(), "rebel/abs_d_last_epoch": last[:, 1].mean(),
-            "rebel/order_right": last[:, 2].mean(), "policy/approxkl": stats[..., 3].mean(),
+            "rebel/order_right": last[:, 2].sum() / last[:, 3].sum().clamp(min=1), "policy/approxkl": stats[..., 4].mean(),
             "val/eos_fraction": (postprocessed == eos_id).any(-1).float().mean(),
             "val/response_length": (sequence_lengths + 1).float().mean(), "lr": optimizer.param_groups[0]["lr"],
             "episodes_per_s": (episodes - (start - 1) * generations) / (t3 - start_time),  # since the start or resume

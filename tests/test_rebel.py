@@ -92,6 +92,7 @@ def test_one_update_equals_rebel_written_out_here(world, sft_model, tmp_path):
     with torch.no_grad():
         old = sequence_logprobs(policy, list(range(32)))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, eps=1e-5)
+    right = []  # the last epoch's micro-batches: (pairs whose d has the sign of dr, pairs of unequal rewards)
     for epoch in range(2):
         order = np.random.default_rng([1, 1, epoch]).permutation(16)
         for start in (0, 8):  # two minibatches of 8 pairs, each accumulated from two micro-batches of 4
@@ -99,8 +100,11 @@ def test_one_update_equals_rebel_written_out_here(world, sft_model, tmp_path):
                 pairs = order[micro : micro + 4]
                 y, y_ = [2 * p for p in pairs], [2 * p + 1 for p in pairs]
                 d = (sequence_logprobs(policy, y) - old[y]) - (sequence_logprobs(policy, y_) - old[y_])
-                loss = ((d - eta * (rewards[y] - rewards[y_])) ** 2).mean()
+                dr = rewards[y] - rewards[y_]
+                loss = ((d - eta * dr) ** 2).mean()
                 (loss / 2).backward()
+                if epoch == 1:
+                    right.append((((torch.sign(d) == torch.sign(dr)) & (dr != 0)).sum().item(), (dr != 0).sum().item()))
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad()
@@ -110,6 +114,22 @@ def test_one_update_equals_rebel_written_out_here(world, sft_model, tmp_path):
         (theirs[k] - AutoModelForCausalLM.from_pretrained(sft_model).state_dict()[k]).abs().max().item() for k in theirs
     )
     assert worst < 1e-5 and moved > 1e-4, (worst, moved)
+    # order_right: the share of the last epoch's pairs of unequal rewards, pooled (gold scores tie often: a micro-batch's
+    # own share, averaged, would weigh its few pairs as many; this batch tells the two apart)
+    (logged,) = [json.loads(line) for line in open(os.path.join(newest_run(tmp_path), "metrics.jsonl"))]
+    pooled = sum(a for a, _ in right) / sum(n for _, n in right)
+    assert abs(pooled - np.mean([a / max(n, 1) for a, n in right])) > 0.01
+    assert logged["rebel/order_right"] == pytest.approx(pooled, abs=1e-12)
+
+
+def test_the_adaptive_kl_controller_counts_prompts(world, sft_model, tmp_path):
+    """--adaptive-kl steps the controller by the update's prompts (pairs), as the authors' code (kl_ctl.update(mean_kl,
+    batch_size)), not by its generations: at the first update the KL is 0, so kl_coef * (1 - 0.2 * 16 / horizon)."""
+    flags = rebel_flags(world, sft_model, "--total-episodes", 32, "--adaptive-kl", "--kl-horizon", 100, "--target-kl", 3)
+    run_script("rebel.py", *flags, "--output-dir", tmp_path / "out", cwd=tmp_path)
+    (logged,) = [json.loads(line) for line in open(os.path.join(newest_run(tmp_path), "metrics.jsonl"))]
+    assert logged["objective/kl"] == 0.0
+    assert logged["objective/kl_coef"] == pytest.approx(0.01 * (1 - 0.2 * 16 / 100), rel=1e-12)
 
 
 def test_a_reset_pair_shares_its_state_and_the_first_step_is_exact(world, sft_model, tmp_path):
