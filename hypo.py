@@ -169,9 +169,10 @@ def sample_responses(policy, prompts, args, pad_id: int, eos_id: int, seed: int,
     return [(q, r[:n].tolist()) for q, r, n in zip(repeated, responses, lengths)]
 
 
-def sample_logprobs(model, samples, pad_id: int, device):
+def sample_logprobs(model, samples, pad_id: int, device, non_tokens):
     """Summed log-probs (the model's own, temperature 1) of each sample's response given its prompt, (n,): as
-    sequence_logprobs computes them for a pair, the LM head on the last K positions alone."""
+    sequence_logprobs computes them for a pair, the LM head on the last K positions alone, and the non-tokens (never
+    sampled) at probability 0, so that the samples are those of the distribution whose KL is estimated."""
     input_ids = left_pad([q + r for q, r in samples], pad_id).to(device)
     lengths = torch.tensor([len(r) for _, r in samples], device=device)
     k = int(lengths.max())
@@ -180,8 +181,9 @@ def sample_logprobs(model, samples, pad_id: int, device):
     logits = model(input_ids=input_ids.masked_fill(~attention_mask, 0), attention_mask=attention_mask,
                    position_ids=position_ids, logits_to_keep=k + 1).logits[:, :-1]  # fmt: skip
     response_mask = torch.arange(k, device=device).unsqueeze(0) >= (k - lengths).unsqueeze(1)
-    logps = torch.gather(logits.float().log_softmax(-1), 2, input_ids[:, -k:].unsqueeze(-1)).squeeze(-1)
-    return (logps * response_mask).sum(1)
+    logits = logits.float().index_fill(-1, non_tokens, float("-inf"))
+    logps = torch.gather(logits.log_softmax(-1), 2, input_ids[:, -k:].unsqueeze(-1)).squeeze(-1)
+    return logps.masked_fill(~response_mask, 0).sum(1)  # not a product: a pad before a short sample has log-prob -inf
 
 
 def generate_responses(policy, states, h, response_length: int, pad_id: int, **generation):
@@ -272,9 +274,9 @@ def train(args, run, log, train_pairs, eval_pairs, ref, models, tokenizer, check
             if args.kl_weight:
                 # 4. plus kl_weight times the online KL's RLOO estimate on the micro-batch's samples
                 with autocast:
-                    logp = sample_logprobs(policy, rows, pad_id, device)
+                    logp = sample_logprobs(policy, rows, pad_id, device, non_tokens)
                 with torch.no_grad(), autocast, reference():
-                    ref_logp = sample_logprobs(ref_policy, rows, pad_id, device)
+                    ref_logp = sample_logprobs(ref_policy, rows, pad_id, device, non_tokens)
                 kl_loss, kl = rloo_kl_loss(logp, ref_logp, k)
                 length = torch.tensor([len(r) for _, r in rows], device=device).float().mean()
                 online = torch.stack([kl_loss.detach(), kl.mean(), kl.var(1).mean(), length])

@@ -39,23 +39,31 @@ def test_rloo_kl_loss_by_hand():
 def test_the_online_term_is_the_rloo_estimator_of_the_kl_gradient():
     """On fixed samples of a tiny model: the gradient of rloo_kl_loss on sample_logprobs equals the RLOO estimator
     computed sample by sample, (1 / nk) sum_i (kl_i - mean_{j != i} kl_j) grad log pi(y_i), each sample in its own
-    unpadded forward pass; and sample_logprobs equals a full-logits log-prob of the response tokens."""
+    unpadded forward pass; and sample_logprobs equals a full-logits log-prob of the response tokens, of the distribution
+    the samples come from (the non-tokens at probability 0)."""
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=32)
     policy, ref = AutoModelForCausalLM.from_config(config).eval(), AutoModelForCausalLM.from_config(config).eval()
     samples = [([5, 6, 7], [8, 9, 3]), ([5, 6, 7], [10, 3]), ([5, 6, 7], [11, 12, 13, 3]), ([20, 21], [22, 3])]
     samples += [([20, 21], [23, 24, 3]), ([20, 21], [25, 26, 27, 28])]  # 2 prompts, k 3 (the last has no EOS)
-    logp = hypo.sample_logprobs(policy, samples, 0, "cpu")
+    non_tokens = torch.tensor([0, 38, 39])  # the pad (0, also padding the short rows) and two rows past a vocabulary
+    logp = hypo.sample_logprobs(policy, samples, 0, "cpu", non_tokens)
     with torch.no_grad():
-        ref_logp = hypo.sample_logprobs(ref, samples, 0, "cpu")
+        ref_logp = hypo.sample_logprobs(ref, samples, 0, "cpu", non_tokens)
     loss, kl = hypo.rloo_kl_loss(logp, ref_logp, 3)
     loss.backward()
     ours = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
 
-    def one(model, q, r):  # a sample's summed log-prob, alone and unpadded, from the full logits
+    def one(model, q, r, allowed=True):  # a sample's summed log-prob, alone and unpadded, from the full logits
         ids = torch.tensor([q + r])
-        return model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[len(q) - 1 :].sum()
+        logits = model(ids).logits[0, :-1]
+        if allowed:  # sampling never writes them
+            logits[:, non_tokens] = float("-inf")
+        return logits.log_softmax(-1).gather(1, ids[0, 1:, None])[len(q) - 1 :].sum()
+
+    with torch.no_grad():  # this test tells the two apart: the non-tokens' probability is not negligible here
+        assert min(abs(one(policy, q, r) - one(policy, q, r, allowed=False)).item() for q, r in samples) > 1e-2
 
     direct = [torch.zeros_like(p) for p in policy.parameters()]
     kls = []
