@@ -18,7 +18,7 @@ from typing import Literal, NamedTuple, Optional
 import torch
 import tyro
 from datasets import load_dataset
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as transformers_logging
 
 transformers_logging.set_verbosity_error()  # no load reports: the judge and the policies load whole
@@ -342,7 +342,7 @@ def generate(path: str, examples, args: Args, device):
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:  # a policy from elsewhere
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # a dedicated pad, so that the EOS is never masked
         model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))
-    model.generation_config.eos_token_id = None  # the EOS trick, as in training: sample all tokens, cut after the EOS
+    model.generation_config = GenerationConfig()  # as in training: the EOS trick, and no setting of the checkpoint's own
     # never write the pad token, nor an embedding row past the tokenizer (no text encodes to it), as in training
     non_tokens = [tokenizer.pad_token_id] + list(range(len(tokenizer), model.get_input_embeddings().num_embeddings))
     responses = []

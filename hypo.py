@@ -35,7 +35,7 @@ from datasets import load_dataset
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as transformers_logging
 
 transformers_logging.set_verbosity_error()  # its load reports flag a new value or reward head, which is expected
@@ -413,6 +413,7 @@ def main():
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     ref = reference_logprobs(args, tokenizer, {"train": train_pairs, "eval": eval_pairs}, run, autocast)
     policy = from_pretrained(AutoModelForCausalLM, args.sft_model_path, tokenizer, dtype=getattr(torch, args.dtype))
+    policy.generation_config = GenerationConfig()  # the EOS trick (no EOS stops a sample), none of the checkpoint's settings
     if args.use_lora:
         from peft import LoraConfig, get_peft_model  # only imported when asked for
 
@@ -425,7 +426,6 @@ def main():
         if args.use_lora:
             policy.enable_input_require_grads()
     place(policy, device, args.fsdp).train()
-    policy.generation_config.eos_token_id = policy.generation_config.bos_token_id = None  # the EOS trick: sample them all
     ref_policy = None  # the online KL's reference: the SFT model (with LoRA, the policy with its adapter off)
     if args.kl_weight and not args.use_lora:
         ref_policy = from_pretrained(

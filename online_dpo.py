@@ -38,7 +38,7 @@ from datasets import load_dataset
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as transformers_logging
 
 transformers_logging.set_verbosity_error()  # its load reports flag a new value or reward head, which is expected
@@ -640,6 +640,7 @@ def load_models(args, tokenizer, device):
     print(f"dtypes: trained weights {args.dtype}, frozen models {args.frozen_dtype}, bf16 autocast {on} ({device})")
     lm, frozen = AutoModelForCausalLM, getattr(torch, args.frozen_dtype)
     policy = from_pretrained(lm, args.sft_model_path, tokenizer, dtype=getattr(torch, args.dtype))
+    policy.generation_config = GenerationConfig()  # the EOS trick (no EOS stops a sample), none of the checkpoint's settings
     reward_model = ref_policy = None
     if not args.reward_fn:
         reward_model = from_pretrained(
@@ -662,7 +663,6 @@ def load_models(args, tokenizer, device):
     place(policy, device, args.fsdp).train()  # FSDP: each process keeps 1/processes of the weights and AdamW state
     for model in filter(None, (reward_model, ref_policy)):
         model.to(device).eval().requires_grad_(False)
-    policy.generation_config.eos_token_id = policy.generation_config.bos_token_id = None  # the EOS trick: sample them all
     return policy, ref_policy or policy, reward_model
 
 
