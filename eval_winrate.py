@@ -278,14 +278,17 @@ def hf_judge(model, tokenizer, device, key: str):
     return call
 
 
-def reward_scores(model, tokenizer, prompts, responses, device, batch_size: int):
-    """Reward-model scores of prompt + response (+ EOS), read at the last non-pad token. reward_model.py keeps its
-    normalisation in config.reward_bias where the architecture cannot hold it in the weights (Llama's RMSNorm)."""
+def reward_scores(model, tokenizer, prompts, responses, device, batch_size: int, query_length: int):
+    """Reward-model scores of prompt + response (+ EOS), read at the last non-pad token; a long prompt keeps its end,
+    as in training. reward_model.py keeps its normalisation in config.reward_bias where the architecture cannot hold
+    it in the weights (Llama's RMSNorm)."""
     offset = 0.0 if getattr(model.config, "reward_bias_in_weights", True) else model.config.reward_bias
     scores = []
     for i in range(0, len(prompts), batch_size):
         seqs = [
-            encode(tokenizer, p) + encode(tokenizer, " " + r.strip(), special=False) + [tokenizer.eos_token_id]
+            prompt_ids(tokenizer, p, query_length)
+            + encode(tokenizer, " " + r.strip(), special=False)
+            + [tokenizer.eos_token_id]
             for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])
         ]
         width = max(map(len, seqs))
@@ -394,7 +397,8 @@ class System(NamedTuple):
 
 class Judgement(NamedTuple):
     """One example's verdicts, 'A', 'B' or None (unparsed): with the policy's response first (A = policy) and with the
-    reference first (A = reference), and the judge's raw replies. One order only: the other is None."""
+    reference first (A = reference), and the judge's raw replies. One order only (--order random): its verdict is
+    mapped to both, and the raw reply is under the order shown, the other empty."""
 
     judge_policy_first: Optional[str]
     judge_reference_first: Optional[str]
@@ -402,13 +406,14 @@ class Judgement(NamedTuple):
     raw_reference_first: str = ""
 
 
-def judge_by_reward(reward_model, tokenizer, system: System, device, batch_size: int):
-    """A reward model is symmetric: one score each, no order to debias. The policy wins where it scores higher."""
-    policy = reward_scores(reward_model, tokenizer, system.prompts, system.responses, device, batch_size)
-    reference = reward_scores(reward_model, tokenizer, system.prompts, system.references, device, batch_size)
+def judge_by_reward(reward_model, tokenizer, system: System, device, batch_size: int, query_length: int):
+    """A reward model is symmetric: one score each, no order to debias. The policy wins where it scores higher, loses
+    where lower; equal scores are a tie (the two orders' verdicts disagree)."""
+    policy = reward_scores(reward_model, tokenizer, system.prompts, system.responses, device, batch_size, query_length)
+    reference = reward_scores(reward_model, tokenizer, system.prompts, system.references, device, batch_size, query_length)
+    verdicts = {1: ("A", "B"), -1: ("B", "A"), 0: ("A", "A")}  # by the sign of policy - reference
     return [
-        Judgement(*(("A", "B") if p > r else ("B", "A")), f"rm: policy {p:.4f} reference {r:.4f}")
-        for p, r in zip(policy, reference)
+        Judgement(*verdicts[(p > r) - (p < r)], f"rm: policy {p:.4f} reference {r:.4f}") for p, r in zip(policy, reference)
     ]
 
 
@@ -452,7 +457,7 @@ def judge_pairs(name: str, system: System, judge_call, cache, args: Args, templa
             choice = parse_choice((first or second)["raw"], answer)
             policy_won = (choice == "A") if first else (choice == "B")
             verdicts = (None, None) if choice is None else (("A", "B") if policy_won else ("B", "A"))
-            judged.append(Judgement(*verdicts, (first or second)["raw"]))
+            judged.append(Judgement(*verdicts, first["raw"] if first else "", second["raw"] if second else ""))
         else:
             judged.append(
                 Judgement(parse_choice(first["raw"], answer), parse_choice(second["raw"], answer), first["raw"], second["raw"])
@@ -616,7 +621,7 @@ if __name__ == "__main__":
     }
     for name, system in systems.items():
         if args.judge == "rm":
-            judged = judge_by_reward(reward_model, rm_tokenizer, system, device, args.batch_size)
+            judged = judge_by_reward(reward_model, rm_tokenizer, system, device, args.batch_size, args.query_length)
         else:
             judged = judge_pairs(name, system, judge_call, cache, args, template, answer)
         summary["models"][name], rows = report(name, system, judged, args, answer)

@@ -271,6 +271,36 @@ def test_rm_judge_prefers_the_gold_preferred_response(world, reward_run, tmp_pat
     assert s["win_rate"] > 0.9 and s["ci95"][0] > 0.8
 
 
+def test_rm_judge_counts_equal_scores_as_ties(world, reward_run, tmp_path):
+    """A response that is its reference scores the same: a tie (half a win), not a loss."""
+    rows = [json.loads(x) for x in open(world / "tldr_sft" / "validation.jsonl")][:8]
+    path = tmp_path / "same.jsonl"
+    path.write_text("".join(json.dumps({"prompt": ev.TLDR_FORMAT.format(**r), "response": r["summary"],
+                                        "reference": r["summary"]}) + "\n" for r in rows))  # fmt: skip
+    flags = ["--judge", "rm", "--judge-model", world / "rm", "--output-dir", tmp_path / "out"]
+    run_script("eval_winrate.py", "--responses-file", path, *flags, "--cache-file", tmp_path / "c.jsonl", cwd=tmp_path)
+    s = json.load(open(tmp_path / "out" / "summary.json"))["models"]["same"]
+    assert (s["wins"], s["ties"], s["losses"], s["win_rate"]) == (0, 8, 0, 0.5)
+
+
+def test_rm_judge_scores_a_long_prompt_by_its_end_as_in_training(world, reward_run):
+    """HH transcripts are long: the reward model scores the last --query-length tokens of the prompt, as the policy saw
+    it and reward_model.py trained on it. Two prompts that differ only before those tokens score the same."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = ev.AutoTokenizer.from_pretrained(world / "rm")
+    model = AutoModelForSequenceClassification.from_pretrained(world / "rm").eval()
+    tail = "\n\nHuman: my cat is sick, what should I do?\n\nAssistant:"
+    prompts = ["\n\nHuman: hello there, old friend" * 6 + tail, "\n\nHuman: a dog, a pet, a walk" * 6 + tail]
+    n = len(ev.encode(tokenizer, tail, special=False))
+    assert ev.prompt_ids(tokenizer, prompts[0], n) == ev.prompt_ids(tokenizer, prompts[1], n)  # the same last n tokens
+    assert len(ev.encode(tokenizer, prompts[0])) > 3 * n
+    scores = ev.reward_scores(model, tokenizer, prompts, ["take it to a vet"] * 2, torch.device("cpu"), 2, n)
+    full = ev.reward_scores(model, tokenizer, prompts, ["take it to a vet"] * 2, torch.device("cpu"), 2, 10**6)
+    assert scores[0] == pytest.approx(scores[1], abs=1e-5) and abs(full[0] - full[1]) > 1e-3
+
+
 def test_end_to_end_generate_and_judge(world, sft_model, reward_run, tmp_path):
     proc = run_script(
         "eval_winrate.py",
@@ -313,6 +343,12 @@ def test_random_order_halves_the_calls_and_maps_back(server, tmp_path):
     assert len(server.calls) == 10 and (s["wins"], s["losses"], s["ties"]) == (6, 4, 0)  # one order each, mapped back
     rows = [json.loads(x) for x in open(tmp_path / "out" / "policy.jsonl")]
     assert [r["outcome"] for r in rows] == ["win"] * 6 + ["loss"] * 4
+    # each reply is kept under the order the judge was shown (policy first for some rows, reference first for others)
+    shown = {r["prompt"]: next(c for c in server.calls if f"{r['prompt']}\n" in c) for r in rows}
+    policy_first = [shown[r["prompt"]].index(r["response"]) < shown[r["prompt"]].index(r["reference"]) for r in rows]
+    assert 0 < sum(policy_first) < len(rows)
+    for r, first in zip(rows, policy_first):
+        assert (r["raw_policy_first"] != "", r["raw_reference_first"] != "") == (first, not first), r
 
 
 def test_judge_prompt_file_is_used_and_part_of_the_cache_key(server, tmp_path):
