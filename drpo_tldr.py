@@ -243,7 +243,7 @@ def masked_mean(values, mask):
 
 
 def masked_var(values, mask):
-    """Unbiased variance over the mask (Bessel's correction, as the N+ code); 0 for fewer than two tokens."""
+    """Unbiased variance over the mask (Bessel's correction; N+ and the authors whiten with the biased one: README)."""
     centered = values - masked_mean(values, mask)
     n = mask.sum()
     return masked_mean(centered**2, mask) * n / (n - 1).clamp(min=1)

@@ -49,6 +49,7 @@ class Args:
     response_length: Optional[int] = None  # max response tokens, EOS included; longer ones are skipped (default: DEFAULTS)
     max_train_samples: Optional[int] = None  # use only the first N training rows (debugging)
     max_eval_samples: Optional[int] = 1000  # use only the first N eval rows
+    prompt_loss: bool = False  # also learn the prompt's tokens, as the N+ and DR-PO authors' SFT (default: the response's)
     # ---- optimisation ----
     lr: float = 3e-6  # learning rate (cosine schedule to 0)
     eps: float = 1e-5  # AdamW epsilon
@@ -85,22 +86,24 @@ DEFAULTS = {
 
 
 # ---- SFT: the loss on the response tokens ------------------------------------------------------------------------
-def collate(examples, pad_id: int, device):
+def collate(examples, pad_id: int, device, prompt_loss: bool = False):
     """Left-padded prompt + response, so that every response ends at the last position; labels are -100 on the prompt
-    and the padding (the loss is on the response only). Returns (input ids, attention mask, labels), (batch, width)."""
+    and the padding (the loss is on the response only; with prompt_loss on the padding and each row's first token).
+    Returns (input ids, attention mask, labels), (batch, width)."""
     width = max(len(q) + len(r) for q, r in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     for i, (q, r) in enumerate(examples):
         input_ids[i, width - len(q) - len(r) :] = torch.tensor(q + r)
-        labels[i, width - len(r) :] = torch.tensor(r)
+        learnt = q[1:] + r if prompt_loss else r
+        labels[i, width - len(learnt) :] = torch.tensor(learnt)
     return input_ids.to(device), (input_ids != pad_id).long().to(device), labels.to(device)
 
 
 def response_loss(model, input_ids, attention_mask, labels):
-    """Mean next-token cross-entropy over the response tokens. With left padding every response lies in the last k
-    positions (k: the longest response of the batch), so the LM head runs on those alone (logits_to_keep): logits over
-    the prompt would cost most of the time and memory and never be used. The model's own forward runs (FSDP shards it)."""
+    """Mean next-token cross-entropy over the labelled tokens (the response's). With left padding they lie in the last
+    k positions (k: the most of a row), so the LM head runs on those alone (logits_to_keep): logits over the prompt
+    would cost most of the time and memory and never be used. The model's own forward runs (FSDP shards it)."""
     k = int((labels != -100).sum(1).max())
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # counted from each row's first real token
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=k + 1).logits
@@ -129,7 +132,7 @@ def train(args, run, log, tokenizer, train_examples, eval_examples, model, check
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, tokens
         for micro, mb in enumerate(range(0, share, args.local_micro_batch_size)):
             input_ids, attention_mask, labels = collate(
-                batch[mb : mb + args.local_micro_batch_size], tokenizer.pad_token_id, device
+                batch[mb : mb + args.local_micro_batch_size], tokenizer.pad_token_id, device, args.prompt_loss
             )
             with autocast:
                 loss = response_loss(model, input_ids, attention_mask, labels)
@@ -157,14 +160,14 @@ def train(args, run, log, tokenizer, train_examples, eval_examples, model, check
 
 @torch.no_grad()
 def evaluate(model, examples, args: Args, pad_id: int, device, autocast, rank: int = 0, world: int = 1):
-    """Mean loss per response token over the eval examples (each process takes a contiguous share of them)."""
+    """Mean loss per learnt token over the eval examples (each process takes a contiguous share of them)."""
     model.eval()
     share = -(-len(examples) // world)
     head, examples = examples[:1], examples[rank * share : (rank + 1) * share]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, token count
     for start in range(0, share, args.local_micro_batch_size):  # as many passes on every process (FSDP's are collective)
         chunk = examples[start : start + args.local_micro_batch_size]
-        input_ids, attention_mask, labels = collate(chunk or head, pad_id, device)
+        input_ids, attention_mask, labels = collate(chunk or head, pad_id, device, args.prompt_loss)
         with autocast:
             loss = response_loss(model, input_ids, attention_mask, labels)
         n = (labels != -100).sum() * bool(chunk)  # a stand-in pass, on a process whose share has run out, counts 0

@@ -102,6 +102,9 @@ def test_sft_collate_masks_query_and_padding(tokenizer):
     assert input_ids.tolist() == [[5, 6, 7, 8, 0], [pad, 5, 9, 10, 0]]  # left-padded: every response ends the row
     assert attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
     assert labels.tolist() == [[-100, -100, -100, 8, 0], [-100, -100, 9, 10, 0]]  # EOS (0) is learnt, pad is not
+    # --prompt-loss (N+'s SFT): the prompt's tokens are learnt too, all but the first (nothing of the row precedes it)
+    _, _, labels = sft.collate([([5, 6, 7], [8, 0]), ([5], [9, 10, 0])], pad, "cpu", prompt_loss=True)
+    assert labels.tolist() == [[-100, 6, 7, 8, 0], [-100, -100, 9, 10, 0]]
 
 
 def write(path, rows):

@@ -241,3 +241,10 @@ def test_sft_response_loss_equals_transformers_loss(sft_model):
             / 8
         )
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # --prompt-loss: every token after each row's first, prompt included (10 of them), as transformers' plain loss
+    input_ids, attention_mask, labels = sft.collate(examples, 1, "cpu", prompt_loss=True)
+    with torch.no_grad():
+        ours = sft.response_loss(model, input_ids, attention_mask, labels)
+        theirs = sum(model(input_ids=torch.tensor([q + r]), labels=torch.tensor([q + r])).loss * (len(q + r) - 1)
+                     for q, r in examples) / 10  # fmt: skip
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
