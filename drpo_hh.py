@@ -18,7 +18,6 @@ import os
 import resource
 import runpy
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
@@ -112,11 +111,9 @@ class Args:
 
 # ---- DR-PO: the reset, the generation from a reset state, the action mask -------------------------------------------
 def reset_states(queries, reset_responses, reset_prob: float, h_min: int, response_length: int, generator):
-    """DR-PO's reset. Each episode is reset with probability reset_prob (coin flips from `generator`, a stream of their
-    own). A reset episode starts at prompt + reset_response[:h], a prefix of the offline data's good response (its ids,
-    EOS included), h uniform in {h_min, ..., h_max}, h_max = min(len(reset_response) - 1, response_length - 1): the
-    prefix never holds the EOS, and the policy writes at least one token. A response too short for h_min is never reset.
-    Returns the states (token lists), h and reset, (batch,)."""
+    """DR-PO's reset: with probability reset_prob an episode starts at prompt + reset_response[:h] (the ids of a good
+    response, EOS included), h uniform in {h_min, ..., min(len(reset_response), response_length) - 1}: the prefix never
+    holds the EOS and the policy writes at least one token. Returns the states (token lists), h and reset, (batch,)."""
     coins = torch.rand(len(queries), generator=generator)
     uniforms = torch.rand(len(queries), generator=generator)  # drawn for every episode: a fixed use of the stream
     h_max = torch.tensor([min(len(c) - 1, response_length - 1) for c in reset_responses])
@@ -127,10 +124,9 @@ def reset_states(queries, reset_responses, reset_prob: float, h_min: int, respon
 
 
 def generate_responses(policy, states, h, response_length: int, pad_id: int, **generation):
-    """Each row's whole response, (rows, response_length): the last h tokens of its left-padded state (the reset
-    prefix, encoded in the prompt's forward pass, never generated; h = 0 from the prompt), then the response_length - h
-    tokens the policy writes. One call samples response_length - min(h) tokens for every row (no EOS stops it: the EOS
-    trick), and a row with a longer prefix drops its extra ones: every row is response_length wide, prefix included."""
+    """Each row's whole response, (rows, response_length): the reset prefix (its state's last h tokens, never generated),
+    then the response_length - h tokens the policy writes (no EOS stops it: the EOS trick). One call samples
+    response_length - min(h) tokens for every row; a row with a longer prefix drops its extra ones."""
     new, mask = response_length - int(h.min()), (states != pad_id).long()
     out = policy.generate(
         states, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad_id, **generation
@@ -155,8 +151,8 @@ def forward(model, query_responses, pad_id: int, **kwargs):
 
 
 def response_logprobs(model, query_responses, responses, pad_id: int, temperature: float, non_tokens):
-    """Log-probs of the response tokens, (batch, response_length). The LM head runs on the response positions alone
-    (logits_to_keep); the temperature divides the logits and the non-tokens get probability 0, exactly as in sampling."""
+    """Log-probs of the response tokens, (batch, response_length), under the sampling distribution: temperature, and
+    probability 0 for the non-tokens. The LM head runs on the response positions alone (logits_to_keep)."""
     logits = forward(model, query_responses, pad_id, logits_to_keep=responses.shape[1] + 1).logits[:, :-1]
     logits = logits.float() / (temperature + 1e-7)
     logits[..., non_tokens] = float("-inf")  # generate() suppresses them too (suppress_tokens)
@@ -164,8 +160,8 @@ def response_logprobs(model, query_responses, responses, pad_id: int, temperatur
 
 
 def token_scores(model, query_responses, pad_id: int):
-    """The scalar head of a sequence classifier at every position, (batch, seq_len). The model's own forward (the one
-    FSDP shards) returns the last token's score alone, so a forward hook captures the head's output at every position."""
+    """The scalar head of a sequence classifier at every position, (batch, seq_len), captured by a hook: the model's own
+    forward (the one FSDP shards) returns the last token's score alone."""
     scores = []
     hook = model.score.register_forward_hook(lambda module, inputs, output: scores.append(output))
     forward(model, query_responses, pad_id)
@@ -201,9 +197,8 @@ def penalize_missing_eos(scores, responses, eos_id: int, penalty: Optional[float
 
 
 def score_responses(reward_model, reward_fn, tokenizer, prompts_ids, query_batch, responses, penalty, chunk_size: int):
-    """The EOS trick, then each response's score with its prompt: the reward model at the last real token (plus the
-    shift reward_model.py could not fold into the weights) or --reward-fn on the text; the missing-EOS penalty.
-    Returns (cut responses, raw scores, scores)."""
+    """The EOS trick, then each response's score: the reward model at the last real token (plus any shift reward_model.py
+    could not fold into the weights) or --reward-fn on the text; the missing-EOS penalty. (cut responses, raw, scores)"""
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     postprocessed = truncate_response(responses, eos_id, pad_id)
     if reward_fn is None:
@@ -247,10 +242,9 @@ def whiten(values, mask, shift_mean: bool = True):
 
 
 def compute_gae(rewards, values, gamma: float, lam: float):
-    """Generalized advantage estimation over the response, (batch, response_length). Values and rewards after the
-    EOS are zero, so the padding adds nothing; the value after the last token is 0."""
-    lastgaelam, advantages_reversed = 0, []
-    length = rewards.shape[1]
+    """Generalized advantage estimation, (batch, response_length); rewards and values after the EOS are 0, as is the
+    value after the last token."""
+    lastgaelam, advantages_reversed, length = 0, [], rewards.shape[1]
     for t in reversed(range(length)):
         nextvalues = values[:, t + 1] if t < length - 1 else 0.0
         delta = rewards[:, t] + gamma * nextvalues - values[:, t]
@@ -316,8 +310,7 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
         batch = batch_indices(update, args.batch_size, len(queries), args.seed)
         states, h, reset = reset_states([queries[i] for i in batch], [reset_responses[i] for i in batch],
             args.reset_prob, args.reset_min_prefix, args.response_length, reset_generator)  # fmt: skip
-        # sorted by h (stably: nothing moves with no reset), so that rows of similar h share a chunk, whose generate call
-        # writes response_length - min(h) tokens: fewer when all of them start after a long prefix
+        # sorted by h (stably: no reset, no move): a chunk of long prefixes generates fewer tokens, response_length - min(h)
         by_h = torch.argsort(h, stable=True).tolist()
         batch, states, h, reset = [batch[i] for i in by_h], [states[i] for i in by_h], h[by_h], reset[by_h]
         h, reset, batch_queries = h.to(device), reset.to(device), [queries[i] for i in batch]
@@ -329,8 +322,7 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
         with torch.no_grad(), autocast, gathered(policy):  # FSDP: the policy gathered once for the whole rollout
             for i in range(mine.start, mine.stop, args.local_rollout_forward_batch_size):
                 chunk = slice(i, i + args.local_rollout_forward_batch_size)
-                # a chunk's samples are a function of the seed and the chunk's place in the batch, whatever the number of
-                # processes: a run on 2 processes rolls out the episodes of a run on 1
+                # the seed of a chunk is its place in the batch: 2 processes roll out the episodes of 1 process
                 torch.manual_seed(int(np.random.default_rng([args.seed, update, i]).integers(2**62)))
                 # never narrower than the prompts: with no reset the policy sees PPO's input, padding and positions alike
                 state = left_pad(states[chunk], pad_id, width=context_length).to(device)
@@ -704,16 +696,14 @@ def check_flags(args, world: Optional[int] = None):
 
 def check_hub(paths):
     """Fails in seconds, not after a minute of retries, when a Hub id is asked for and the Hub cannot be reached."""
-    remote = list(dict.fromkeys(p for p in paths if p and not os.path.exists(p) and not p.endswith((".json", ".jsonl"))))
-    endpoint = huggingface_hub.constants.ENDPOINT
-    if not remote or huggingface_hub.constants.HF_HUB_OFFLINE:
-        return
-    try:
-        huggingface_hub.get_session().head(endpoint, timeout=5)  # an answer, even an error status: the Hub is there
-    except Exception as e:  # no answer: offline, a firewall, a wrong HF_ENDPOINT
-        raise SystemExit(f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be reached "
-                         f"({type(e).__name__}: {e}). Offline, point these flags at local folders or json/jsonl files, or "
-                         "set HF_HUB_OFFLINE=1 to use what the Hub cache already holds.")  # fmt: skip
+    remote = [p for p in dict.fromkeys(paths) if p and not os.path.exists(p) and not p.endswith((".json", ".jsonl"))]
+    if remote and not huggingface_hub.constants.HF_HUB_OFFLINE:
+        try:
+            huggingface_hub.get_session().head(endpoint := huggingface_hub.constants.ENDPOINT, timeout=5)  # any answer will do
+        except Exception as e:  # no answer: offline, a firewall, a wrong HF_ENDPOINT
+            raise SystemExit(f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be "
+                f"reached ({type(e).__name__}: {e}). Offline, point these flags at local folders or json/jsonl files, or "
+                "set HF_HUB_OFFLINE=1 to use what the Hub cache already holds.")  # fmt: skip
 
 
 # ---- torchrun and FSDP2: each function is a no-op in one process ----
@@ -834,8 +824,8 @@ def restore(model, optimizer, checkpoint):
 
 
 def resume(args, task: str):
-    """--resume-from: rank 0 finds and reads the checkpoint; every process gets the run's flags and parses the command
-    line over them (only RESUMABLE flags may differ). Returns (args, checkpoint)."""
+    """--resume-from: rank 0 finds and reads the checkpoint; every process parses the command line over the run's saved
+    flags (only RESUMABLE ones may differ). Returns (args, checkpoint)."""
     tensors = {}
 
     def read(where=args.resume_from.rstrip("/")):
@@ -859,9 +849,8 @@ def resume(args, task: str):
 
     if (found := on_rank0(read)) is None:
         return Args(**{**asdict(args), "resume_from": None}), None
-    (path, counters), flag = found, lambda k: "--" + k.replace("_", "-")
-    saved, resumable = counters["config"], RESUMABLE.split()
-    given = tyro.cli(Args, default=Args(**saved))  # the saved flags, and those given anew
+    (path, counters), flag, resumable = found, lambda k: "--" + k.replace("_", "-"), RESUMABLE.split()
+    given, saved = tyro.cli(Args, default=Args(**counters["config"])), counters["config"]  # the saved flags, and new ones
     if clash := [f"{flag(k)} {v} (saved: {saved[k]})" for k, v in vars(given).items() if k not in resumable and v != saved[k]]:
         raise SystemExit(f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
                          f"{', '.join(map(flag, resumable))} may change on resume.")  # fmt: skip
@@ -880,11 +869,10 @@ def start_run(args, task: str, start: int):
             raise SystemExit(f"runs/{args.run_name} holds a run already: choose another --run-name, or --resume-from it")
         name = args.run_name or f"{task}__{args.exp_name}__{args.seed}__{int(time.time())}"
         for folder in (args.output_dir, f"runs/{name}"):
-            try:
+            with contextlib.suppress(OSError):
                 os.makedirs(folder, exist_ok=True)
-                tempfile.TemporaryFile(dir=folder).close()
-            except OSError as e:
-                raise SystemExit(f"cannot write to {folder}: {e}")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise SystemExit(f"cannot write to {folder}")
         config = asdict(args) | {"run_name": name, "resume_from": None}
         default, quiet = asdict(Args()) | {"run_name": name}, COMPUTED.split()  # the run line lists the changed flags
         changed = [f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet and v != default[k]]
@@ -944,9 +932,10 @@ def clock(device):
 
 def peak_memory_gb(device):
     """GPU: the peak memory the caching allocator reserved (what the device had to hold); CPU: the peak RSS in GiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_reserved(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    cuda = device.type == "cuda"  # Linux reports the RSS in KiB
+    return (
+        torch.cuda.max_memory_reserved(device) / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import os
 import resource
 import runpy
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
@@ -134,8 +133,8 @@ def forward(model, query_responses, pad_id: int, **kwargs):
 
 
 def response_logprobs(model, query_responses, responses, pad_id: int, temperature: float, non_tokens):
-    """Log-probs of the response tokens, (batch, response_length). The LM head runs on the response positions alone
-    (logits_to_keep); the temperature divides the logits and the non-tokens get probability 0, exactly as in sampling."""
+    """Log-probs of the response tokens, (batch, response_length), under the sampling distribution: temperature, and
+    probability 0 for the non-tokens. The LM head runs on the response positions alone (logits_to_keep)."""
     logits = forward(model, query_responses, pad_id, logits_to_keep=responses.shape[1] + 1).logits[:, :-1]
     logits = logits.float() / (temperature + 1e-7)
     logits[..., non_tokens] = float("-inf")  # generate() suppresses them too (suppress_tokens)
@@ -143,8 +142,8 @@ def response_logprobs(model, query_responses, responses, pad_id: int, temperatur
 
 
 def token_scores(model, query_responses, pad_id: int):
-    """The scalar head of a sequence classifier at every position, (batch, seq_len). The model's own forward (the one
-    FSDP shards) returns the last token's score alone, so a forward hook captures the head's output at every position."""
+    """The scalar head of a sequence classifier at every position, (batch, seq_len), captured by a hook: the model's own
+    forward (the one FSDP shards) returns the last token's score alone."""
     scores = []
     hook = model.score.register_forward_hook(lambda module, inputs, output: scores.append(output))
     forward(model, query_responses, pad_id)
@@ -180,9 +179,8 @@ def penalize_missing_eos(scores, responses, eos_id: int, penalty: Optional[float
 
 
 def score_responses(reward_model, reward_fn, tokenizer, prompts_ids, query_batch, responses, penalty, chunk_size: int):
-    """The EOS trick, then each response's score with its prompt: the reward model at the last real token (plus the
-    shift reward_model.py could not fold into the weights) or --reward-fn on the text; the missing-EOS penalty.
-    Returns (cut responses, raw scores, scores)."""
+    """The EOS trick, then each response's score: the reward model at the last real token (plus any shift reward_model.py
+    could not fold into the weights) or --reward-fn on the text; the missing-EOS penalty. (cut responses, raw, scores)"""
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     postprocessed = truncate_response(responses, eos_id, pad_id)
     if reward_fn is None:
@@ -226,10 +224,9 @@ def whiten(values, mask, shift_mean: bool = True):
 
 
 def compute_gae(rewards, values, gamma: float, lam: float):
-    """Generalized advantage estimation over the response, (batch, response_length). Values and rewards after the
-    EOS are zero, so the padding adds nothing; the value after the last token is 0."""
-    lastgaelam, advantages_reversed = 0, []
-    length = rewards.shape[1]
+    """Generalized advantage estimation, (batch, response_length); rewards and values after the EOS are 0, as is the
+    value after the last token."""
+    lastgaelam, advantages_reversed, length = 0, [], rewards.shape[1]
     for t in reversed(range(length)):
         nextvalues = values[:, t + 1] if t < length - 1 else 0.0
         delta = rewards[:, t] + gamma * nextvalues - values[:, t]
@@ -298,8 +295,7 @@ def train(args, run, log, tokenizer, queries, models, reward_fn, checkpoint):
         with torch.no_grad(), autocast, gathered(policy):  # FSDP: the policy gathered once for the whole rollout
             for i in range(mine.start, mine.stop, args.local_rollout_forward_batch_size):
                 chunk = slice(i, i + args.local_rollout_forward_batch_size)
-                # a chunk's samples are a function of the seed and the chunk's place in the batch, whatever the number of
-                # processes: a run on 2 processes rolls out the episodes of a run on 1
+                # the seed of a chunk is its place in the batch: 2 processes roll out the episodes of 1 process
                 torch.manual_seed(int(np.random.default_rng([args.seed, update, i]).integers(2**62)))
                 response = generate_responses(policy, query_batch[chunk], args.response_length, pad_id, **sampling)
                 query_response = torch.cat((query_batch[chunk], response), 1)
@@ -671,16 +667,14 @@ def check_flags(args, world: Optional[int] = None):
 
 def check_hub(paths):
     """Fails in seconds, not after a minute of retries, when a Hub id is asked for and the Hub cannot be reached."""
-    remote = list(dict.fromkeys(p for p in paths if p and not os.path.exists(p) and not p.endswith((".json", ".jsonl"))))
-    endpoint = huggingface_hub.constants.ENDPOINT
-    if not remote or huggingface_hub.constants.HF_HUB_OFFLINE:
-        return
-    try:
-        huggingface_hub.get_session().head(endpoint, timeout=5)  # an answer, even an error status: the Hub is there
-    except Exception as e:  # no answer: offline, a firewall, a wrong HF_ENDPOINT
-        raise SystemExit(f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be reached "
-                         f"({type(e).__name__}: {e}). Offline, point these flags at local folders or json/jsonl files, or "
-                         "set HF_HUB_OFFLINE=1 to use what the Hub cache already holds.")  # fmt: skip
+    remote = [p for p in dict.fromkeys(paths) if p and not os.path.exists(p) and not p.endswith((".json", ".jsonl"))]
+    if remote and not huggingface_hub.constants.HF_HUB_OFFLINE:
+        try:
+            huggingface_hub.get_session().head(endpoint := huggingface_hub.constants.ENDPOINT, timeout=5)  # any answer will do
+        except Exception as e:  # no answer: offline, a firewall, a wrong HF_ENDPOINT
+            raise SystemExit(f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be "
+                f"reached ({type(e).__name__}: {e}). Offline, point these flags at local folders or json/jsonl files, or "
+                "set HF_HUB_OFFLINE=1 to use what the Hub cache already holds.")  # fmt: skip
 
 
 # ---- torchrun and FSDP2: each function is a no-op in one process ----
@@ -801,8 +795,8 @@ def restore(model, optimizer, checkpoint):
 
 
 def resume(args, task: str):
-    """--resume-from: rank 0 finds and reads the checkpoint; every process gets the run's flags and parses the command
-    line over them (only RESUMABLE flags may differ). Returns (args, checkpoint)."""
+    """--resume-from: rank 0 finds and reads the checkpoint; every process parses the command line over the run's saved
+    flags (only RESUMABLE ones may differ). Returns (args, checkpoint)."""
     tensors = {}
 
     def read(where=args.resume_from.rstrip("/")):
@@ -826,9 +820,8 @@ def resume(args, task: str):
 
     if (found := on_rank0(read)) is None:
         return Args(**{**asdict(args), "resume_from": None}), None
-    (path, counters), flag = found, lambda k: "--" + k.replace("_", "-")
-    saved, resumable = counters["config"], RESUMABLE.split()
-    given = tyro.cli(Args, default=Args(**saved))  # the saved flags, and those given anew
+    (path, counters), flag, resumable = found, lambda k: "--" + k.replace("_", "-"), RESUMABLE.split()
+    given, saved = tyro.cli(Args, default=Args(**counters["config"])), counters["config"]  # the saved flags, and new ones
     if clash := [f"{flag(k)} {v} (saved: {saved[k]})" for k, v in vars(given).items() if k not in resumable and v != saved[k]]:
         raise SystemExit(f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
                          f"{', '.join(map(flag, resumable))} may change on resume.")  # fmt: skip
@@ -847,11 +840,10 @@ def start_run(args, task: str, start: int):
             raise SystemExit(f"runs/{args.run_name} holds a run already: choose another --run-name, or --resume-from it")
         name = args.run_name or f"{task}__{args.exp_name}__{args.seed}__{int(time.time())}"
         for folder in (args.output_dir, f"runs/{name}"):
-            try:
+            with contextlib.suppress(OSError):
                 os.makedirs(folder, exist_ok=True)
-                tempfile.TemporaryFile(dir=folder).close()
-            except OSError as e:
-                raise SystemExit(f"cannot write to {folder}: {e}")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise SystemExit(f"cannot write to {folder}")
         config = asdict(args) | {"run_name": name, "resume_from": None}
         default, quiet = asdict(Args()) | {"run_name": name}, COMPUTED.split()  # the run line lists the changed flags
         changed = [f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet and v != default[k]]
@@ -911,9 +903,10 @@ def clock(device):
 
 def peak_memory_gb(device):
     """GPU: the peak memory the caching allocator reserved (what the device had to hold); CPU: the peak RSS in GiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_reserved(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    cuda = device.type == "cuda"  # Linux reports the RSS in KiB
+    return (
+        torch.cuda.max_memory_reserved(device) / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
 
 
 if __name__ == "__main__":

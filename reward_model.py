@@ -5,6 +5,7 @@
 #
 # Then the N+ normalisation: a constant shift makes the mean reward of the reference responses 0, folded into the
 # weights where the architecture allows it. Docs: README.md#reward_modelpy
+import contextlib
 import datetime
 import glob
 import inspect
@@ -12,7 +13,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
@@ -484,16 +484,14 @@ def check_flags(args, world: Optional[int] = None):
 
 def check_hub(paths):
     """Fails in seconds, not after a minute of retries, when a Hub id is asked for and the Hub cannot be reached."""
-    remote = list(dict.fromkeys(p for p in paths if p and not os.path.exists(p) and not p.endswith((".json", ".jsonl"))))
-    endpoint = huggingface_hub.constants.ENDPOINT
-    if not remote or huggingface_hub.constants.HF_HUB_OFFLINE:
-        return
-    try:
-        huggingface_hub.get_session().head(endpoint, timeout=5)  # an answer, even an error status: the Hub is there
-    except Exception as e:  # no answer: offline, a firewall, a wrong HF_ENDPOINT
-        raise SystemExit(f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be reached "
-                         f"({type(e).__name__}: {e}). Offline, point these flags at local folders or json/jsonl files, or "
-                         "set HF_HUB_OFFLINE=1 to use what the Hub cache already holds.")  # fmt: skip
+    remote = [p for p in dict.fromkeys(paths) if p and not os.path.exists(p) and not p.endswith((".json", ".jsonl"))]
+    if remote and not huggingface_hub.constants.HF_HUB_OFFLINE:
+        try:
+            huggingface_hub.get_session().head(endpoint := huggingface_hub.constants.ENDPOINT, timeout=5)  # any answer will do
+        except Exception as e:  # no answer: offline, a firewall, a wrong HF_ENDPOINT
+            raise SystemExit(f"{', '.join(remote)}: not on this machine, and the Hugging Face Hub ({endpoint}) cannot be "
+                f"reached ({type(e).__name__}: {e}). Offline, point these flags at local folders or json/jsonl files, or "
+                "set HF_HUB_OFFLINE=1 to use what the Hub cache already holds.")  # fmt: skip
 
 
 # ---- torchrun and FSDP2: each function is a no-op in one process ----
@@ -606,8 +604,8 @@ def restore(model, optimizer, checkpoint):
 
 
 def resume(args, task: str):
-    """--resume-from: rank 0 finds and reads the checkpoint; every process gets the run's flags and parses the command
-    line over them (only RESUMABLE flags may differ). Returns (args, checkpoint)."""
+    """--resume-from: rank 0 finds and reads the checkpoint; every process parses the command line over the run's saved
+    flags (only RESUMABLE ones may differ). Returns (args, checkpoint)."""
     tensors = {}
 
     def read(where=args.resume_from.rstrip("/")):
@@ -631,9 +629,8 @@ def resume(args, task: str):
 
     if (found := on_rank0(read)) is None:
         return Args(**{**asdict(args), "resume_from": None}), None
-    (path, counters), flag = found, lambda k: "--" + k.replace("_", "-")
-    saved, resumable = counters["config"], RESUMABLE.split()
-    given = tyro.cli(Args, default=Args(**saved))  # the saved flags, and those given anew
+    (path, counters), flag, resumable = found, lambda k: "--" + k.replace("_", "-"), RESUMABLE.split()
+    given, saved = tyro.cli(Args, default=Args(**counters["config"])), counters["config"]  # the saved flags, and new ones
     if clash := [f"{flag(k)} {v} (saved: {saved[k]})" for k, v in vars(given).items() if k not in resumable and v != saved[k]]:
         raise SystemExit(f"--resume-from {args.resume_from}: the run was started with other flags: {'; '.join(clash)}. Only "
                          f"{', '.join(map(flag, resumable))} may change on resume.")  # fmt: skip
@@ -652,11 +649,10 @@ def start_run(args, task: str, start: int):
             raise SystemExit(f"runs/{args.run_name} holds a run already: choose another --run-name, or --resume-from it")
         name = args.run_name or f"{task}__{args.exp_name}__{args.seed}__{int(time.time())}"
         for folder in (args.output_dir, f"runs/{name}"):
-            try:
+            with contextlib.suppress(OSError):
                 os.makedirs(folder, exist_ok=True)
-                tempfile.TemporaryFile(dir=folder).close()
-            except OSError as e:
-                raise SystemExit(f"cannot write to {folder}: {e}")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise SystemExit(f"cannot write to {folder}")
         config = asdict(args) | {"run_name": name, "resume_from": None}
         default, quiet = asdict(Args()) | {"run_name": name}, COMPUTED.split()  # the run line lists the changed flags
         changed = [f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k not in quiet and v != default[k]]
