@@ -635,10 +635,11 @@ def save_checkpoint(args, update: int, model, optimizer, **counters):
 
 
 def restore(model, optimizer, checkpoint):
-    """A checkpoint's weights and AdamW state into the models, sent from rank 0 (under FSDP each keeps its shard)."""
+    """A checkpoint's weights and AdamW state into the models, sent from rank 0 (under FSDP each keeps its shard). Popped:
+    set_*_state_dict writes what it loads back into the dict, which would keep a copy alive for the whole run."""
     options = dist_state.StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
-    dist_state.set_model_state_dict(model, checkpoint.get("model", {}), options=options)
-    dist_state.set_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), options=options)
+    dist_state.set_model_state_dict(model, checkpoint.pop("model", {}), options=options)
+    dist_state.set_optimizer_state_dict(model, optimizer, checkpoint.pop("optimizer", {}), options=options)
 
 
 def resume(args, task: str):

@@ -190,9 +190,8 @@ def generate_responses(policy, states, h, response_length: int, pad_id: int, **g
     then the response_length - h tokens the policy writes (no EOS stops it: the EOS trick). One call samples
     response_length - min(h) tokens for every row; a row with a longer prefix drops its extra ones."""
     new, mask = response_length - int(h.min()), (states != pad_id).long()
-    out = policy.generate(
-        states, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad_id, **generation
-    )
+    out = policy.generate(states, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad_id,
+        synced_gpus=False, **generation)  # no collective a token (the FSDP default): the policy is gathered  # fmt: skip
     return out.gather(1, (states.shape[1] - h).unsqueeze(1) + torch.arange(response_length, device=states.device))
 
 
@@ -232,7 +231,8 @@ def train(args, run, log, train_pairs, eval_pairs, ref, models, tokenizer, check
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     reference = policy.disable_adapter if args.use_lora else contextlib.nullcontext  # LoRA: the policy, adapter off
     non_tokens = non_token_ids(tokenizer, policy.get_input_embeddings().num_embeddings, device)  # never sampled
-    sampling = dict(temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, suppress_tokens=non_tokens)
+    suppress = non_tokens.tolist()  # for generate(), which reads a device tensor back to the host one id at a time
+    sampling = dict(temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, suppress_tokens=suppress)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.eps)
     start = 1
@@ -770,10 +770,11 @@ def save_checkpoint(args, update: int, model, optimizer, **counters):
 
 
 def restore(model, optimizer, checkpoint):
-    """A checkpoint's weights and AdamW state into the models, sent from rank 0 (under FSDP each keeps its shard)."""
+    """A checkpoint's weights and AdamW state into the models, sent from rank 0 (under FSDP each keeps its shard). Popped:
+    set_*_state_dict writes what it loads back into the dict, which would keep a copy alive for the whole run."""
     options = dist_state.StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
-    dist_state.set_model_state_dict(model, checkpoint.get("model", {}), options=options)
-    dist_state.set_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), options=options)
+    dist_state.set_model_state_dict(model, checkpoint.pop("model", {}), options=options)
+    dist_state.set_optimizer_state_dict(model, optimizer, checkpoint.pop("optimizer", {}), options=options)
 
 
 def resume(args, task: str):

@@ -148,9 +148,8 @@ def generate_responses(policy, states, h, response_length: int, pad_id: int, **g
     then the response_length - h tokens the policy writes (no EOS stops it: the EOS trick). One call samples
     response_length - min(h) tokens for every row; a row with a longer prefix drops its extra ones."""
     new, mask = response_length - int(h.min()), (states != pad_id).long()
-    out = policy.generate(
-        states, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad_id, **generation
-    )
+    out = policy.generate(states, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad_id,
+        synced_gpus=False, **generation)  # no collective a token (the FSDP default): the policy is gathered  # fmt: skip
     return out.gather(1, (states.shape[1] - h).unsqueeze(1) + torch.arange(response_length, device=states.device))
 
 
@@ -250,7 +249,8 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
     policy, ref_policy, reward_model = models
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     non_tokens = non_token_ids(tokenizer, policy.get_input_embeddings().num_embeddings, device)  # never sampled
-    sampling = dict(temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, suppress_tokens=non_tokens)
+    suppress = non_tokens.tolist()  # for generate(), which reads a device tensor back to the host one id at a time
+    sampling = dict(temperature=args.temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True, suppress_tokens=suppress)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     reference = policy.disable_adapter if args.use_lora else contextlib.nullcontext  # LoRA: the policy, adapter off
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -353,7 +353,7 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
         stats = (
             gather(torch.stack(stats).double()).view(world, args.num_ppo_epochs, -1, len(STATS)).transpose(0, 1).flatten(1, 2)
         )
-        if not (finite & torch.isfinite(scores).all()):  # checked once an update: one wait for the GPU, not one a step
+        if not (gather(finite.view(1)).all() & torch.isfinite(scores).all()):  # once an update, every process alike
             raise SystemExit(f"non-finite loss or score at update {update}: lower --lr, or check the models or --reward-fn")
         mean_kl = kl.mean().item()
         if args.adaptive_kl:
@@ -399,7 +399,7 @@ def evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, au
     with autocast, gathered(policy):
         batch, no_reset = left_pad(prompts, pad_id).to(device), torch.zeros(len(prompts), dtype=torch.long, device=device)
         responses = generate_responses(
-            policy, batch, no_reset, args.response_length, pad_id, do_sample=False, suppress_tokens=non_tokens
+            policy, batch, no_reset, args.response_length, pad_id, do_sample=False, suppress_tokens=non_tokens.tolist()
         )
         chunk = args.local_rollout_forward_batch_size
         scored = score_responses(
@@ -831,10 +831,11 @@ def save_checkpoint(args, update: int, model, optimizer, **counters):
 
 
 def restore(model, optimizer, checkpoint):
-    """A checkpoint's weights and AdamW state into the models, sent from rank 0 (under FSDP each keeps its shard)."""
+    """A checkpoint's weights and AdamW state into the models, sent from rank 0 (under FSDP each keeps its shard). Popped:
+    set_*_state_dict writes what it loads back into the dict, which would keep a copy alive for the whole run."""
     options = dist_state.StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
-    dist_state.set_model_state_dict(model, checkpoint.get("model", {}), options=options)
-    dist_state.set_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), options=options)
+    dist_state.set_model_state_dict(model, checkpoint.pop("model", {}), options=options)
+    dist_state.set_optimizer_state_dict(model, optimizer, checkpoint.pop("optimizer", {}), options=options)
 
 
 def resume(args, task: str):

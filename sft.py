@@ -180,7 +180,7 @@ def evaluate(model, examples, args: Args, pad_id: int, device, autocast, rank: i
 def print_samples(model, tokenizer, examples, args, device, n: int = 3):
     """A glance at what the model learnt: greedy responses to the first eval prompts, never the pad token."""
     model.eval()
-    non_tokens = non_token_ids(tokenizer, model.get_input_embeddings().num_embeddings, device)
+    non_tokens = non_token_ids(tokenizer, model.get_input_embeddings().num_embeddings).tolist()  # a list for generate()
     with gathered(model):  # FSDP: the weights gathered once for generate(); every process generates, rank 0 prints
         for query_ids, reference in examples[:n]:
             out = model.generate(torch.tensor([query_ids], device=device), max_new_tokens=args.response_length,
@@ -516,10 +516,11 @@ def save_checkpoint(args, update: int, model, optimizer, **counters):
 
 
 def restore(model, optimizer, checkpoint):
-    """A checkpoint's weights and AdamW state into the models, sent from rank 0 (under FSDP each keeps its shard)."""
+    """A checkpoint's weights and AdamW state into the models, sent from rank 0 (under FSDP each keeps its shard). Popped:
+    set_*_state_dict writes what it loads back into the dict, which would keep a copy alive for the whole run."""
     options = dist_state.StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
-    dist_state.set_model_state_dict(model, checkpoint.get("model", {}), options=options)
-    dist_state.set_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), options=options)
+    dist_state.set_model_state_dict(model, checkpoint.pop("model", {}), options=options)
+    dist_state.set_optimizer_state_dict(model, optimizer, checkpoint.pop("optimizer", {}), options=options)
 
 
 def resume(args, task: str):

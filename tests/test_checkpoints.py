@@ -140,3 +140,29 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(world, tmp_path, monkeyp
     assert f"resumed from {path} at update 5" in proc.stdout and "WARNING" not in proc.stdout
     straight, resumed = (final_weights("sft.py", tmp_path / d) for d in ("straight", "resumed"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_restore_keeps_no_reference_to_the_checkpoints_tensors():
+    """set_model_state_dict writes the tensors it loads back into the dict it is given (torch 2.13), so a restore
+    that passed `checkpoint["model"]` kept a second copy of the trained weights (on the GPU, under torchrun) and the
+    AdamW state alive for the whole resumed run. After restore nothing holds them: the weights are the loaded ones and
+    the checkpoint's tensors are freed."""
+    import io
+    import weakref
+
+    import drpo_tldr
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 2), "b": torch.nn.Linear(2, 1)})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model["b"](model["a"](torch.ones(1, 3))).sum().backward()
+    optimizer.step()
+    saved = {"model": {k: v.detach() + 1 for k, v in model.state_dict().items()}, "update": 1}
+    saved["optimizer"] = drpo_tldr.dist_state.get_optimizer_state_dict(model, optimizer)
+    torch.save(saved, buffer := io.BytesIO())
+    checkpoint = torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)  # as resume reads it
+    expected = {k: v.clone() for k, v in checkpoint["model"].items()}
+    watched = [weakref.ref(t) for t in checkpoint["model"].values()]
+    drpo_tldr.restore(model, optimizer, checkpoint)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    assert checkpoint == {"update": 1} and all(ref() is None for ref in watched)

@@ -356,6 +356,39 @@ def test_a_rank_that_dies_stops_the_job(world, sft_model, tmp_path):
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
+@pytest.mark.slow  # starts torchrun
+@pytest.mark.parametrize("script", ["drpo_tldr.py", "rebel.py"])
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(script, world, sft_model, tmp_path):
+    """Rank 1 alone sees a NaN loss in the last micro-batch of update 1 (tests/nan_on_rank1.py wraps the loss from
+    the outside; 2 epochs x 2 minibatches x 2 micro-batches a process): the decision is the job's, not the rank's, so
+    both processes stop at update 1 with the same message and no model is written. Deciding per rank, rank 1 stopped
+    alone while rank 0 went on to update 2 with the NaN gradient in its weights."""
+    (tmp_path / "length.py").write_text("def score(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    flags = ["--sft-model-path", sft_model, "--value-model-path", sft_model, "--dataset-name", world / "tldr_sft",
+             "--reward-fn", f"{tmp_path / 'length.py'}:score", *SMALL_RL, "--total-episodes", 3 * 32,
+             "--output-dir", tmp_path / "out"]  # fmt: skip
+    if script == "rebel.py":
+        flags[flags.index("--value-model-path") : flags.index("--dataset-name")] = []
+        flags[flags.index("--total-episodes") + 1] = 3 * 64
+    proc = subprocess.run(
+        [*TORCHRUN, f"{ROOT}/tests/nan_on_rank1.py", f"{ROOT}/{script}", *map(str, flags)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "NAN_LOSS": "rebel_loss" if script == "rebel.py" else "ppo_losses",
+            "NAN_AT": "8",
+        },  # fmt: skip
+    )
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert proc.stdout.count("non-finite loss or score at update 1:") == 2, proc.stdout[-3000:]
+    assert "update 2" not in proc.stdout and not os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
 # a worker run by torchrun: the machinery on two CPU processes, next to a reference computation
 MACHINERY = """import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
@@ -385,6 +418,15 @@ model = script.place(GPTNeoXForCausalLM(config), torch.device("cpu"), fsdp=True)
 assert all(p.device_mesh.device_type == "cpu" and p.device.type == "cpu" for p in model.parameters())
 model(input_ids=torch.randint(0, 64, (2, 5)), labels=torch.randint(0, 64, (2, 5))).loss.backward()
 assert all(p.grad is not None for p in model.parameters())
+# generate() on the gathered FSDP policy: no collective a token (transformers' default for an FSDP module is one, with
+# a read back to the host), and the processes need not decode in step
+calls, all_reduce = [], dist.all_reduce
+dist.all_reduce = lambda *args, **kwargs: calls.append(1) or all_reduce(*args, **kwargs)
+with torch.no_grad(), script.gathered(model):
+    states, h = torch.randint(1, 64, (2, 3 + rank)), torch.zeros(2, dtype=torch.long)
+    out = script.generate_responses(model, states, h, 6, 0, do_sample=False, suppress_tokens=[0])
+dist.all_reduce = all_reduce
+assert out.shape == (2, 6) and not calls, len(calls)
 print("machinery ok", rank)
 dist.destroy_process_group()
 """
@@ -394,7 +436,8 @@ dist.destroy_process_group()
 def test_bucketed_gradients_and_fsdp_on_the_scripts_device(tmp_path):
     """average_gradients' buckets (one all-reduce per 32 MB, or per 64 bytes here) give exactly the per-parameter
     all-reduce's gradients; place() shards on a mesh of the script's device, even where the torch build reports a CUDA
-    accelerator that is not there (fully_shard's default mesh takes the build's accelerator: --fsdp crashed there)."""
+    accelerator that is not there (fully_shard's default mesh takes the build's accelerator: --fsdp crashed there);
+    generate_responses on the gathered FSDP policy makes no collective call."""
     (tmp_path / "machinery.py").write_text(MACHINERY)
     proc = subprocess.run(
         [*TORCHRUN, str(tmp_path / "machinery.py"), ROOT],
