@@ -389,7 +389,7 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
             kl_coef = adaptive_kl_coef(kl_coef, mean_kl, args.batch_size, args.target_kl, args.kl_horizon)
         # 6. Evaluate (greedy, from the prompt alone), log, checkpoint
         evaluating = args.eval_every and update % args.eval_every == 0
-        eval_score = evaluating and evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast)
+        eval_score = evaluating and evaluate(args, device, models, reward_fn, tokenizer, queries, suppress, autocast)
         episodes, non_score = update * args.batch_size, non_score_reward.sum(1).mean().double()
         metrics = {
             "update": update, "episodes": episodes, "objective/kl": mean_kl,
@@ -423,13 +423,13 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
 
 
 @torch.no_grad()
-def evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast):
+def evaluate(args, device, models, reward_fn, tokenizer, queries, suppress, autocast):
     """Mean score of greedy responses from the prompt alone to the first --eval-prompts training prompts. Every process
     computes it (under FSDP all take part in gathering the policy); rank 0's score decides the early stop for all."""
     prompts, pad_id, (policy, _, _, reward_model) = queries[: args.eval_prompts], tokenizer.pad_token_id, models
     with autocast, gathered(policy):
         batch, no_reset = left_pad(prompts, pad_id).to(device), torch.zeros(len(prompts), dtype=torch.long, device=device)
-        greedy = dict(do_sample=False, suppress_tokens=non_tokens.tolist())
+        greedy = dict(do_sample=False, suppress_tokens=suppress)
         responses = generate_responses(policy, batch, no_reset, args.response_length, pad_id, **greedy)
         scored = score_responses(reward_model, reward_fn, tokenizer, prompts, batch, responses, args.missing_eos_penalty,
                                  args.local_rollout_forward_batch_size)  # fmt: skip

@@ -382,7 +382,7 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
             raise SystemExit(f"non-finite loss or score at iteration {update}: lower --lr, or check the models or --reward-fn")
         # 6. Evaluate (greedy, from the prompt alone: resets are for training only), log, checkpoint
         evaluating = args.eval_every and update % args.eval_every == 0
-        eval_score = evaluating and evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast)
+        eval_score = evaluating and evaluate(args, device, models, reward_fn, tokenizer, queries, suppress, autocast)
         episodes, pair_scores = update * generations, scores.view(prompts, k).cpu()[kept]
         metrics = {
             "update": update, "episodes": episodes, "objective/scores": scores.mean(),
@@ -434,14 +434,14 @@ def all_logprobs(model, pairs, args: Args, pad_id: int, device, autocast, rank: 
     return logps[:, 0], logps[:, 1]
 
 
-def evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast):
+def evaluate(args, device, models, reward_fn, tokenizer, queries, suppress, autocast):
     """Mean score of greedy responses, from the prompt alone, to the first --eval-prompts prompts. Every process computes
     it (under FSDP all take part in gathering the policy); rank 0's score decides the early stop for all."""
     prompts, pad_id, (policy, _, reward_model) = queries[: args.eval_prompts], tokenizer.pad_token_id, models
     with autocast, gathered(policy):
         batch, no_reset = left_pad(prompts, pad_id).to(device), torch.zeros(len(prompts), dtype=torch.long, device=device)
         responses = generate_responses(
-            policy, batch, no_reset, args.response_length, pad_id, do_sample=False, suppress_tokens=non_tokens.tolist()
+            policy, batch, no_reset, args.response_length, pad_id, do_sample=False, suppress_tokens=suppress
         )
         chunk = args.local_rollout_forward_batch_size
         scored = score_responses(

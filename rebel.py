@@ -360,7 +360,7 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
             kl_coef = adaptive_kl_coef(kl_coef, mean_kl, args.batch_size, args.target_kl, args.kl_horizon)  # per prompt
         # 6. Evaluate (greedy, from the prompt alone: resets are for training only), log, checkpoint
         evaluating = args.eval_every and update % args.eval_every == 0
-        eval_score = evaluating and evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast)
+        eval_score = evaluating and evaluate(args, device, models, reward_fn, tokenizer, queries, suppress, autocast)
         episodes, first, last = update * generations, stats[0], stats[-1]
         metrics = {
             "update": update, "episodes": episodes, "objective/kl": mean_kl, "objective/entropy": -logprobs.mean(),
@@ -392,14 +392,14 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
     return policy
 
 
-def evaluate(args, device, models, reward_fn, tokenizer, queries, non_tokens, autocast):
+def evaluate(args, device, models, reward_fn, tokenizer, queries, suppress, autocast):
     """Mean score of greedy responses, from the prompt alone, to the first --eval-prompts prompts. Every process computes
     it (under FSDP all take part in gathering the policy); rank 0's score decides the early stop for all."""
     prompts, pad_id, (policy, _, reward_model) = queries[: args.eval_prompts], tokenizer.pad_token_id, models
     with autocast, gathered(policy):
         batch, no_reset = left_pad(prompts, pad_id).to(device), torch.zeros(len(prompts), dtype=torch.long, device=device)
         responses = generate_responses(
-            policy, batch, no_reset, args.response_length, pad_id, do_sample=False, suppress_tokens=non_tokens.tolist()
+            policy, batch, no_reset, args.response_length, pad_id, do_sample=False, suppress_tokens=suppress
         )
         chunk = args.local_rollout_forward_batch_size
         scored = score_responses(
