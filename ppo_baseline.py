@@ -1,8 +1,8 @@
-# PPO for RLHF with the N+ implementation details (Huang et al. 2024, arXiv 2403.17031), on TL;DR or Anthropic HH: the
-# baseline of DR-PO (Chang et al. 2024, arXiv 2404.08495), and drpo_tldr.py without the reset. Every episode starts from
-# the prompt: the policy samples response_length tokens (the EOS trick: the response is cut after its first EOS), the
-# reward model scores it, a per-token KL penalty keeps the policy near the SFT policy, and PPO updates the policy and a
-# value model on the batch. One episode, response_length 8:
+# PPO for RLHF with the N+ implementation details (Huang et al. 2024, arXiv 2403.17031), on TL;DR: the baseline of DR-PO
+# (Chang et al. 2024, arXiv 2404.08495), and drpo_tldr.py without the reset (PPO on HH: drpo_hh.py --reset-prob 0). Every
+# episode starts from the prompt: the policy samples response_length tokens (the EOS trick: the response is cut after its
+# first EOS), the reward model scores it, a per-token KL penalty keeps the policy near the SFT policy, and PPO updates
+# the policy and a value model on the batch. One episode, response_length 8:
 #
 #   tokens  SUBREDDIT: r/pets ... TL;DR: | my  cat  is  sick  ,  vet  <eos> | <pad>
 #           the prompt                   | what the policy writes           | after the EOS
@@ -41,16 +41,15 @@ transformers_logging.disable_progress_bar()
 @dataclass
 class Args:
     # ---- models and data ----
-    task: Literal["tldr", "hh"] = "tldr"  # tldr: Reddit TL;DR posts; hh: Anthropic HH conversations
-    sft_model_path: Optional[str] = None  # policy and reference init (default: DEFAULTS)
-    reward_model_path: Optional[str] = None  # reward model (default: DEFAULTS)
+    sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"  # policy and reference init
+    reward_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"  # reward model
     value_model_path: Optional[str] = None  # value model init (default: the reward model; a causal LM gets a new head)
     reward_fn: Optional[str] = None  # `file.py:function` scoring (prompts, responses) lists of str; replaces the reward model
-    dataset_name: Optional[str] = None  # prompts: Hub id, folder or json/jsonl (default: DEFAULTS)
+    dataset_name: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"  # prompts: Hub id, folder or json/jsonl
     dataset_config: Optional[str] = None  # Hub config of the dataset
     train_split: str = "train"  # split whose prompts are rolled out
-    query_length: int = 512  # max prompt tokens: a TL;DR post is cut back at its last newline, an HH prompt keeps its end
-    response_length: Optional[int] = None  # tokens per episode (default: DEFAULTS)
+    query_length: int = 512  # max prompt tokens: a longer post is cut back at its last newline
+    response_length: int = 53  # tokens per episode
     # ---- PPO and the N+ details ----
     total_episodes: int = 1_000_000  # episodes (sampled responses) in the whole run
     batch_size: int = 512  # episodes per update, over all processes
@@ -77,7 +76,7 @@ class Args:
     early_stop_score: Optional[float] = None  # stop (and save) once the evaluation's mean score reaches this value
     # ---- the run ----
     exp_name: str = "ppo"  # name of this experiment (part of the run name)
-    run_name: Optional[str] = None  # log, config, checkpoints: runs/{run_name} (default: {task}__{exp}__{seed}__{time})
+    run_name: Optional[str] = None  # log, config, checkpoints: runs/{run_name} (default: tldr__{exp}__{seed}__{time})
     seed: int = 1  # seed of the experiment
     output_dir: str = "models/ppo"  # where the final policy and tokenizer are saved
     # ---- memory and speed: batch splits, dtypes, LoRA, FSDP ----
@@ -104,13 +103,6 @@ class Args:
     num_updates: tyro.conf.Suppress[int] = 0
     minibatch_size: tyro.conf.Suppress[int] = 0
     gradient_accumulation_steps: tyro.conf.Suppress[int] = 0
-
-
-DEFAULTS = {  # --task -> (SFT model, reward model, dataset, response length); sft.py and reward_model.py write the HH ones
-    "tldr": ("cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr", "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr",
-             "vwxyzjn/summarize_from_feedback_tldr_3_filtered", 53),
-    "hh": ("models/sft_hh", "models/reward_hh", "Anthropic/hh-rlhf", 128),
-}  # fmt: skip
 
 
 # ---- the rollout: the policy writes a response to each prompt ------------------------------------------------------
@@ -413,11 +405,8 @@ def main():
     args = tyro.cli(Args)
     check_flags(args)
     run = rank, world, device = init_distributed(args)  # (0, 1, cuda or cpu) in one process
-    args, checkpoint = resume(args, args.task) if args.resume_from else (args, None)  # the flags from the run's checkpoint
-    default_sft, default_reward, default_dataset, default_length = DEFAULTS[args.task]
-    args.sft_model_path, args.reward_model_path = args.sft_model_path or default_sft, args.reward_model_path or default_reward
+    args, checkpoint = resume(args, "tldr") if args.resume_from else (args, None)  # the flags from the run's checkpoint
     args.value_model_path = args.value_model_path or args.reward_model_path
-    args.dataset_name, args.response_length = args.dataset_name or default_dataset, args.response_length or default_length
     args.num_updates = args.total_episodes // args.batch_size
     args.minibatch_size = args.batch_size // args.num_mini_batches
     args.gradient_accumulation_steps = args.minibatch_size // (args.local_micro_batch_size * world)  # per process
@@ -425,7 +414,7 @@ def main():
     if args.num_updates == 0:
         raise SystemExit("--total-episodes is smaller than --batch-size: no update would run")
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None  # a rule-based reward replaces the model
-    log = start_run(args, args.task, checkpoint["update"] + 1 if checkpoint else 1)
+    log = start_run(args, "tldr", checkpoint["update"] + 1 if checkpoint else 1)
     check_hub([args.sft_model_path, args.value_model_path, args.dataset_name, None if reward_fn else args.reward_model_path])
     tokenizer = load_tokenizer(args.sft_model_path)
     queries = build_queries(args, tokenizer)
@@ -440,25 +429,20 @@ def main():
 # Appendix: the machinery. Data; models; flag checks; torchrun and FSDP; checkpoints and resume; the run and its log.
 # ======================================================================================================================
 TLDR_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
-HH_TAG = "\n\nAssistant:"
-SCHEMAS = {"tldr": {"subreddit": str, "title": str, "post": str}, "hh": {"chosen": str, "rejected": str}}
+SCHEMA = {"subreddit": str, "title": str, "post": str}
 
 
 def build_queries(args: Args, tokenizer):
     """Prompt token ids for the rollouts; unusable rows are skipped and counted."""
-    name, split, schema = args.dataset_name, args.train_split, SCHEMAS[args.task]
+    name, split, schema = args.dataset_name, args.train_split, SCHEMA
     ds = load_rows(name, split, schema, args.dataset_config)
-    queries, counts = [], dict.fromkeys("rows query_truncated dropped_query_too_long dropped_no_shared_prompt".split(), 0)
+    queries, counts = [], dict.fromkeys("rows query_truncated dropped_query_too_long".split(), 0)
     for i, row in enumerate(ds):
         check_row(row, i, schema, f"{name} ({split})")
-        if args.task == "tldr":
-            query = tldr_query(tokenizer, row, args.query_length)
-        else:
-            prompt = hh_split(row["chosen"], row["rejected"])
-            query = hh_prompt(tokenizer, prompt[0], args.query_length) if prompt else None
+        query = tldr_query(tokenizer, row, args.query_length)
         counts["rows"] += 1
         if query is None:
-            counts["dropped_query_too_long" if args.task == "tldr" else "dropped_no_shared_prompt"] += 1
+            counts["dropped_query_too_long"] += 1
             continue
         counts["query_truncated"] += query[1]
         queries.append(query[0])
@@ -466,21 +450,6 @@ def build_queries(args: Args, tokenizer):
     if not queries:
         raise SystemExit(f"no usable prompt in {name} ({split}); see the counts above")
     return queries
-
-
-def hh_split(chosen: str, rejected: str):
-    """The prompt is the transcript up to and including the last '\\n\\nAssistant:' that chosen and rejected share."""
-    end = os.path.commonprefix([chosen, rejected]).rfind(HH_TAG)
-    return None if end < 0 else (chosen[: end + len(HH_TAG)], chosen[end + len(HH_TAG) :], rejected[end + len(HH_TAG) :])
-
-
-def hh_prompt(tokenizer, prompt: str, query_length: int):
-    """HH prompt ids: a long conversation keeps its end (left truncation) and the tokenizer's leading special tokens
-    (Llama's BOS). Returns (ids, whether the prompt was truncated)."""
-    head = tokenizer.encode("")  # what the tokenizer puts before any text: [BOS], or nothing
-    ids = encode(tokenizer, prompt, special=False)
-    cut = max(0, len(head) + len(ids) - query_length)
-    return head + ids[cut:], cut > 0
 
 
 def load_rows(name: str, split: str, schema: dict, config: Optional[str] = None):

@@ -238,7 +238,7 @@ def chain(task, seed):
             cwd=d,
         )
         rl = ["--sft-model-path", f"{d}/sft", "--reward-model-path", f"{d}/rm", "--dataset-name", f"{w}/hh", *RL_FLAGS, *s]
-        sh(py, f"{ROOT}/ppo_baseline.py", "--task", "hh", *rl, "--output-dir", f"{d}/ppo", cwd=d)
+        sh(py, f"{ROOT}/drpo_hh.py", *rl, "--reset-prob", "0", "--exp-name", "ppo", "--output-dir", f"{d}/ppo", cwd=d)  # PPO
         for p in ("0.5", "1.0"):
             sh(py, f"{ROOT}/drpo_hh.py", *rl, "--reset-prob", p, "--output-dir", f"{d}/drpo_{p}", cwd=d)
         for p, arm in (("0", "rebel"), ("0.5", "rebel_0.5")):

@@ -102,20 +102,29 @@ def resolved_defaults(module, **fields):
     import dataclasses
 
     args = module.Args(**fields)
-    if module is ppo:
-        args.sft_model_path, args.reward_model_path, args.dataset_name, args.response_length = ppo.DEFAULTS[args.task]
-    elif module is drpo_tldr:
+    if module is drpo_tldr:
         args.dataset_name, args.dataset_config = drpo_tldr.DATASETS[args.reset_source]
-    return {k: v for k, v in dataclasses.asdict(args).items() if k not in ("exp_name", "output_dir", "task")}
+    return {k: v for k, v in dataclasses.asdict(args).items() if k not in ("exp_name", "output_dir")}
+
+
+HH_DATA = {  # drpo_hh.py's data and models, where ppo_baseline.py (TL;DR alone) has TL;DR's
+    "sft_model_path": "models/sft_hh",
+    "reward_model_path": "models/reward_hh",
+    "dataset_name": "Anthropic/hh-rlhf",
+    "response_length": 128,
+}
 
 
 @pytest.mark.parametrize("task", ["tldr", "hh"])
 def test_ppo_and_drpo_share_every_default(task):
-    """At their defaults the two scripts roll out the same prompts with the same settings: a default-against-default
-    comparison measures the reset and nothing else (test_reset_prob_zero_is_ppo runs them)."""
-    ours, theirs = resolved_defaults(ppo, task=task), resolved_defaults(drpo_tldr if task == "tldr" else drpo_hh)
+    """At their defaults the two scripts roll out with the same settings (on HH PPO is drpo_hh.py --reset-prob 0, and
+    only the data and models differ from ppo_baseline.py's): a default-against-default comparison measures the reset
+    and nothing else (test_reset_prob_zero_is_ppo runs them)."""
+    ours, theirs = resolved_defaults(ppo), resolved_defaults(drpo_tldr if task == "tldr" else drpo_hh)
+    if task == "hh":
+        assert {k: theirs.pop(k) for k in HH_DATA} == HH_DATA
     shared = [k for k in theirs if k in ours]
-    assert len(shared) >= 40 and {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
+    assert len(shared) >= 38 and {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
     assert set(theirs) - set(ours) <= {
         "reset_prob",
         "reset_min_prefix",
@@ -223,7 +232,9 @@ def test_reset_prob_zero_is_ppo(task, world, sft_model, reward_run, tmp_path):
         *SMALL,
     ]  # the same evaluation flags in both
     dataset = world / ("tldr_sft" if task == "tldr" else "hh")
-    ppo = run_script("ppo_baseline.py", "--task", task, "--dataset-name", dataset, *common, cwd=tmp_path)
+    # on HH, ppo_baseline.py (TL;DR alone) as it is, its prompts read by drpo_hh.py's data code (tests/ppo_on_hh.py)
+    script = ["tests/ppo_on_hh.py", f"{ROOT}/ppo_baseline.py"] if task == "hh" else ["ppo_baseline.py"]
+    ppo = run_script(*script, "--dataset-name", dataset, *common, cwd=tmp_path)
     drpo = run_script(f"drpo_{task}.py", "--reset-prob", 0, "--dataset-name", dataset, *common, cwd=tmp_path)  # no other flag
     a = [json.loads(x) for x in open(metrics_file(ppo.stdout, tmp_path))]
     b = [json.loads(x) for x in open(metrics_file(drpo.stdout, tmp_path))]

@@ -212,12 +212,10 @@ def test_response_logprobs_match_a_manual_temperature_softmax_without_the_pad_to
 GOLD = f"{ROOT}/tiny_world.py:gold_reward"
 
 
-def ppo_run(world, sft_model, out, *flags, task="tldr", dataset=None, script="ppo_baseline.py", launch=run_script):
-    dataset = dataset or world / ("tldr_sft" if task == "tldr" else "hh")
+def ppo_run(world, sft_model, out, *flags, dataset=None, script="ppo_baseline.py", launch=run_script):
+    dataset = dataset or world / "tldr_sft"
     proc = launch(
         script,
-        "--task",
-        task,
         "--sft-model-path",
         sft_model,
         "--reward-model-path",
@@ -276,8 +274,6 @@ def test_killed_anywhere_the_run_resumes_to_the_straight_run(world, sft_model, r
     --resume-from auto each time; the final model, the last checkpoint's optimizer state and the log equal a straight
     run's, bit for bit."""
     flags = [
-        "--task",
-        "tldr",
         "--sft-model-path",
         sft_model,
         "--reward-model-path",
@@ -346,8 +342,10 @@ def test_a_damaged_or_foreign_checkpoint_is_refused(world, sft_model, reward_run
     assert not os.path.exists(tmp_path / "pwned")
 
 
+# PPO on HH is drpo_hh.py --reset-prob 0 (equal to ppo_baseline.py's loop on HH prompts: test_drpo.py)
 def test_hh_runs_on_the_tiny_world(world, sft_model, reward_run, tmp_path):
-    proc, metrics = ppo_run(world, sft_model, tmp_path / "ppo", "--total-episodes", 2 * 32, task="hh")
+    flags = ("--reset-prob", 0, "--total-episodes", 2 * 32)
+    proc, metrics = ppo_run(world, sft_model, tmp_path / "ppo", *flags, script="drpo_hh.py", dataset=world / "hh")
     assert len(metrics) == 2 and all(abs(m["policy/first_ratio"] - 1) < 1e-5 for m in metrics)
     assert "prompts kept" in proc.stdout
 
@@ -362,7 +360,9 @@ def test_hh_runs_on_the_real_slice(world, sft_model, reward_run, tmp_path):
         32,
         "--query-length",
         96,
-        task="hh",
+        "--reset-prob",
+        0,
+        script="drpo_hh.py",
         dataset=f"{SHARED}/data/hh/harmless_base_test_dev.jsonl",
     )
     kept = re.search(r"(\d+) prompts kept; \{'rows': 1600, 'query_truncated': (\d+)", proc.stdout)
