@@ -8,8 +8,8 @@
 #   tokens  SUBREDDIT: r/pets ... TL;DR: | my  cat  is | sick  ,  vet  <eos>    | <pad>
 #           the prompt                   | prefix (h)  | what the policy writes | after the EOS
 #   mask    -                            | 0   0    0  | 1     1  1    1        | 0
-#   reward  -kl_coef * (logp - ref_logp) on each token of the mask; the reward model's score of the whole response,
-#           prefix included, on the EOS
+#   reward  -kl_coef * (logp - ref_logp) on each token of the mask; the reward model's score of the response on the EOS
+#           (of the whole response: the prefix included)
 # Docs: README.md#drpo_tldrpy-and-drpo_hhpy
 import contextlib
 import datetime
@@ -52,10 +52,10 @@ class Args:
     value_model_path: Optional[str] = None  # value model init (default: the reward model; a causal LM gets a new head)
     reward_fn: Optional[str] = None  # `file.py:function` scoring (prompts, responses) lists of str; replaces the reward model
     dataset_name: Optional[str] = None  # prompts and reset states: Hub id, folder or json/jsonl (default: DATASETS)
-    dataset_config: Optional[str] = None  # Hub config of the dataset (default: DATASETS)
+    dataset_config: Optional[str] = None  # Hub config of the dataset
     train_split: str = "train"  # split whose prompts are rolled out
     query_length: int = 512  # max prompt tokens: a longer post is cut back at its last newline
-    response_length: int = 53  # tokens per episode (a reset episode's prefix counts: the policy writes response_length - h)
+    response_length: int = 53  # tokens per episode
     # ---- PPO and the N+ details ----
     total_episodes: int = 1_000_000  # episodes (sampled responses) in the whole run
     batch_size: int = 512  # episodes per update, over all processes
@@ -325,7 +325,7 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
         query_batch = left_pad(batch_queries, pad_id).to(device)  # (batch, context_length)
         context_length = query_batch.shape[1]
         mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's share
-        # 2. Rollout: the policy writes the rest of each response; the log-probs of the policy and the reference, values
+        # 2. Rollout: the policy writes each response; the log-probs of the policy and the reference, the values
         responses, logprobs, ref_logprobs, values = [], [], [], []
         with torch.no_grad(), autocast, gathered(policy):  # FSDP: the policy gathered once for the whole rollout
             for i in range(mine.start, mine.stop, args.local_rollout_forward_batch_size):
@@ -352,9 +352,8 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
             postprocessed, raw_scores, scores = (gather(x) for x in scored)
             sequence_lengths = first_true_indices(postprocessed == pad_id) - 1  # index of the last real token (the EOS)
             t2 = clock(device)
-            # 4. Rewards and advantages. The action mask leaves out the reset prefix (part of the state: no action, no
-            # KL, no loss) and everything after the EOS.
-            mask = action_mask(h, sequence_lengths, args.response_length)  # (batch, response_length)
+            # 4. Rewards and advantages; everything after the EOS is masked out
+            mask = action_mask(h, sequence_lengths, args.response_length)  # and the reset prefix: the state, no action
             logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
             rewards, kl, non_score_reward = per_token_rewards(scores, logprobs, ref_logprobs, mask, sequence_lengths, kl_coef)
             if args.whiten_rewards:
@@ -436,9 +435,9 @@ def evaluate(args, device, models, reward_fn, tokenizer, queries, suppress, auto
     computes it (under FSDP all take part in gathering the policy); rank 0's score decides the early stop for all."""
     prompts, pad_id, (policy, _, _, reward_model) = queries[: args.eval_prompts], tokenizer.pad_token_id, models
     with autocast, gathered(policy):
-        batch, no_reset = left_pad(prompts, pad_id).to(device), torch.zeros(len(prompts), dtype=torch.long, device=device)
+        batch = left_pad(prompts, pad_id).to(device)
         greedy = dict(do_sample=False, suppress_tokens=suppress)
-        responses = generate_responses(policy, batch, no_reset, args.response_length, pad_id, **greedy)
+        responses = generate_responses(policy, batch, batch.new_zeros(len(prompts)), args.response_length, pad_id, **greedy)
         scored = score_responses(reward_model, reward_fn, tokenizer, prompts, batch, responses, args.missing_eos_penalty,
                                  args.local_rollout_forward_batch_size)  # fmt: skip
     return on_rank0(lambda: scored[2].mean().item())
