@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 W=${W:-tiny}            # where the tiny world and its models go
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-# Every CPU kernel library pinned to its AVX2 code (ATen, MKL, oneDNN), so that any x86-64 machine with AVX2 computes
-# the same floats: an RL run turns a last-bit difference into other samples, and the README's numbers are this run's.
-export ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2} MKL_CBWR=${MKL_CBWR:-AVX2} ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2}
+# Every CPU kernel library pinned (ATen and oneDNN to their AVX2 code, MKL to its COMPATIBLE branch, the one it keeps
+# the same on Intel and AMD: its AVX2 branch is Intel's alone), so that x86-64 machines with AVX2 compute the same
+# floats: an RL run turns a last-bit difference into other samples, and the README's numbers are this run's.
+export ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2} MKL_CBWR=${MKL_CBWR:-COMPATIBLE} ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2}
 # the tiny world's recipe, next to its high learning rates: clip the gradient norm at 1 and do not whiten the rewards
 # (the defaults follow the paper's runs: no clipping, whitened rewards)
 TINY_RL="--max-grad-norm 1 --no-whiten-rewards"

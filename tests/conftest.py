@@ -79,9 +79,9 @@ READ_AT_IMPORT += ("ATEN_", "ONEDNN_")
 # set in this process by torch itself once a test uses it (its default, which a fork computes alike): not a reason for a
 # fresh interpreter (it made every later run of a worker one, and such a run had no slow save)
 SET_IN_PROCESS = {"TORCHINDUCTOR_CACHE_DIR"}
-# every CPU kernel library held to its AVX2 code (as demo.sh does): a long RL run whose outcome is asserted then takes the
-# same trajectory on any x86-64 machine with AVX2, whatever vector unit it has beyond that
-PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# every CPU kernel library pinned as demo.sh pins it (ATen and oneDNN to AVX2, MKL to its COMPATIBLE branch, the same on
+# Intel and AMD): a long RL run whose outcome is asserted then takes one trajectory on x86-64 machines with AVX2
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # as demo.sh
 _zygote = {"lock": threading.Lock(), "ended": threading.Condition(), "returncodes": {}}
 
 

@@ -316,9 +316,10 @@ def test_hard_exploration_drpo_solves_what_ppo_cannot(world, tmp_path):
     """The paper's theorem at CPU scale: the gold reward needs an exact 6-word answer (probability about e^-17 under
     the SFT policy) that the chosen responses of the offline data contain. With the same episodes, DR-PO
     (drpo_tldr.py, reset_prob 0.5) learns to write it from the prompt alone; PPO (ppo_baseline.py) never sees a reward.
-    With the CPU kernels pinned to AVX2 (PINNED), DR-PO solved seeds 1 (update 200) and 3 (update 140) of 6 within 300
-    updates (BENCHMARKS.md); unpinned, the seed that solves depends on the machine's vector unit (seed 1 solved on the
-    machine that calibrated it, not on this session's AVX-512 one). PPO had no rewarded episode in any seed."""
+    With the CPU kernels pinned to AVX2 (ATen, MKL, oneDNN), DR-PO solved seeds 1 (update 200) and 3 (update 140) of 6
+    within 300 updates on an Intel machine (BENCHMARKS.md); seed 3 solves too on an AMD EPYC, with those pins and with
+    today's PINNED (MKL's COMPATIBLE branch); unpinned, the seed that solves depends on the machine's vector unit
+    (seed 1 solved on the machine that calibrated it, not on an AVX-512 one). PPO had no rewarded episode in any seed."""
     pw = world / "password"
     sft = f"--base-model {pw}/base --dataset-name {pw}/tldr_sft --eval-split train[:5%] --output-dir {pw}/sft --lr 1e-3"
     sft += " --num-train-epochs 3 --batch-size 32 --local-micro-batch-size 32 --response-length 8"
