@@ -421,11 +421,12 @@ def all_logprobs(model, pairs, args: Args, pad_id: int, device, autocast, rank: 
     """Summed log-probs of every pair's chosen and rejected response: (chosen (n,), rejected (n,)). Under torchrun each
     process computes a contiguous share and every process gets the whole."""
     model.eval()
-    share = -(-len(pairs) // world)
+    mb = args.local_micro_batch_size  # a share of whole micro-batches, each holding the rows it holds in one process:
+    share = -(-len(pairs) // (world * mb)) * mb  # every result is the one-process one, to the last bit
     mine = pairs[rank * share : (rank + 1) * share]
     logps = torch.zeros(share, 2, device=device)  # the last share may be shorter: its tail stays 0 and is cut below
-    for start in range(0, share, args.local_micro_batch_size):  # as many passes on every process (FSDP's are collective)
-        chunk = mine[start : start + args.local_micro_batch_size]
+    for start in range(0, share, mb):  # as many passes on every process (FSDP's are collective)
+        chunk = mine[start : start + mb]
         with autocast:
             c, r = sequence_logprobs(model, chunk or pairs[:1], pad_id, device)  # a stand-in when the share ran out
         logps[start : start + len(chunk)] = torch.stack([c, r], 1).float()[: len(chunk)]

@@ -216,10 +216,11 @@ def normalise(model, sequences, args: Args, pad_id: int, device, rank: int, worl
     """N+ normalisation: the shift that makes the mean reward of the reference responses 0. Each process scores a
     contiguous share and every process gets every reward (the same numbers, in the same order, as one process)."""
     model.eval()
-    share = -(-len(sequences) // world)
+    mb = args.local_micro_batch_size  # a share of whole micro-batches, each holding the rows it holds in one process:
+    share = -(-len(sequences) // (world * mb)) * mb  # every result is the one-process one, to the last bit
     mine, rewards = sequences[rank * share : (rank + 1) * share], torch.zeros(share, device=device)
-    for start in range(0, share, args.local_micro_batch_size):  # as many passes on every process (FSDP's are collective)
-        chunk = mine[start : start + args.local_micro_batch_size]
+    for start in range(0, share, mb):  # as many passes on every process (FSDP's are collective)
+        chunk = mine[start : start + mb]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             scores = get_reward(model, pad_right(chunk or sequences[:1], pad_id, device), pad_id).float()  # a stand-in
         rewards[start : start + len(chunk)] = scores[: len(chunk)]
