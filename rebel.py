@@ -188,18 +188,15 @@ def token_scores(model, query_responses, pad_id: int):
     return scores[0].squeeze(-1).float()
 
 
-def first_true_indices(bools, dtype=torch.long):
-    """Index of the first True of each row, or the row length when there is none."""
-    row_len = bools.size(-1)
-    zero_or_index = row_len * (~bools).type(dtype) + torch.arange(row_len, dtype=dtype, device=bools.device)
-    return torch.min(zero_or_index, dim=-1).values
+def first_true_indices(bools):
+    """Index of the first True of each row, or the row length when there is none (argmax returns the first maximum)."""
+    return torch.where(bools.any(-1), bools.int().argmax(-1), bools.shape[-1])
 
 
 def truncate_response(responses, eos_id: int, pad_id: int):
     """The EOS trick: keep each response up to and including its first EOS, pad the rest."""
-    trunc_idxs = first_true_indices(responses == eos_id).unsqueeze(-1)
-    idxs = torch.arange(responses.shape[1], device=responses.device).view(1, -1)
-    return torch.masked_fill(responses, idxs > trunc_idxs, pad_id)
+    idxs = torch.arange(responses.shape[1], device=responses.device)
+    return torch.masked_fill(responses, idxs > first_true_indices(responses == eos_id).unsqueeze(-1), pad_id)
 
 
 def last_token_index(input_ids, pad_id: int):
@@ -210,9 +207,7 @@ def last_token_index(input_ids, pad_id: int):
 
 def penalize_missing_eos(scores, responses, eos_id: int, penalty: Optional[float]):
     """N+: a response with no EOS gets a fixed low score instead of its reward (an EOS in the prompt does not count)."""
-    if penalty is None:
-        return scores
-    return torch.where((responses == eos_id).any(-1), scores, torch.full_like(scores, penalty))
+    return scores if penalty is None else torch.where((responses == eos_id).any(-1), scores, penalty)
 
 
 def score_responses(reward_model, reward_fn, tokenizer, prompts_ids, query_batch, responses, penalty, chunk_size: int):
@@ -783,12 +778,12 @@ def sync_gradients(models, fsdp: bool, last: bool):
 
 
 def place(model, device, fsdp: bool):
-    """The model on the device, or FSDP2 on a mesh of the script's device: sharded on the CPU, each decoder layer a unit;
-    on a GPU the gathered weights are bf16 and the gradients are reduced in fp32."""
+    """The model on the device, or FSDP2 on a mesh of the script's device, sharded on the CPU, each decoder layer a unit."""
     if not fsdp:
         return model.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    cuda = device.type == "cuda"  # on a GPU the gathered weights are bf16 and the gradients are reduced in fp32
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
     units = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]  # the decoder layers
     for unit in units + [model]:
         fully_shard(unit, mesh=mesh, mp_policy=mp)
@@ -814,8 +809,7 @@ def gathered(model):
 
 # ---- checkpoints: one file, on the CPU, written by rank 0 and made current by one rename ----
 def save_checkpoint(args, update: int, model, optimizer, **counters):
-    """The trained weights (LoRA: the adapters), the AdamW state, the counters and the flags, gathered into rank 0's CPU
-    memory, written to a temporary file that one rename makes current: a kill at any instant leaves a whole checkpoint."""
+    """The trained weights (LoRA: the adapters), AdamW state, counters and flags, in rank 0's CPU memory, then one file."""
     options = dist_state.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     weights, optimizer_state = dist_state.get_state_dict(model, optimizer, options=options)  # FSDP: every process takes part
     if dist.is_initialized() and dist.get_rank() > 0:
@@ -824,23 +818,21 @@ def save_checkpoint(args, update: int, model, optimizer, **counters):
     os.makedirs(folder, exist_ok=True)
     state = {"model": weights, "optimizer": optimizer_state, "update": update, "config": asdict(args), **counters}
     torch.save(state, f"{folder}/incomplete.pt")
-    os.replace(f"{folder}/incomplete.pt", f"{folder}/update_{update:07d}.pt")
+    os.replace(f"{folder}/incomplete.pt", f"{folder}/update_{update:07d}.pt")  # a kill at any instant leaves a whole one
     for old in sorted(glob.glob(f"{folder}/update_*.pt"))[: -args.keep_checkpoints]:
         os.remove(old)
     print(f"checkpoint written to {folder}/update_{update:07d}.pt (resume with --resume-from auto)")
 
 
 def restore(model, optimizer, checkpoint):
-    """A checkpoint's weights and AdamW state into the models, sent from rank 0 (under FSDP each keeps its shard). Popped:
-    set_*_state_dict writes what it loads back into the dict, which would keep a copy alive for the whole run."""
+    """A checkpoint's weights and AdamW state into the models, sent from rank 0 (under FSDP each keeps its shard)."""
     options = dist_state.StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
-    dist_state.set_model_state_dict(model, checkpoint.pop("model", {}), options=options)
+    dist_state.set_model_state_dict(model, checkpoint.pop("model", {}), options=options)  # popped: no copy kept alive
     dist_state.set_optimizer_state_dict(model, optimizer, checkpoint.pop("optimizer", {}), options=options)
 
 
 def resume(args, task: str):
-    """--resume-from: rank 0 finds and reads the checkpoint; every process parses the command line over the run's saved
-    flags (only RESUMABLE ones may differ). Returns (args, checkpoint)."""
+    """--resume-from: rank 0 reads the checkpoint; the command line is parsed over the run's saved flags. (args, checkpoint)"""
     tensors = {}
 
     def read(where=args.resume_from.rstrip("/")):
@@ -876,8 +868,7 @@ def resume(args, task: str):
 
 # ---- the run folder and its log ----
 def start_run(args, task: str, start: int):
-    """Rank 0 names the run, checks its folders, writes args.json and opens metrics.jsonl (a resumed run keeps the lines
-    before its checkpoint's update). Returns (log, W&B, TensorBoard)."""
+    """Rank 0 names the run, writes args.json and opens metrics.jsonl (cut to the resumed update). (log, W&B, TensorBoard)"""
 
     def begin():
         if args.run_name and not args.resume_from and os.path.exists(f"runs/{args.run_name}/metrics.jsonl"):
@@ -947,10 +938,9 @@ def clock(device):
 
 def peak_memory_gb(device):
     """GPU: the peak memory the caching allocator reserved (what the device had to hold); CPU: the peak RSS in GiB."""
-    cuda = device.type == "cuda"  # Linux reports the RSS in KiB
-    return (
-        torch.cuda.max_memory_reserved(device) / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    )
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports the RSS in KiB
 
 
 if __name__ == "__main__":
