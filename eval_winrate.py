@@ -1,5 +1,14 @@
-# Pairwise win rate against reference responses, judged by an LLM (GPT-4 style, any OpenAI-compatible endpoint), a
-# local causal LM, or a reward model; both orders, Wilson intervals, and a judgement cache. Docs: README.md#eval_winratepy
+# The paper's headline metric: the win rate of a policy's response against a reference response (TL;DR: the human
+# reference summary; HH: the chosen response), judged pairwise by an LLM (GPT-4, or any OpenAI-compatible endpoint),
+# a local causal LM, or a reward model. A judge prefers the first or the second response for reasons of its own
+# (position bias), so each pair is judged in both orders; a win needs both to agree. One pair, judged twice:
+#
+#   shown as          A          B          the judge answers   so it chose
+#   policy first      policy     reference  A                   the policy
+#   reference first   reference  policy     B                   the policy   -> a win (A, then A: a tie, half a win)
+#
+# The win rate is (wins + ties / 2) / n with a 95% Wilson interval; every judgement is cached as it is made, so a
+# rerun makes only the missing calls. Docs: README.md#eval_winratepy
 import concurrent.futures
 import csv
 import hashlib
@@ -27,67 +36,35 @@ transformers_logging.disable_progress_bar()
 
 @dataclass
 class Args:
-    # ---- models and data ----
-    task: Literal["tldr", "hh"] = "tldr"
-    """tldr: policy summary against the human reference summary; hh: policy response against the chosen response"""
-    model_paths: list[str] = field(default_factory=list)
-    """policies to generate responses from (local folders or Hub ids)"""
-    responses_file: Optional[str] = None
-    """instead of generating: a jsonl or csv of {prompt, response, reference} from any system"""
-    dataset_name: Optional[str] = None
-    """eval prompts and references (default: vwxyzjn/summarize_from_feedback_tldr_3_filtered for tldr, Anthropic/hh-rlhf for
-    hh)"""
-    split: Optional[str] = None
-    """eval split (default: `test`)"""
-    num_examples: int = 512
-    """how many eval examples are judged"""
-    query_length: int = 512
-    """max prompt tokens (as in training)"""
-
-    # ---- generation ----
-    response_length: Optional[int] = None
-    """tokens generated (as in training; default 53 tldr, 128 hh)"""
-    temperature: float = 0.01
-    """sampling temperature of the policies (the paper's 0.01: nearly greedy)"""
-    batch_size: int = 32
-    """prompts per generate call"""
-    seed: int = 1
-    """seed of sampling and of the random order"""
-    cuda: bool = True
-    """use CUDA when available"""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """dtype of the policies and of a local judge; auto: bfloat16 on CUDA, float32 on CPU"""
-
-    # ---- the judge ----
-    judge: Literal["openai", "hf", "rm"] = "openai"
-    """openai: a chat-completions endpoint; hf: a local causal LM's next-token choice; rm: a reward model's scores"""
-    judge_model: str = "gpt-4"
-    """the judge: an API model name (openai), or a local folder / Hub id (hf, rm)"""
-    base_url: str = "https://api.openai.com/v1"
-    """OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, ...)"""
-    api_key_env: str = "OPENAI_API_KEY"
-    """environment variable holding the API key"""
-    judge_prompt_file: Optional[str] = None
-    """a template with {prompt}, {response_a}, {response_b} replacing ours (e.g. a paper's exact prompt; the DPO paper's
-    are in judge_prompts/). Its last line shows the answer format, `<key>: <"A" or "B">`, which gives the answer key"""
-    judge_answer_key: Optional[str] = None
-    """the word(s) before the judge's answer, `Preferred` in `Preferred: A` (default: read from the template's last line)"""
-    max_unparseable: float = 0.5
-    """stop with an error, not a table, when more than this share of a model's judgements cannot be parsed"""
-    order: Literal["both", "random"] = "both"
-    """both: judge A/B and B/A, a win counts only when they agree; random: one seeded random order (half the calls)"""
-    max_concurrency: int = 8
-    """judge calls in flight at once (openai)"""
-    max_retries: int = 6
-    """retries on 429 and 5xx, with exponential backoff"""
-    backoff_s: float = 1.0
-    """first backoff delay; it doubles at each retry"""
-    cache_file: str = "eval/judge_cache.jsonl"
-    """every judgement is appended here; a rerun never repeats a call"""
-
-    # ---- outputs ----
-    output_dir: str = "eval"
-    """where the per-example and summary files go"""
+    # ---- the judge and the win rate ----
+    judge: Literal["openai", "hf", "rm"] = "openai"  # openai: a chat endpoint; hf: a local causal LM; rm: a reward model
+    judge_model: str = "gpt-4"  # the judge: an API model name (openai), or a local folder / Hub id (hf, rm)
+    order: Literal["both", "random"] = "both"  # both: A/B and B/A, a win only when they agree; random: one seeded order
+    judge_prompt_file: Optional[str] = None  # a template with {prompt}, {response_a}, {response_b} (judge_prompts/)
+    judge_answer_key: Optional[str] = None  # `Preferred` in `Preferred: A` (default: the template's last line's key)
+    max_unparseable: float = 0.5  # stop with an error, not a table, past this share of unparseable judgements
+    # ---- the responses: policies, prompts and references ----
+    task: Literal["tldr", "hh"] = "tldr"  # tldr: against the human reference summary; hh: against the chosen response
+    model_paths: list[str] = field(default_factory=list)  # policies to generate responses from (folders or Hub ids)
+    responses_file: Optional[str] = None  # instead of generating: a jsonl or csv of {prompt, response, reference}
+    dataset_name: Optional[str] = None  # eval prompts and references (default: DEFAULT_DATASETS[task])
+    split: Optional[str] = None  # eval split (default: `test`)
+    num_examples: int = 512  # how many eval examples are judged
+    query_length: int = 512  # max prompt tokens (as in training)
+    response_length: Optional[int] = None  # tokens generated (as in training; default 53 tldr, 128 hh)
+    temperature: float = 0.01  # sampling temperature of the policies (the paper's 0.01: nearly greedy)
+    seed: int = 1  # seed of sampling and of the random order
+    # ---- machinery: devices, the endpoint, the cache, the outputs ----
+    batch_size: int = 32  # prompts per generate call
+    cuda: bool = True  # use CUDA when available
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # the policies and a local judge (auto: bf16 on CUDA, else fp32)
+    base_url: str = "https://api.openai.com/v1"  # OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, ...)
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the API key
+    max_concurrency: int = 8  # judge calls in flight at once (openai)
+    max_retries: int = 6  # retries on 429 and 5xx, with exponential backoff
+    backoff_s: float = 1.0  # first backoff delay; it doubles at each retry
+    cache_file: str = "eval/judge_cache.jsonl"  # every judgement is appended here; a rerun never repeats a call
+    output_dir: str = "eval"  # where the per-example and summary files go
 
 
 PROMPTS = {
@@ -110,6 +87,202 @@ PROMPTS = {
     ),
 }
 DEFAULT_DATASETS = {"tldr": "vwxyzjn/summarize_from_feedback_tldr_3_filtered", "hh": "Anthropic/hh-rlhf"}
+ORDERS = ("policy_first", "reference_first")
+
+
+class System(NamedTuple):
+    """One system's outputs on the eval prompts; token lengths when its responses were generated here."""
+
+    prompts: list
+    responses: list
+    references: list
+    lengths: Optional[list] = None
+    reference_lengths: Optional[list] = None
+
+
+class Judgement(NamedTuple):
+    """One example's verdicts, 'A', 'B' or None (unparsed), with the policy's response first (A = policy) and with the
+    reference first (A = reference), and the judge's raw replies. --order random: the one verdict is mapped to both,
+    and the raw reply is under the order shown, the other empty."""
+
+    judge_policy_first: Optional[str]
+    judge_reference_first: Optional[str]
+    raw_policy_first: str
+    raw_reference_first: str = ""
+
+
+# ---- the win rate: the answer, both orders, the outcome, the interval ------------------------------------------------
+def parse_choice(text: str, key: str = "Preferred"):
+    """Strict: the last non-empty line must be `{key}: A` or `{key}: B` (quotes allowed). None otherwise."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    match = re.fullmatch(re.escape(key) + r":\s*\"?([AB])\"?\.?", lines[-1]) if lines else None
+    return match.group(1) if match else None
+
+
+def answer_key(template: str):
+    """The key a template asks the judge to answer with, from its last line: `More helpful: <"A" or "B">` (the DPO
+    paper's HH prompt) gives `More helpful`."""
+    last = template.strip().splitlines()[-1] if template.strip() else ""
+    if ":" not in last:
+        raise SystemExit(f'the judge prompt\'s last line, {last!r}, does not show the answer format (`Preferred: <"A" or '
+                         '"B">`): end the template with it, or give --judge-answer-key')  # fmt: skip
+    return last.split(":", 1)[0].strip()
+
+
+def outcome(first: Optional[str], second: Optional[str]):
+    """Both orders -> 'win' / 'loss' / 'tie' for the policy. `first` judged (A=policy, B=reference), `second`
+    (A=reference, B=policy); a win or a loss needs both orders to agree, anything else is a tie (half a win)."""
+    if first in ("A", "B") and second in ("A", "B") and (first == "A") == (second == "B"):
+        return "win" if first == "A" else "loss"
+    return "tie"
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96):
+    """95% Wilson score interval for a proportion (ties count half a success)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def summarize(outcomes: list[str], consistent: int, unparseable: int):
+    wins, ties, losses, n = outcomes.count("win"), outcomes.count("tie"), outcomes.count("loss"), len(outcomes)
+    return {
+        "win_rate": (wins + 0.5 * ties) / n if n else 0.0, "ci95": list(wilson_interval(wins + 0.5 * ties, n)),
+        "wins": wins, "ties": ties, "losses": losses, "n": n,
+        "position_consistency": consistent / n if n else 0.0, "unparseable": unparseable,
+    }  # fmt: skip
+
+
+def judge_pairs(name: str, system: System, judge_call, cache, args: Args, template: str, answer: str):
+    """Both orders (or one seeded random order) of each (response, reference) pair, judged once each: what the cache
+    holds is not asked again, and every reply is cached as it comes. Verdicts are parsed from the raw replies, so a
+    cached reply is read with today's answer key."""
+    rng, jobs = random.Random(args.seed), {}
+    for i, (prompt, response, reference) in enumerate(zip(system.prompts, system.responses, system.references)):
+        for order in ORDERS if args.order == "both" else [rng.choice(ORDERS)]:
+            a, b = (response, reference) if order == "policy_first" else (reference, response)
+            text = template.format(prompt=prompt, response_a=a, response_b=b)
+            jobs[(i, order)] = (Cache.key(args.judge_model, template, prompt, a, b), text)
+    todo = [job for job in jobs.values() if job[0] not in cache.entries]
+    print(f"{name}: {len(jobs)} judgements, {len(jobs) - len(todo)} from the cache, {len(todo)} to make")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.max_concurrency if args.judge == "openai" else 1) as pool:
+            for future in concurrent.futures.as_completed(
+                [pool.submit(cache.judge, judge_call, *job, answer) for job in todo]
+            ):
+                future.result()
+    except JudgeAuthError as e:
+        raise SystemExit(f"{e}. {len(cache.entries)} judgements are kept in {args.cache_file}; a rerun continues from there.")
+    judged = []
+    for i in range(len(system.prompts)):
+        first, second = (cache.entries[jobs[(i, o)][0]] if (i, o) in jobs else None for o in ORDERS)
+        raws = (first["raw"] if first else "", second["raw"] if second else "")
+        if args.order == "random":  # one order only: map it back to the policy's view
+            choice = parse_choice((first or second)["raw"], answer)
+            policy_won = (choice == "A") if first else (choice == "B")
+            verdicts = (None, None) if choice is None else ("A", "B") if policy_won else ("B", "A")
+            judged.append(Judgement(*verdicts, *raws))
+        else:
+            judged.append(Judgement(parse_choice(raws[0], answer), parse_choice(raws[1], answer), *raws))
+    return judged
+
+
+def judge_by_reward(reward_model, tokenizer, system: System, device, batch_size: int, query_length: int):
+    """A reward model is symmetric: one score each, no order to debias. The policy wins where it scores higher, loses
+    where lower; equal scores are a tie (the two orders' verdicts disagree)."""
+    policy = reward_scores(reward_model, tokenizer, system.prompts, system.responses, device, batch_size, query_length)
+    reference = reward_scores(reward_model, tokenizer, system.prompts, system.references, device, batch_size, query_length)
+    verdicts = {1: ("A", "B"), -1: ("B", "A"), 0: ("A", "A")}  # by the sign of policy - reference
+    return [
+        Judgement(*verdicts[(p > r) - (p < r)], f"rm: policy {p:.4f} reference {r:.4f}") for p, r in zip(policy, reference)
+    ]
+
+
+def report(name: str, system: System, judged: list, args: Args, answer: str):
+    """The win rate of one system, its interval and counts, and its per-example rows; stops when too many replies could
+    not be parsed (every pair would be a tie and every win rate 0.500)."""
+    outcomes = [outcome(j.judge_policy_first, j.judge_reference_first) for j in judged]
+    both = args.order == "both" and args.judge != "rm"
+    consistent = len(outcomes) - outcomes.count("tie")  # the two orders agree: a win or a loss
+    unparseable = sum((j.judge_policy_first is None) + (both and j.judge_reference_first is None) for j in judged)
+    made = len(judged) * (2 if both else 1)
+    if unparseable > args.max_unparseable * made:
+        example = next(raw for j in judged for raw, choice in zip(j[2:], j[:2]) if choice is None and raw)  # raw, verdict
+        raise SystemExit(f"{name}: {unparseable} of {made} judgements could not be parsed: the last line of a reply must be "
+            f"`{answer}: A` or `{answer}: B` (the answer key comes from the judge prompt's last line, or "
+            f"--judge-answer-key). A reply ends: {example.strip()[-200:]!r}. The replies are kept in "
+            f"{args.cache_file}.")  # fmt: skip
+    stats = summarize(outcomes, consistent, unparseable)
+    if not both:
+        stats["position_consistency"] = None  # one order (or a symmetric judge): nothing to compare
+    if system.lengths:
+        stats["mean_response_tokens"] = sum(system.lengths) / len(system.lengths)
+        stats["mean_reference_tokens"] = sum(system.reference_lengths) / len(system.reference_lengths)
+    columns = zip(system.prompts, system.responses, system.references, outcomes, judged)
+    return stats, [{"prompt": p, "response": r, "reference": ref, "outcome": o, **j._asdict()} for p, r, ref, o, j in columns]
+
+
+def main():
+    args = tyro.cli(Args)
+    if not args.model_paths and not args.responses_file:
+        raise SystemExit("give --model-paths (policies to generate from) or --responses-file (outputs to judge)")
+    args.dataset_name = args.dataset_name or DEFAULT_DATASETS[args.task]
+    args.split = args.split or "test"
+    args.response_length = args.response_length or {"tldr": 53, "hh": 128}[args.task]
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.dtype == "auto":  # nothing is trained here: bf16 on a GPU, fp32 on a CPU (where bf16 is slow)
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    template = open(args.judge_prompt_file).read() if args.judge_prompt_file else PROMPTS[args.task]
+    answer = args.judge_answer_key or answer_key(template)  # the judge answers `{answer}: A` or `{answer}: B`
+    os.makedirs(args.output_dir, exist_ok=True)
+    api_key = check_endpoint(args) if args.judge == "openai" else None  # a wrong key fails now, not after the generation
+    # 1. The responses: generated by each policy from the eval prompts, or read from a file
+    systems = {}
+    if args.responses_file:
+        rows = read_responses(args.responses_file)
+        name = os.path.splitext(os.path.basename(args.responses_file))[0]
+        systems[name] = System(*([r[c] for r in rows] for c in ("prompt", "response", "reference")))
+    for path in args.model_paths:
+        examples = load_examples(args, AutoTokenizer.from_pretrained(path))
+        responses, lengths, tokenizer = generate(path, examples, args, device)
+        references = [ref for _, ref in examples]
+        reference_lengths = [len(encode(tokenizer, r, special=False)) for r in references]
+        systems[path] = System([p for p, _ in examples], responses, references, lengths, reference_lengths)
+    # 2. The judge
+    cache = Cache(args.cache_file)
+    if args.judge == "rm":
+        reward_model = load_model(AutoModelForSequenceClassification, args.judge_model, args.dtype, device)
+        rm_tokenizer = AutoTokenizer.from_pretrained(args.judge_model)
+    elif args.judge == "hf":
+        judge_model = load_model(AutoModelForCausalLM, args.judge_model, args.dtype, device)
+        judge_call = hf_judge(judge_model, AutoTokenizer.from_pretrained(args.judge_model), device, answer)
+    else:
+        judge_call = openai_judge(args, api_key)
+    # 3. The judgements (each cached as it is made), and 4. the report
+    summary = {"judge": args.judge, "judge_model": args.judge_model, "judge_prompt": template, "order": args.order,
+               "task": args.task, "models": {}}  # fmt: skip
+    for name, system in systems.items():
+        if args.judge == "rm":
+            judged = judge_by_reward(reward_model, rm_tokenizer, system, device, args.batch_size, args.query_length)
+        else:
+            judged = judge_pairs(name, system, judge_call, cache, args, template, answer)
+        summary["models"][name], rows = report(name, system, judged, args, answer)
+        write_rows(rows, f"{args.output_dir}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('_')}")
+    json.dump(summary | {"args": asdict(args)}, open(f"{args.output_dir}/summary.json", "w"), indent=1)
+    print_table(summary)
+    if len(summary["models"]) > 1:
+        plot_winrates(summary["models"], f"{args.output_dir}/winrates.png")
+    print(f"per-example files and summary.json in {args.output_dir}/")
+
+
+# ======================================================================================================================
+# Appendix: the machinery. The eval data; the policies' responses and the local judges; the endpoint; the cache; output.
+# ======================================================================================================================
 TLDR_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 HH_TAG = "\n\nAssistant:"
 
@@ -127,140 +300,98 @@ def prompt_ids(tokenizer, prompt: str, query_length: int):
     return head + ids[max(0, len(head) + len(ids) - query_length) :]
 
 
-class JudgeAuthError(Exception):
-    """401/403: the run stops; every judgement made so far is in the cache."""
-
-
-def parse_choice(text: str, key: str = "Preferred"):
-    """Strict: the last non-empty line must be `{key}: A` or `{key}: B` (quotes allowed). None otherwise."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    match = re.fullmatch(re.escape(key) + r":\s*\"?([AB])\"?\.?", lines[-1]) if lines else None
-    return match.group(1) if match else None
-
-
-def answer_key(template: str):
-    """The key a template asks the judge to answer with, from its last line: `More helpful: <"A" or "B">` (the DPO
-    paper's HH prompt) gives `More helpful`."""
-    last = template.strip().splitlines()[-1] if template.strip() else ""
-    if ":" not in last:
-        raise SystemExit(
-            f'the judge prompt\'s last line, {last!r}, does not show the answer format (`Preferred: <"A" or "B">`): '
-            "end the template with it, or give --judge-answer-key"
-        )
-    return last.split(":", 1)[0].strip()
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.96):
-    """95% Wilson score interval for a proportion (ties count half a success)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
-def outcome(first: Optional[str], second: Optional[str]):
-    """Both orders -> 'win' / 'loss' / 'tie' for the policy. `first` judged (A=policy, B=reference), `second`
-    (A=reference, B=policy); a win or a loss needs both orders to agree, anything else is a tie (half a win)."""
-    policy_first, policy_second = first == "A", second == "B"
-    if first in ("A", "B") and second in ("A", "B"):
-        if policy_first and policy_second:
-            return "win"
-        if not policy_first and not policy_second:
-            return "loss"
-    return "tie"
-
-
-def summarize(outcomes: list[str], consistent: int, unparseable: int):
-    wins, ties, losses = outcomes.count("win"), outcomes.count("tie"), outcomes.count("loss")
-    n = len(outcomes)
-    low, high = wilson_interval(wins + 0.5 * ties, n)
-    return {
-        "win_rate": (wins + 0.5 * ties) / n if n else 0.0,
-        "ci95": [low, high],
-        "wins": wins,
-        "ties": ties,
-        "losses": losses,
-        "n": n,
-        "position_consistency": consistent / n if n else 0.0,
-        "unparseable": unparseable,
-    }
-
-
-class Cache:
-    """Append-only jsonl of judgements, keyed by a hash of the judge, the template, the prompt and both responses in
-    order. Each line is flushed as soon as it is judged, so a crash loses nothing."""
-
-    def __init__(self, path: str):
-        self.path, self.lock, self.entries = path, threading.Lock(), {}
-        if os.path.exists(path):
-            for line in open(path):
-                if line.strip():
-                    entry = json.loads(line)
-                    self.entries[entry["key"]] = entry
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.file = open(path, "a")
-
-    @staticmethod
-    def key(judge_model: str, template: str, prompt: str, a: str, b: str):
-        return hashlib.sha256(json.dumps([judge_model, template, prompt, a, b]).encode()).hexdigest()
-
-    def add(self, key: str, choice: Optional[str], raw: str):
-        with self.lock:
-            self.entries[key] = {"key": key, "choice": choice, "raw": raw}
-            self.file.write(json.dumps(self.entries[key]) + "\n")
-            self.file.flush()
-
-
-def openai_judge(args: Args, api_key: str):
-    """A function (prompt text) -> reply text, calling an OpenAI-compatible chat endpoint with retries."""
-
-    def call(text: str):
-        body = json.dumps(
-            {"model": args.judge_model, "temperature": 0, "messages": [{"role": "user", "content": text}]}
-        ).encode()
-        for attempt in range(args.max_retries + 1):
-            request = urllib.request.Request(
-                f"{args.base_url.rstrip('/')}/chat/completions",
-                data=body,
-                method="POST",
-                headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=120) as response:
-                    return json.loads(response.read())["choices"][0]["message"]["content"]
-            except urllib.error.HTTPError as e:
-                if e.code in (401, 403):
-                    raise JudgeAuthError(
-                        f"the judge endpoint answered {e.code}: check ${args.api_key_env} and --base-url"
-                    ) from None
-                if (e.code != 429 and e.code < 500) or attempt == args.max_retries:
-                    raise
-            except urllib.error.URLError as e:
-                if attempt == args.max_retries:
-                    raise SystemExit(
-                        f"the judge endpoint {args.base_url} cannot be reached ({e.reason}); judgements so far "
-                        f"are cached in {args.cache_file}"
-                    ) from None
-            time.sleep(args.backoff_s * 2**attempt)  # 429 or 5xx: back off and retry
-
-    return call
-
-
-def check_endpoint(args: Args, api_key: str):
-    """The endpoint answers and does not refuse the key (GET /models; a server without that route answers 404: fine)."""
-    request = urllib.request.Request(f"{args.base_url.rstrip('/')}/models", headers={"Authorization": f"Bearer {api_key}"})
+def load_examples(args: Args, tokenizer):
+    """(prompt text, reference response) pairs of the eval split: TL;DR posts against their reference summary, HH
+    transcripts against their chosen response."""
+    name = args.dataset_name
     try:
-        urllib.request.urlopen(request, timeout=10).close()
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            raise SystemExit(f"the judge endpoint {args.base_url} refused the key in ${args.api_key_env} ({e.code})") from None
-    except OSError as e:
+        if name.endswith((".json", ".jsonl")):  # its one split is `train` (a slice of it, `train[:100]`, kept)
+            split = args.split if args.split.startswith("train") else "train"
+            ds = load_dataset("json", data_files={"train": name}, split=split)
+        else:
+            ds = load_dataset(name, split=args.split)
+    except Exception as e:
+        if os.path.exists(name):
+            raise
         raise SystemExit(
-            f"the judge endpoint {args.base_url} cannot be reached ({getattr(e, 'reason', e)}): check --base-url "
-            "and the network"
+            f"Could not load '{name}' ({type(e).__name__}: {e}). If this machine is offline, point "
+            "--dataset-name at a local folder or json/jsonl file, or judge existing outputs with --responses-file."
         ) from None
+    examples = []
+    for row in ds.select(range(min(args.num_examples, len(ds)))):
+        if args.task == "tldr":
+            post = row["post"]  # cut as in training (N+): at the last newline, nothing stripped, then character by character
+            while post and len(encode(tokenizer, TLDR_FORMAT.format_map(row | {"post": post}))) > args.query_length:
+                post = post[: post.rfind("\n")]
+            examples.append((TLDR_FORMAT.format_map(row | {"post": post}), " " + row["summary"].strip()))
+        elif (end := os.path.commonprefix([row["chosen"], row["rejected"]]).rfind(HH_TAG)) >= 0:
+            examples.append((row["chosen"][: end + len(HH_TAG)], row["chosen"][end + len(HH_TAG) :]))
+    return examples
+
+
+def read_responses(path: str):
+    """{prompt, response, reference} rows from a jsonl or csv file."""
+    rows = list(csv.DictReader(open(path))) if path.endswith(".csv") else [json.loads(x) for x in open(path) if x.strip()]
+    for i, row in enumerate(rows):
+        for column in ("prompt", "response", "reference"):
+            if not isinstance(row.get(column), str):
+                raise SystemExit(f"{path} row {i}: column '{column}' is missing or not a string (expected prompt, response, "
+                                 "reference)")  # fmt: skip
+    return rows
+
+
+def load_model(cls, path: str, dtype: str, device):
+    return cls.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+
+
+@torch.no_grad()
+def generate(path: str, examples, args: Args, device):
+    """Responses of one policy: temperature 0.01 sampling, response_length tokens, cut after the first EOS, never the pad
+    token nor an embedding row past the tokenizer (as in training). (responses, their token lengths, the tokenizer)"""
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = load_model(AutoModelForCausalLM, path, args.dtype, device)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:  # a policy from elsewhere
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # a dedicated pad, so that the EOS is never masked
+        model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))
+    model.generation_config = GenerationConfig()  # as in training: the EOS trick, and no setting of the checkpoint's own
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    non_tokens = [pad_id] + list(range(len(tokenizer), model.get_input_embeddings().num_embeddings))
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, suppress_tokens=non_tokens)
+    responses = []
+    for i in range(0, len(examples), args.batch_size):
+        ids = left_pad([prompt_ids(tokenizer, p, args.query_length) for p, _ in examples[i : i + args.batch_size]], pad_id)
+        ids, n = ids.to(device), args.response_length
+        out = model.generate(input_ids=ids, attention_mask=(ids != pad_id).long(), max_new_tokens=n, min_new_tokens=n,
+                             pad_token_id=pad_id, **sampling)[:, ids.shape[1] :]  # fmt: skip
+        for row in out.tolist():
+            responses.append(tokenizer.decode(row[: row.index(eos_id)] if eos_id in row else row, skip_special_tokens=True))
+        print(f"  {path}: {len(responses)}/{len(examples)} responses", end="\r")
+    print()
+    return responses, [len(encode(tokenizer, r, special=False)) for r in responses], tokenizer
+
+
+def left_pad(sequences, pad_id: int, width: int = 0):
+    width = max(width, max(len(s) for s in sequences))  # (rows, max(width, longest))
+    return torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
+
+
+@torch.no_grad()
+def reward_scores(model, tokenizer, prompts, responses, device, batch_size: int, query_length: int):
+    """Reward-model scores of prompt + response (+ EOS), read at the last non-pad token; a long prompt keeps its end,
+    as in training. reward_model.py keeps its normalisation in config.reward_bias where the architecture cannot hold
+    it in the weights (Llama's RMSNorm)."""
+    offset = 0.0 if getattr(model.config, "reward_bias_in_weights", True) else model.config.reward_bias
+    scores, pad_id, eos_id = [], tokenizer.pad_token_id, tokenizer.eos_token_id
+    for i in range(0, len(prompts), batch_size):
+        pairs = zip(prompts[i : i + batch_size], responses[i : i + batch_size])
+        seqs = [
+            prompt_ids(tokenizer, p, query_length) + encode(tokenizer, " " + r.strip(), special=False) + [eos_id]
+            for p, r in pairs
+        ]
+        width = max(map(len, seqs))  # right-padded: the positions count from the first token
+        ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=device)
+        scores += (model(input_ids=ids, attention_mask=(ids != pad_id).long()).logits[:, 0].float() + offset).tolist()
+    return scores
 
 
 def hf_judge(model, tokenizer, device, key: str):
@@ -278,227 +409,77 @@ def hf_judge(model, tokenizer, device, key: str):
     return call
 
 
-def reward_scores(model, tokenizer, prompts, responses, device, batch_size: int, query_length: int):
-    """Reward-model scores of prompt + response (+ EOS), read at the last non-pad token; a long prompt keeps its end,
-    as in training. reward_model.py keeps its normalisation in config.reward_bias where the architecture cannot hold
-    it in the weights (Llama's RMSNorm)."""
-    offset = 0.0 if getattr(model.config, "reward_bias_in_weights", True) else model.config.reward_bias
-    scores = []
-    for i in range(0, len(prompts), batch_size):
-        seqs = [
-            prompt_ids(tokenizer, p, query_length)
-            + encode(tokenizer, " " + r.strip(), special=False)
-            + [tokenizer.eos_token_id]
-            for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])
-        ]
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], device=device)
-        with torch.no_grad():
-            scores += (
-                model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits[:, 0].float() + offset
-            ).tolist()
-    return scores
+# ---- the OpenAI-compatible endpoint, over HTTP with the standard library ----
+class JudgeAuthError(Exception):
+    """401/403: the run stops; every judgement made so far is in the cache."""
 
 
-def load_examples(args: Args, tokenizer):
-    """(prompt text, reference response) pairs of the eval split."""
-    name = args.dataset_name
+def openai_judge(args: Args, api_key: str):
+    """A function (prompt text) -> reply text, calling an OpenAI-compatible chat endpoint with retries."""
+
+    def call(text: str):
+        body = json.dumps({"model": args.judge_model, "temperature": 0, "messages": [{"role": "user", "content": text}]})
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"}
+        for attempt in range(args.max_retries + 1):
+            request = urllib.request.Request(f"{args.base_url.rstrip('/')}/chat/completions", body.encode(), headers)
+            try:
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    return json.loads(response.read())["choices"][0]["message"]["content"]
+            except urllib.error.HTTPError as e:
+                if e.code in (401, 403):
+                    raise JudgeAuthError(f"the judge endpoint answered {e.code}: check ${args.api_key_env} and --base-url")
+                if (e.code != 429 and e.code < 500) or attempt == args.max_retries:
+                    raise
+            except urllib.error.URLError as e:
+                if attempt == args.max_retries:
+                    raise SystemExit(f"the judge endpoint {args.base_url} cannot be reached ({e.reason}); judgements so "
+                                     f"far are cached in {args.cache_file}") from None  # fmt: skip
+            time.sleep(args.backoff_s * 2**attempt)  # 429 or 5xx: back off and retry
+
+    return call
+
+
+def check_endpoint(args: Args):
+    """The API key, once the endpoint answers and does not refuse it (GET /models; a server without that route: 404)."""
+    if not (api_key := os.environ.get(args.api_key_env)):
+        raise SystemExit(f"--judge openai needs an API key in ${args.api_key_env}")
+    request = urllib.request.Request(f"{args.base_url.rstrip('/')}/models", headers={"Authorization": f"Bearer {api_key}"})
     try:
-        if name.endswith((".json", ".jsonl")):
-            ds = load_dataset(
-                "json", data_files={"train": name}, split=args.split if args.split.startswith("train") else "train"
-            )
-        else:
-            ds = load_dataset(name, split=args.split)
-    except Exception as e:
-        if os.path.exists(name):
-            raise
-        raise SystemExit(
-            f"Could not load '{name}' ({type(e).__name__}: {e}). If this machine is offline, point --dataset-name at a "
-            "local folder or json/jsonl file, or judge existing outputs with --responses-file."
-        ) from None
-    examples = []
-    for i, row in enumerate(ds.select(range(min(args.num_examples, len(ds))))):
-        if args.task == "tldr":
-            post = row["post"]  # cut as in training (N+): at the last newline, nothing stripped, then character by character
-            while (
-                post
-                and len(encode(tokenizer, TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post)))
-                > args.query_length
-            ):
-                post = post[: post.rfind("\n")]
-            examples.append(
-                (TLDR_FORMAT.format(subreddit=row["subreddit"], title=row["title"], post=post), " " + row["summary"].strip())
-            )
-        else:
-            end = os.path.commonprefix([row["chosen"], row["rejected"]]).rfind(HH_TAG)
-            if end >= 0:
-                examples.append((row["chosen"][: end + len(HH_TAG)], row["chosen"][end + len(HH_TAG) :]))
-    return examples
+        urllib.request.urlopen(request, timeout=10).close()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise SystemExit(f"the judge endpoint {args.base_url} refused the key in ${args.api_key_env} ({e.code})") from None
+    except OSError as e:
+        raise SystemExit(f"the judge endpoint {args.base_url} cannot be reached ({getattr(e, 'reason', e)}): check "
+                         "--base-url and the network") from None  # fmt: skip
+    return api_key
 
 
-@torch.no_grad()
-def generate(path: str, examples, args: Args, device):
-    """Responses of one policy: temperature 0.01 sampling, response_length tokens, cut after the first EOS."""
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(device).eval()
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:  # a policy from elsewhere
-        tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # a dedicated pad, so that the EOS is never masked
-        model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))
-    model.generation_config = GenerationConfig()  # as in training: the EOS trick, and no setting of the checkpoint's own
-    # never write the pad token, nor an embedding row past the tokenizer (no text encodes to it), as in training
-    non_tokens = [tokenizer.pad_token_id] + list(range(len(tokenizer), model.get_input_embeddings().num_embeddings))
-    responses = []
-    for i in range(0, len(examples), args.batch_size):
-        prompts = [prompt_ids(tokenizer, p, args.query_length) for p, _ in examples[i : i + args.batch_size]]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=(ids != tokenizer.pad_token_id).long(),
-            max_new_tokens=args.response_length,
-            min_new_tokens=args.response_length,
-            do_sample=True,
-            temperature=args.temperature,
-            top_k=0,
-            top_p=1.0,
-            pad_token_id=tokenizer.pad_token_id,
-            suppress_tokens=non_tokens,
-        )[:, width:]
-        for row in out.tolist():
-            row = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
-            responses.append(tokenizer.decode(row, skip_special_tokens=True))
-        print(f"  {path}: {len(responses)}/{len(examples)} responses", end="\r")
-    print()
-    return responses, [len(encode(tokenizer, r, special=False)) for r in responses], tokenizer
+# ---- the judgement cache and the outputs ----
+class Cache:
+    """Append-only jsonl of judgements, keyed by a hash of the judge, the template, the prompt and both responses in
+    order. Each line is flushed as soon as it is judged, so a crash loses nothing."""
 
+    def __init__(self, path: str):
+        self.lock, self.entries = threading.Lock(), {}
+        for line in open(path) if os.path.exists(path) else []:
+            if line.strip():
+                entry = json.loads(line)
+                self.entries[entry["key"]] = entry
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.file = open(path, "a")
 
-def read_responses(path: str):
-    """{prompt, response, reference} rows from a jsonl or csv file."""
-    rows = list(csv.DictReader(open(path))) if path.endswith(".csv") else [json.loads(x) for x in open(path) if x.strip()]
-    for i, row in enumerate(rows):
-        for column in ("prompt", "response", "reference"):
-            if not isinstance(row.get(column), str):
-                raise SystemExit(
-                    f"{path} row {i}: column '{column}' is missing or not a string (expected prompt, response, reference)"
-                )
-    return rows
+    @staticmethod
+    def key(judge_model: str, template: str, prompt: str, a: str, b: str):
+        return hashlib.sha256(json.dumps([judge_model, template, prompt, a, b]).encode()).hexdigest()
 
-
-class System(NamedTuple):
-    """One system's outputs on the eval prompts; token lengths when its responses were generated here."""
-
-    prompts: list
-    responses: list
-    references: list
-    lengths: Optional[list] = None
-    reference_lengths: Optional[list] = None
-
-
-class Judgement(NamedTuple):
-    """One example's verdicts, 'A', 'B' or None (unparsed): with the policy's response first (A = policy) and with the
-    reference first (A = reference), and the judge's raw replies. One order only (--order random): its verdict is
-    mapped to both, and the raw reply is under the order shown, the other empty."""
-
-    judge_policy_first: Optional[str]
-    judge_reference_first: Optional[str]
-    raw_policy_first: str
-    raw_reference_first: str = ""
-
-
-def judge_by_reward(reward_model, tokenizer, system: System, device, batch_size: int, query_length: int):
-    """A reward model is symmetric: one score each, no order to debias. The policy wins where it scores higher, loses
-    where lower; equal scores are a tie (the two orders' verdicts disagree)."""
-    policy = reward_scores(reward_model, tokenizer, system.prompts, system.responses, device, batch_size, query_length)
-    reference = reward_scores(reward_model, tokenizer, system.prompts, system.references, device, batch_size, query_length)
-    verdicts = {1: ("A", "B"), -1: ("B", "A"), 0: ("A", "A")}  # by the sign of policy - reference
-    return [
-        Judgement(*verdicts[(p > r) - (p < r)], f"rm: policy {p:.4f} reference {r:.4f}") for p, r in zip(policy, reference)
-    ]
-
-
-def judge_one(judge_call, cache, key: str, text: str, answer: str):
-    """One judgement, cached as soon as it is made (called from a thread pool)."""
-    raw = judge_call(text)
-    cache.add(key, parse_choice(raw, answer), raw)
-
-
-def judge_pairs(name: str, system: System, judge_call, cache, args: Args, template: str, answer: str):
-    """Both orders (or one seeded random order) of each (response, reference) pair, judged once each: what the cache
-    holds is not asked again, and every reply is cached as it comes. Verdicts are parsed from the raw replies, so a
-    cached reply is read with today's answer key."""
-    rng, jobs = random.Random(args.seed), {}
-    for i, (prompt, response, reference) in enumerate(zip(system.prompts, system.responses, system.references)):
-        orders = (
-            ["policy_first", "reference_first"] if args.order == "both" else [rng.choice(["policy_first", "reference_first"])]
-        )
-        for order in orders:
-            a, b = (response, reference) if order == "policy_first" else (reference, response)
-            jobs[(i, order)] = (
-                Cache.key(args.judge_model, template, prompt, a, b),
-                template.format(prompt=prompt, response_a=a, response_b=b),
-            )
-    todo = [job for job in jobs.values() if job[0] not in cache.entries]
-    print(f"{name}: {len(jobs)} judgements, {len(jobs) - len(todo)} from the cache, {len(todo)} to make")
-    try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=args.max_concurrency if args.judge == "openai" else 1) as pool:
-            for future in concurrent.futures.as_completed(
-                [pool.submit(judge_one, judge_call, cache, key, text, answer) for key, text in todo]
-            ):
-                future.result()
-    except JudgeAuthError as e:
-        raise SystemExit(f"{e}. {len(cache.entries)} judgements are kept in {args.cache_file}; a rerun continues from there.")
-    judged = []
-    for i in range(len(system.prompts)):
-        first, second = (
-            cache.entries[jobs[(i, o)][0]] if (i, o) in jobs else None for o in ("policy_first", "reference_first")
-        )
-        if args.order == "random":  # one order only: map it back to the policy's view
-            choice = parse_choice((first or second)["raw"], answer)
-            policy_won = (choice == "A") if first else (choice == "B")
-            verdicts = (None, None) if choice is None else (("A", "B") if policy_won else ("B", "A"))
-            judged.append(Judgement(*verdicts, first["raw"] if first else "", second["raw"] if second else ""))
-        else:
-            judged.append(
-                Judgement(parse_choice(first["raw"], answer), parse_choice(second["raw"], answer), first["raw"], second["raw"])
-            )
-    return judged
-
-
-def report(name: str, system: System, judged: list, args: Args, answer: str):
-    """The win rate of one system, its interval and counts; stops when too many replies could not be parsed."""
-    outcomes = [outcome(j.judge_policy_first, j.judge_reference_first) for j in judged]
-    both = args.order == "both" and args.judge != "rm"
-    consistent = sum(
-        None not in (j.judge_policy_first, j.judge_reference_first)
-        and (j.judge_policy_first == "A") == (j.judge_reference_first == "B")
-        for j in judged
-    )
-    unparseable = sum((j.judge_policy_first is None) + (both and j.judge_reference_first is None) for j in judged)
-    made = len(judged) * (2 if both else 1)
-    if unparseable > args.max_unparseable * made:  # every pair would be a tie and every win rate 0.500: no table
-        example = next(
-            raw
-            for j in judged
-            for raw, c in ((j.raw_policy_first, j.judge_policy_first), (j.raw_reference_first, j.judge_reference_first))
-            if c is None and raw
-        )
-        raise SystemExit(
-            f"{name}: {unparseable} of {made} judgements could not be parsed: the last line of a reply must be "
-            f"`{answer}: A` or `{answer}: B` (the answer key comes from the judge prompt's last line, or "
-            f"--judge-answer-key). A reply ends: {example.strip()[-200:]!r}. The replies are kept in {args.cache_file}."
-        )
-    stats = summarize(outcomes, consistent, unparseable)
-    if not both:
-        stats["position_consistency"] = None  # one order (or a symmetric judge): nothing to compare
-    if system.lengths:
-        stats["mean_response_tokens"] = sum(system.lengths) / len(system.lengths)
-        stats["mean_reference_tokens"] = sum(system.reference_lengths) / len(system.reference_lengths)
-    rows = [
-        {"prompt": p, "response": r, "reference": ref, "outcome": o, **j._asdict()}
-        for p, r, ref, o, j in zip(system.prompts, system.responses, system.references, outcomes, judged)
-    ]
-    return stats, rows
+    def judge(self, judge_call, key: str, text: str, answer: str):
+        """One judgement (called from a thread pool), written and flushed as soon as it is made."""
+        raw = judge_call(text)
+        with self.lock:
+            self.entries[key] = {"key": key, "choice": parse_choice(raw, answer), "raw": raw}
+            self.file.write(json.dumps(self.entries[key]) + "\n")
+            self.file.flush()
 
 
 def write_rows(rows: list, stem: str):
@@ -513,21 +494,16 @@ def write_rows(rows: list, stem: str):
 
 def print_table(summary: dict):
     print(f"\njudge: {summary['judge']} ({summary['judge_model']}), order: {summary['order']}")
-    print(
-        f"{'model':<40} {'win rate':>8} {'95% CI':>15} {'W/T/L':>12} {'consistent':>10} {'unparsed':>8} {'len':>6} "
-        f"{'ref len':>7}"
-    )
+    header = ("model", "win rate", "95% CI", "W/T/L", "consistent", "unparsed", "len", "ref len")
+    print(" ".join(f"{h:{w}}" for h, w in zip(header, ("<40", ">8", ">15", ">12", ">10", ">8", ">6", ">7"))))
     for name, s in summary["models"].items():
+        has_lengths = "mean_response_tokens" in s
         lengths = (
-            f"{s['mean_response_tokens']:6.1f} {s['mean_reference_tokens']:7.1f}"
-            if "mean_response_tokens" in s
-            else f"{'-':>6} {'-':>7}"
+            f"{s['mean_response_tokens']:6.1f} {s['mean_reference_tokens']:7.1f}" if has_lengths else f"{'-':>6} {'-':>7}"
         )
         consistency = s["position_consistency"] if s["position_consistency"] is None else round(s["position_consistency"], 3)
-        print(
-            f"{name[-40:]:<40} {s['win_rate']:8.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] "
-            f"{s['wins']:>4}/{s['ties']}/{s['losses']:<4} {consistency!s:>10} {s['unparseable']:8d} {lengths}"
-        )
+        print(f"{name[-40:]:<40} {s['win_rate']:8.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] "
+              f"{s['wins']:>4}/{s['ties']}/{s['losses']:<4} {consistency!s:>10} {s['unparseable']:8d} {lengths}")  # fmt: skip
 
 
 def plot_winrates(models: dict, path: str):
@@ -538,8 +514,7 @@ def plot_winrates(models: dict, path: str):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no bar chart (pip install matplotlib)")
-        return
+        return print("matplotlib is not installed: no bar chart (pip install matplotlib)")
     names = list(models)
     rates = [models[n]["win_rate"] for n in names]
     errors = [
@@ -554,80 +529,4 @@ def plot_winrates(models: dict, path: str):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    if not args.model_paths and not args.responses_file:
-        raise SystemExit("give --model-paths (policies to generate from) or --responses-file (outputs to judge)")
-    args.dataset_name = args.dataset_name or DEFAULT_DATASETS[args.task]
-    args.split = args.split or "test"
-    args.response_length = args.response_length or {"tldr": 53, "hh": 128}[args.task]
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.dtype == "auto":  # nothing is trained here: bf16 on a GPU, fp32 on a CPU (where bf16 is slow)
-        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
-    template = open(args.judge_prompt_file).read() if args.judge_prompt_file else PROMPTS[args.task]
-    answer = args.judge_answer_key or answer_key(template)  # the judge answers `{answer}: A` or `{answer}: B`
-    os.makedirs(args.output_dir, exist_ok=True)
-
-    if args.judge == "openai":  # before any generation: a missing key or a wrong endpoint fails now, not in an hour
-        api_key = os.environ.get(args.api_key_env)
-        if not api_key:
-            raise SystemExit(f"--judge openai needs an API key in ${args.api_key_env}")
-        check_endpoint(args, api_key)
-
-    # ---- 1. responses: generated by each policy, or read from a file ----
-    systems = {}
-    if args.responses_file:
-        rows = read_responses(args.responses_file)
-        name = os.path.splitext(os.path.basename(args.responses_file))[0]
-        systems[name] = System([r["prompt"] for r in rows], [r["response"] for r in rows], [r["reference"] for r in rows])
-    for path in args.model_paths:
-        examples = load_examples(args, AutoTokenizer.from_pretrained(path))
-        responses, lengths, tokenizer = generate(path, examples, args, device)
-        references = [ref for _, ref in examples]
-        systems[path] = System(
-            [p for p, _ in examples],
-            responses,
-            references,
-            lengths,
-            [len(encode(tokenizer, r, special=False)) for r in references],
-        )
-
-    # ---- 2. the judge ----
-    if args.judge == "openai":
-        judge_call = openai_judge(args, api_key)
-    elif args.judge == "hf":
-        judge_model = (
-            AutoModelForCausalLM.from_pretrained(args.judge_model, dtype=getattr(torch, args.dtype)).to(device).eval()
-        )
-        judge_call = hf_judge(judge_model, AutoTokenizer.from_pretrained(args.judge_model), device, answer)
-    else:
-        rm_tokenizer = AutoTokenizer.from_pretrained(args.judge_model)
-        reward_model = (
-            AutoModelForSequenceClassification.from_pretrained(args.judge_model, dtype=getattr(torch, args.dtype))
-            .to(device)
-            .eval()
-        )
-    cache = Cache(args.cache_file)
-
-    # ---- 3. judgements (cached one by one) and 4. the report ----
-    summary = {
-        "judge": args.judge,
-        "judge_model": args.judge_model,
-        "judge_prompt": template,
-        "order": args.order,
-        "task": args.task,
-        "models": {},
-    }
-    for name, system in systems.items():
-        if args.judge == "rm":
-            judged = judge_by_reward(reward_model, rm_tokenizer, system, device, args.batch_size, args.query_length)
-        else:
-            judged = judge_pairs(name, system, judge_call, cache, args, template, answer)
-        summary["models"][name], rows = report(name, system, judged, args, answer)
-        write_rows(rows, f"{args.output_dir}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('_')}")
-    json.dump(summary | {"args": asdict(args)}, open(f"{args.output_dir}/summary.json", "w"), indent=1)
-    print_table(summary)
-    if len(summary["models"]) > 1:
-        plot_winrates(summary["models"], f"{args.output_dir}/winrates.png")
-    print(f"per-example files and summary.json in {args.output_dir}/")
+    main()

@@ -83,9 +83,7 @@ class Args:
     early_stop_score: Optional[float] = None  # stop (and save) once the evaluation's mean score reaches this value
     # ---- the run ----
     exp_name: str = "online_dpo"  # name of this experiment (part of the run name)
-    run_name: Optional[str] = (
-        None  # log, config and checkpoints go to runs/{run_name} (default: {task}__{exp}__{seed}__{time})
-    )
+    run_name: Optional[str] = None  # log, config, checkpoints: runs/{run_name} (default: {task}__{exp}__{seed}__{time})
     seed: int = 1  # seed of the experiment
     output_dir: str = "models/online_dpo"  # where the final policy and tokenizer are saved
     # ---- memory and speed: batch splits, dtypes, LoRA, FSDP ----

@@ -58,9 +58,7 @@ class Args:
     eval_every: int = 100  # eval accuracy every N optimizer steps and at the end (0: at the end only)
     # ---- the run ----
     exp_name: str = "reward"  # name of this experiment (part of the run name)
-    run_name: Optional[str] = (
-        None  # log, config and checkpoints go to runs/{run_name} (default: {task}__{exp}__{seed}__{time})
-    )
+    run_name: Optional[str] = None  # log, config, checkpoints: runs/{run_name} (default: {task}__{exp}__{seed}__{time})
     seed: int = 1  # seed of the experiment (and of the head's init)
     output_dir: str = "models/reward"  # where the reward model and tokenizer are saved
     # ---- memory and speed ----

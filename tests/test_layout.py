@@ -31,3 +31,22 @@ def test_the_readmes_reading_figures_are_the_scripts():
     diff = subprocess.run(["diff", "ppo_baseline.py", "drpo_tldr.py"], cwd=ROOT, capture_output=True, text=True).stdout
     changed = sum(line[:2] in ("< ", "> ") or line in ("<", ">") for line in diff.splitlines())
     assert figure(paragraph, r"drpo_tldr.py` has ([\d,]+) changed lines") == changed
+
+
+TRAINING_SCRIPTS = ["sft.py", "reward_model.py", "dpo_baseline.py", "ppo_baseline.py", "drpo_tldr.py", "drpo_hh.py",
+                    "rebel.py", "online_dpo.py", "hypo.py"]  # fmt: skip
+
+
+def test_every_script_follows_the_layout_of_style_md():
+    """../shared/STYLE.md's layout, in every script: a header comment, `Args` with a one-line comment on each flag (no
+    docstring under a field; the computed, suppressed fields aside), the method before `main()`, then one marked appendix, then `main()` called last."""
+    for script in TRAINING_SCRIPTS + ["eval_winrate.py"]:
+        source = open(os.path.join(ROOT, script)).read()
+        lines = source.splitlines()
+        assert lines[0].startswith("# "), script
+        args = source[source.index("class Args:") : source.index("\n\n\n", source.index("class Args:"))]
+        fields = [line for line in args.splitlines()[1:] if re.match(r"    \w+: ", line) and "Suppress[" not in line]
+        assert fields and all("  # " in line for line in fields), (script, [f for f in fields if "  # " not in f])
+        assert '"""' not in args, f"{script}: a flag documented by a docstring, not a one-line comment"
+        main, appendix = lines.index("def main():"), next(i for i, line in enumerate(lines) if line.startswith("# Appendix"))
+        assert main < appendix and lines[-2:] == ['if __name__ == "__main__":', "    main()"], script
