@@ -40,14 +40,14 @@ class Args:
     judge: Literal["openai", "hf", "rm"] = "openai"  # openai: a chat endpoint; hf: a local causal LM; rm: a reward model
     judge_model: str = "gpt-4"  # the judge: an API model name (openai), or a local folder / Hub id (hf, rm)
     order: Literal["both", "random"] = "both"  # both: A/B and B/A, a win only when they agree; random: one seeded order
-    judge_prompt_file: Optional[str] = None  # a template with {prompt}, {response_a}, {response_b} (judge_prompts/)
-    judge_answer_key: Optional[str] = None  # `Preferred` in `Preferred: A` (default: the template's last line's key)
+    judge_prompt_file: Optional[str] = None  # a template with {prompt}, {response_a}, {response_b}, answer key last
+    judge_answer_key: Optional[str] = None  # `Preferred` in `Preferred: A` (default: read from the template's last line)
     max_unparseable: float = 0.5  # stop with an error, not a table, past this share of unparseable judgements
     # ---- the responses: policies, prompts and references ----
     task: Literal["tldr", "hh"] = "tldr"  # tldr: against the human reference summary; hh: against the chosen response
     model_paths: list[str] = field(default_factory=list)  # policies to generate responses from (folders or Hub ids)
     responses_file: Optional[str] = None  # instead of generating: a jsonl or csv of {prompt, response, reference}
-    dataset_name: Optional[str] = None  # eval prompts and references (default: DEFAULT_DATASETS[task])
+    dataset_name: Optional[str] = None  # eval prompts and references (default: the TL;DR SFT dataset or Anthropic/hh-rlhf)
     split: Optional[str] = None  # eval split (default: `test`)
     num_examples: int = 512  # how many eval examples are judged
     query_length: int = 512  # max prompt tokens (as in training)
@@ -346,7 +346,7 @@ def load_model(cls, path: str, dtype: str, device):
 
 @torch.no_grad()
 def generate(path: str, examples, args: Args, device):
-    """Responses of one policy: temperature 0.01 sampling, response_length tokens, cut after the first EOS, never the pad
+    """Responses of one policy: --temperature sampling (0.01), response_length tokens, cut after the first EOS, never the pad
     token nor an embedding row past the tokenizer (as in training). (responses, their token lengths, the tokenizer)"""
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     model = load_model(AutoModelForCausalLM, path, args.dtype, device)
@@ -440,7 +440,7 @@ def openai_judge(args: Args, api_key: str):
 
 
 def check_endpoint(args: Args):
-    """The API key, once the endpoint answers and does not refuse it (GET /models; a server without that route: 404)."""
+    """The API key, or an exit when it is missing, the endpoint cannot be reached or refuses it (GET /models; 404 is fine)."""
     if not (api_key := os.environ.get(args.api_key_env)):
         raise SystemExit(f"--judge openai needs an API key in ${args.api_key_env}")
     request = urllib.request.Request(f"{args.base_url.rstrip('/')}/models", headers={"Authorization": f"Bearer {api_key}"})

@@ -39,7 +39,8 @@ TRAINING_SCRIPTS = ["sft.py", "reward_model.py", "dpo_baseline.py", "ppo_baselin
 
 def test_every_script_follows_the_layout_of_style_md():
     """../shared/STYLE.md's layout, in every script: a header comment, `Args` with a one-line comment on each flag (no
-    docstring under a field; the computed, suppressed fields aside), the method before `main()`, then one marked appendix, then `main()` called last."""
+    docstring under a field; the computed, suppressed fields aside), the method before `main()`, then one marked
+    appendix, then `main()` called last."""
     for script in TRAINING_SCRIPTS + ["eval_winrate.py"]:
         source = open(os.path.join(ROOT, script)).read()
         lines = source.splitlines()
