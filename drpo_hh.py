@@ -29,7 +29,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint.state_dict as dist_state  # full state dicts on rank 0, under FSDP or not
 import tyro
 from datasets import load_dataset
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
@@ -114,8 +113,7 @@ def reset_states(queries, reset_responses, reset_prob: float, h_min: int, respon
     """DR-PO's reset: with probability reset_prob an episode starts at prompt + reset_response[:h] (the ids of a good
     response, EOS included), h uniform in {h_min, ..., min(len(reset_response), response_length) - 1}: the prefix never
     holds the EOS and the policy writes at least one token. Returns the states (token lists), h and reset, (batch,)."""
-    coins = torch.rand(len(queries), generator=generator)
-    uniforms = torch.rand(len(queries), generator=generator)  # drawn for every episode: a fixed use of the stream
+    coins, uniforms = torch.rand(2, len(queries), generator=generator)  # both drawn for every episode: a fixed stream
     h_max = torch.tensor([min(len(c) - 1, response_length - 1) for c in reset_responses])
     reset = (coins < reset_prob) & (h_max >= h_min)
     h = torch.where(reset, h_min + (uniforms * (h_max - h_min + 1).clamp(min=1)).long(), 0)
@@ -162,9 +160,8 @@ def token_scores(model, query_responses, pad_id: int):
     """The scalar head of a sequence classifier at every position, (batch, seq_len), captured by a hook: the model's own
     forward (the one FSDP shards) returns the last token's score alone."""
     scores = []
-    hook = model.score.register_forward_hook(lambda module, inputs, output: scores.append(output))
-    forward(model, query_responses, pad_id)
-    hook.remove()
+    with model.score.register_forward_hook(lambda module, inputs, output: scores.append(output)):  # removed on exit
+        forward(model, query_responses, pad_id)
     return scores[0].squeeze(-1).float()
 
 
@@ -237,13 +234,11 @@ def whiten(values, mask, shift_mean: bool = True):
 def compute_gae(rewards, values, gamma: float, lam: float):
     """Generalized advantage estimation, (batch, response_length); rewards and values after the EOS are 0, as is the
     value after the last token."""
-    lastgaelam, advantages_reversed, length = 0, [], rewards.shape[1]
+    advantages, lastgaelam, length = torch.zeros_like(rewards), 0, rewards.shape[1]
     for t in reversed(range(length)):
         nextvalues = values[:, t + 1] if t < length - 1 else 0.0
         delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam = delta + gamma * lam * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+        advantages[:, t] = lastgaelam = delta + gamma * lam * lastgaelam
     return advantages, advantages + values
 
 
@@ -480,12 +475,11 @@ def build_episodes(args: Args, tokenizer):
     name, split = args.dataset_name, args.train_split
     ds = load_rows(name, split, SCHEMA, args.dataset_config)
     keys = "rows query_truncated dropped_no_shared_prompt empty_response_never_reset long_response_never_reset"
-    queries, reset_responses, counts = [], [], dict.fromkeys(keys.split(), 0)
+    queries, reset_responses, counts = [], [], dict.fromkeys(keys.split(), 0) | {"rows": len(ds)}
     for i, row in enumerate(ds):
         check_row(row, i, SCHEMA, f"{name} ({split})")
         texts = hh_split(row["chosen"], row["rejected"])
         query = hh_prompt(tokenizer, texts[0], args.query_length) if texts else None
-        counts["rows"] += 1
         if query is None:
             counts["dropped_no_shared_prompt"] += 1
             continue
@@ -574,12 +568,11 @@ def load_models(args, tokenizer, device):
     policy = from_pretrained(lm, args.sft_model_path, tokenizer, dtype=getattr(torch, trained))
     policy.generation_config = GenerationConfig()  # the EOS trick (no EOS stops a sample), none of the checkpoint's settings
     value_model = from_pretrained(rm, args.value_model_path, tokenizer, num_labels=1, dtype=getattr(torch, trained))
-    reward_model = ref_policy = None
+    reward_model = None
     if not args.reward_fn:
         reward_model = from_pretrained(rm, args.reward_model_path, tokenizer, num_labels=1, dtype=getattr(torch, frozen))
-    if not args.use_lora:
-        ref_policy = from_pretrained(lm, args.sft_model_path, tokenizer, dtype=getattr(torch, frozen))
-    else:
+    ref_policy = None if args.use_lora else from_pretrained(lm, args.sft_model_path, tokenizer, dtype=getattr(torch, frozen))
+    if args.use_lora:
         from peft import LoraConfig, get_peft_model, inject_adapter_in_model  # only imported when asked for
 
         targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
@@ -765,7 +758,7 @@ def place(model, device, fsdp: bool):
     """The model on the device, or FSDP2 on a mesh of the script's device, sharded on the CPU, each decoder layer a unit."""
     if not fsdp:
         return model.to(device)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = dist.init_device_mesh(device.type, (dist.get_world_size(),))
     cuda = device.type == "cuda"  # on a GPU the gathered weights are bf16 and the gradients are reduced in fp32
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
     units = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]  # the decoder layers

@@ -31,7 +31,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint.state_dict as dist_state  # full state dicts on rank 0, under FSDP or not
 import tyro
 from datasets import load_dataset
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
@@ -132,8 +131,7 @@ def reset_states(queries, reset_responses, reset_prob: float, h_min: int, respon
     """DR-PO's reset: with probability reset_prob an episode starts at prompt + reset_response[:h] (the ids of a good
     response, EOS included), h uniform in {h_min, ..., min(len(reset_response), response_length) - 1}: the prefix never
     holds the EOS and the policy writes at least one token. Returns the states (token lists), h and reset, (batch,)."""
-    coins = torch.rand(len(queries), generator=generator)
-    uniforms = torch.rand(len(queries), generator=generator)  # drawn for every episode: a fixed use of the stream
+    coins, uniforms = torch.rand(2, len(queries), generator=generator)  # both drawn for every episode: a fixed stream
     h_max = torch.tensor([min(len(c) - 1, response_length - 1) for c in reset_responses])
     reset = (coins < reset_prob) & (h_max >= h_min)
     h = torch.where(reset, h_min + (uniforms * (h_max - h_min + 1).clamp(min=1)).long(), 0)
@@ -180,9 +178,8 @@ def token_scores(model, query_responses, pad_id: int):
     """The scalar head of a sequence classifier at every position, (batch, seq_len), captured by a hook: the model's own
     forward (the one FSDP shards) returns the last token's score alone."""
     scores = []
-    hook = model.score.register_forward_hook(lambda module, inputs, output: scores.append(output))
-    forward(model, query_responses, pad_id)
-    hook.remove()
+    with model.score.register_forward_hook(lambda module, inputs, output: scores.append(output)):  # removed on exit
+        forward(model, query_responses, pad_id)
     return scores[0].squeeze(-1).float()
 
 
@@ -779,7 +776,7 @@ def place(model, device, fsdp: bool):
     """The model on the device, or FSDP2 on a mesh of the script's device, sharded on the CPU, each decoder layer a unit."""
     if not fsdp:
         return model.to(device)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = dist.init_device_mesh(device.type, (dist.get_world_size(),))
     cuda = device.type == "cuda"  # on a GPU the gathered weights are bf16 and the gradients are reduced in fp32
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
     units = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]  # the decoder layers

@@ -25,7 +25,6 @@ import torch.distributed.checkpoint.state_dict as dist_state  # full state dicts
 import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -469,7 +468,7 @@ def place(model, device, fsdp: bool):
     """The model on the device, or FSDP2 on a mesh of the script's device, sharded on the CPU, each decoder layer a unit."""
     if not fsdp:
         return model.to(device)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = dist.init_device_mesh(device.type, (dist.get_world_size(),))
     cuda = device.type == "cuda"  # on a GPU the gathered weights are bf16 and the gradients are reduced in fp32
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
     units = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]  # the decoder layers
