@@ -1,12 +1,12 @@
-"""Issue 27's GPU check, one prepared script (estimated 8-9 minutes on one H100/H200 at the default sizes, not yet
-timed on one; --budget-s skips the runs that would end past it): DR-PO and PPO at Pythia-1B shapes, each run plain,
-under `torchrun --nproc_per_node 1` (NCCL) and under torchrun with --fsdp, and a DR-PO run killed (SIGKILL) just after
-its checkpoint and resumed with --resume-from auto; the most wanted runs first. The final weights of the resumed run
-and of DR-PO under torchrun are compared with the plain DR-PO run's (the latter is the same maths: on a GPU its
-difference is the noise floor of non-deterministic kernels). One table: episodes/s (updates after the first; the
-killed run: its own updates), peak reserved GPU memory, the largest |policy/first_ratio - 1| (bf16 autocast: not
-exactly 1), the process's wall time. The first process on a fresh GPU has run slower (BENCHMARKS.md): compare DR-PO
-with PPO on the later rows.
+"""Issue 27's GPU check, one prepared script of at most 8 minutes (--budget-s 450 from its start skips the runs that would
+end past it; all seven estimated at 8-9 minutes on one H100/H200, not yet timed on one): DR-PO and PPO at Pythia-1B
+shapes, each run plain, under `torchrun --nproc_per_node 1` (NCCL) and under torchrun with --fsdp, and a DR-PO run
+killed (SIGKILL) just after its checkpoint and resumed with --resume-from auto; the most wanted runs first. The final
+weights of the resumed run and of DR-PO under torchrun are compared with the plain DR-PO run's (the latter is the same
+maths: on a GPU its difference is the noise floor of non-deterministic kernels). One table: episodes/s (updates after
+the first; the killed run: its own updates), peak reserved GPU memory, the largest |policy/first_ratio - 1| (bf16
+autocast: not exactly 1), the process's wall time. The first process on a fresh GPU has run slower (BENCHMARKS.md):
+compare DR-PO with PPO on the later rows.
 
 The models have Pythia-1B's shapes (hidden 2048, 16 layers, 50,304 embeddings) and random weights stored in fp16, as
 the Hub stores Pythia (the machine has no Hub). The tokenizer and prompts: the real Pythia tokenizer and TL;DR posts of
@@ -14,7 +14,8 @@ the Hub stores Pythia (the machine has no Hub). The tokenizer and prompts: the r
 the tiny world's (short prompts: the speed is then a lower bound on the real prompts' cost).
 Results go to --report (default $OUT, else --work): gpu_check.md and gpu_check.jsonl, written after every run, so a run
 cut short by a time limit still reports what it finished. Models, checkpoints and runs go to --work.
-Run: python benchmarks/gpu_check.py [--runs ppo,drpo,...] [--updates 3] [--batch-size 64]
+On the device tool's machine: bash benchmarks/gpu_prepare.sh here first (the wheels it lacks, the real prompts), then
+the one command that prints. Run: python benchmarks/gpu_check.py [--runs ppo,drpo,...] [--updates 3] [--batch-size 64]
 CPU smoke test: python benchmarks/gpu_check.py --hidden-size 64 --layers 2 --batch-size 16 --extra "--query-length 64
 --response-length 8 --local-rollout-forward-batch-size 16 --local-micro-batch-size 8\""""
 
@@ -40,9 +41,9 @@ parser.add_argument("--batch-size", type=int, default=64)
 parser.add_argument("--hidden-size", type=int, default=2048, help="2048 and 16 layers: Pythia-1B; smaller for a smoke test")
 parser.add_argument("--layers", type=int, default=16)
 parser.add_argument("--extra", default="", help="more flags for every run")
-parser.add_argument("--budget-s", type=float, default=560, help="skip a run that would end after this many seconds")
-args = parser.parse_args()
-args.work = os.path.abspath(args.work)
+parser.add_argument("--budget-s", type=float, default=450, help="skip a run that would end this many seconds after the start")
+args, began = parser.parse_args(), time.time()  # the budget counts the models' making too
+args.work, args.shared = os.path.abspath(args.work), os.path.abspath(args.shared)  # the runs' folder is --work
 args.report = os.path.abspath(args.report or args.work)
 os.makedirs(args.work, exist_ok=True)
 os.makedirs(args.report, exist_ok=True)
@@ -121,13 +122,14 @@ def compare(name, row):
         row["bitwise_equal_to_drpo"] = bool(straight) and all(torch.equal(straight[k], other[k]) for k in straight)
 
 
-results, report, began = [], open(f"{args.report}/gpu_check.jsonl", "a"), time.time()
+results, report = [], open(f"{args.report}/gpu_check.jsonl", "a")
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no GPU: a smoke test)"
 for name in args.runs.split(","):
     for old in glob.glob(f"{args.work}/runs/*__gc_{name}__*") if name == "drpo-kill" else ():
         shutil.rmtree(old)  # a rerun's: its checkpoint would stop the new run at once, and auto would resume it
     start, row = time.time(), {"run": name}
-    need = max((r["wall_s"] for r in results if "wall_s" in r), default=0) * (2.5 if name == "drpo-kill" else 1.0)
+    walls = [r["wall_s"] for r in results if "wall_s" in r and r["run"] != "drpo-kill"]  # a kill run is two processes
+    need = max(walls, default=0) * (2.5 if name == "drpo-kill" else 1.0)
     if start - began + need > args.budget_s:  # a run cut by the caller's time limit would report nothing
         row["skipped"] = f"--budget-s {args.budget_s}: {start - began:.0f} s spent, about {need:.0f} s needed"
     elif name != "drpo-kill":
