@@ -14,7 +14,7 @@ rm -rf "$ROOT/.gpu" && mkdir -p "$ROOT/.gpu/whl" "$ROOT/.gpu/shared/tokenizers" 
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$ROOT/.gpu/whl" \
   transformers==5.24.0 datasets==5.2.0 tyro==1.0.17 dill==0.4.1 multiprocess==0.70.19 docstring_parser==0.18.0 \
-  typeguard==4.6.1 regex==2026.5.9 fsspec==2026.9.0 2>&1 | grep -v "is ignored" || true
+  typeguard==4.6.1 regex==2026.5.9 fsspec==2026.9.0  # a failed download stops the script (set -e)
 if [ -d "$SHARED/tokenizers/pythia" ]; then
   cp -r "$SHARED/tokenizers/pythia" "$ROOT/.gpu/shared/tokenizers/"
   cp "$SHARED/data/tldr/sft_posts_dev.jsonl" "$ROOT/.gpu/shared/data/tldr/"
