@@ -124,7 +124,7 @@ def select_pairs(scores, mode: str):
     """Which two of each prompt's K responses make its pair, from their scores (prompts, K): (chosen, rejected), indices
     in 0..K-1, and kept, (prompts,) bool: False where the two scores are equal, a tie that is dropped (not ordered by
     index). first_two (OAIF): responses 0 and 1. max_min (GSHF): the best against the worst. max_random: the best
-    against the first of the others, as RLHFlow's code; the responses are i.i.d., so that is a uniformly random other."""
+    against the first of the others, as RLHFlow's code: a uniformly random other of untied scores, never a tied one."""
     rows = torch.arange(len(scores))
     if mode == "first_two":
         a, b = torch.zeros_like(rows), torch.ones_like(rows)
@@ -332,8 +332,10 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
             chosen, rejected, kept = select_pairs(scores.view(prompts, k).cpu(), args.pair_selection)
             pairs = labelled_pairs(states, postprocessed.cpu(), h.tolist(), ends, chosen, rejected, kept, k)
             t2 = clock(device)
-            # 4. The pairs' log-probs under the policy as it is and under the SFT model (the initial reference): the
-            # reference of the loss is one or the other, and their difference is the samples' KL to SFT
+        # 4. The pairs' log-probs under the policy as it is and under the SFT model (the initial reference): the
+        # reference of the loss is one or the other, and their difference is the samples' KL to SFT. all_logprobs enters
+        # autocast itself: entered again inside its own region, an autocast object stays on after the region ends
+        with torch.no_grad(), gathered(policy):
             now = all_logprobs(policy, pairs, args, pad_id, device, autocast, rank, world)
             with reference():
                 initial = all_logprobs(ref_policy, pairs, args, pad_id, device, autocast, rank, world)

@@ -2,6 +2,7 @@
 dpo_baseline.py's loss, the reference across an iteration boundary, reset prompts, learning, kill and resume
 (torchrun: tests/test_distributed.py)."""
 
+import itertools
 import json
 import math
 import os
@@ -44,6 +45,17 @@ def test_pair_selection_on_fixed_scores():
         c, r, k = online_dpo.select_pairs(scores, mode)
         rows = torch.arange(200)
         assert (scores[rows[k], c[k]] > scores[rows[k], r[k]]).all() and (k == (scores[rows, c] != scores[rows, r])).all()
+
+
+def test_max_random_never_pairs_the_best_with_a_tie():
+    """max_random (RLHFlow's code) pairs the first best with response 0, or 1: with tied scores never a tie of the best,
+    so on all 16 outcomes of K 4 binary rewards it keeps 11 prompts (69%, README), where a uniformly random other of
+    the three keeps 58% on average; the all-equal outcomes (0000, 1111) are dropped either way."""
+    scores = torch.tensor(list(itertools.product([0.0, 1.0], repeat=4)))
+    _, _, kept = online_dpo.select_pairs(scores, "max_random")
+    assert kept.sum().item() == 11 and not kept[0] and not kept[-1]
+    uniform = [(row != row.max()).sum().item() / 3 for row in scores]  # a uniformly random other is strictly worse
+    assert sum(uniform) / 16 == pytest.approx(7 / 12)
 
 
 def test_a_pair_keeps_the_reset_prefix_in_its_state():
