@@ -2,7 +2,9 @@
 script with every `torch.autocast(...)` it makes turned into an enabled CPU bf16 autocast (on a CPU the scripts build
 theirs disabled, so what only a GPU run would do happens here), and writes to $AUTOCAST_PROBE, as JSON, how many times
 an autocast region was entered and whether autocast was on at each optimizer step. Every step of every script runs
-outside its autocast regions: a step that sees autocast on means a region leaked past its `with` block."""
+outside its autocast regions: a step that sees autocast on means a region leaked past its `with` block. With
+GPU_MIXED_PRECISION=1 every FSDP2 MixedPrecisionPolicy the script makes is the one it makes on a GPU (bf16 weights
+gathered, gradients reduced in fp32), counted in the JSON. Under torchrun `{rank}` in $AUTOCAST_PROBE is the rank."""
 
 import atexit
 import json
@@ -11,8 +13,10 @@ import runpy
 import sys
 
 import torch
+import torch.distributed.fsdp
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
-seen = {"entered": 0, "on_at_step": []}
+seen = {"entered": 0, "on_at_step": [], "gpu_policies": 0}
 
 
 class CPUAutocast(torch.autocast):
@@ -32,9 +36,17 @@ def recorded(step):
     return wrapper
 
 
+def gpu_policy(*args, **kwargs):
+    seen["gpu_policies"] += 1
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
 torch.autocast = CPUAutocast
 torch.optim.AdamW.step = recorded(torch.optim.AdamW.step)
-atexit.register(lambda: json.dump(seen, open(os.environ["AUTOCAST_PROBE"], "w")))
+if os.environ.get("GPU_MIXED_PRECISION") == "1":
+    torch.distributed.fsdp.MixedPrecisionPolicy = gpu_policy  # the scripts import it by name when they start
+path = os.environ["AUTOCAST_PROBE"].replace("{rank}", os.environ.get("RANK", "0"))
+atexit.register(lambda: json.dump(seen, open(path, "w")))
 
 if __name__ == "__main__":
     sys.argv = sys.argv[1:]
