@@ -214,19 +214,19 @@ def all_logprobs(model, pairs, args: Args, pad_id: int, device, autocast, rank: 
     return logps[:, 0], logps[:, 1]
 
 
-def reference_logprobs(args, tokenizer, pairs: dict, run, autocast):
+def reference_logprobs(args, tokenizer, pairs: dict, run, autocast, dtype: str):
     """The reference's summed log-probs of every pair, computed once and cached on rank 0's disk, keyed by the model,
     its settings and the exact token ids; rank 0 reads the cache and sends it to the others (their disk need not hold
     it). A cache hit never loads the reference model; a miss runs it once, each process taking a share."""
     rank, world, device = run
-    key = cache_key(args.sft_model_path, f"{args.frozen_dtype}|{device.type}", pairs)
+    key = cache_key(args.sft_model_path, f"{dtype}|{device.type}", pairs)
     path = f"{args.ref_cache_dir}/{key}.pt"
     if (ref := on_rank0(lambda: torch.load(path, weights_only=True) if os.path.exists(path) else None)) is not None:
         print(f"reference log-probs from the cache {path}; the reference model is not loaded")
         return ref
     start = time.time()
     model = place(
-        from_pretrained(AutoModelForCausalLM, args.sft_model_path, tokenizer, dtype=getattr(torch, args.frozen_dtype)),
+        from_pretrained(AutoModelForCausalLM, args.sft_model_path, tokenizer, dtype=getattr(torch, dtype)),
         device,
         False,
     )
@@ -287,12 +287,11 @@ def main():
     if args.num_updates == 0:
         raise SystemExit(f"{len(train_pairs)} pairs are fewer than one batch of {args.batch_size}")
     log = start_run(args, args.task, checkpoint["update"] + 1 if checkpoint else 1)
-    if args.frozen_dtype == "auto":  # a frozen model needs no fp32 copy on a GPU; bf16 is slow on a CPU
-        args.frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    on = "on" if device.type == "cuda" else "off"
-    print(f"dtypes: trained weights {args.dtype}, frozen models {args.frozen_dtype}, bf16 autocast {on} ({device})")
+    auto, on = ("bfloat16", "on") if device.type == "cuda" else ("float32", "off")  # bf16 is slow on a CPU
+    frozen = auto if args.frozen_dtype == "auto" else args.frozen_dtype  # resolved here: the run's flags keep `auto`
+    print(f"dtypes: trained weights {args.dtype}, frozen models {frozen}, bf16 autocast {on} ({device})")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    ref = reference_logprobs(args, tokenizer, {"train": train_pairs, "eval": eval_pairs}, run, autocast)
+    ref = reference_logprobs(args, tokenizer, {"train": train_pairs, "eval": eval_pairs}, run, autocast, frozen)
     policy = from_pretrained(AutoModelForCausalLM, args.sft_model_path, tokenizer, dtype=getattr(torch, args.dtype))
     if args.use_lora:
         from peft import LoraConfig, get_peft_model  # only imported when asked for

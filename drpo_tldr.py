@@ -584,11 +584,10 @@ def left_pad(sequences, pad_id: int, width: int = 0):
 
 def load_models(args, tokenizer, device):
     """(policy, reference, value model, reward model): the trained ones sharded (FSDP) before they leave the CPU."""
-    if args.frozen_dtype == "auto":  # bf16 is slow on a CPU
-        args.frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    on = "on" if device.type == "cuda" else "off"
-    print(f"dtypes: trained weights {args.dtype}, frozen models {args.frozen_dtype}, bf16 autocast {on} ({device})")
-    lm, rm, trained, frozen = AutoModelForCausalLM, AutoModelForSequenceClassification, args.dtype, args.frozen_dtype
+    auto, on = ("bfloat16", "on") if device.type == "cuda" else ("float32", "off")  # bf16 is slow on a CPU
+    frozen = auto if args.frozen_dtype == "auto" else args.frozen_dtype  # resolved here: the run's flags keep `auto`
+    print(f"dtypes: trained weights {args.dtype}, frozen models {frozen}, bf16 autocast {on} ({device})")
+    lm, rm, trained = AutoModelForCausalLM, AutoModelForSequenceClassification, args.dtype
     policy = from_pretrained(lm, args.sft_model_path, tokenizer, dtype=getattr(torch, trained))
     policy.generation_config = GenerationConfig()  # the EOS trick (no EOS stops a sample), none of the checkpoint's settings
     value_model = from_pretrained(rm, args.value_model_path, tokenizer, num_labels=1, dtype=getattr(torch, trained))
@@ -600,10 +599,10 @@ def load_models(args, tokenizer, device):
         from peft import LoraConfig, get_peft_model, inject_adapter_in_model  # only imported when asked for
 
         targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
-        lora_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=targets)
-        policy = get_peft_model(policy, lora_config)
+        lora = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=targets)
+        policy = get_peft_model(policy, LoraConfig(**lora))  # it writes the policy's module names into the config
         if args.lora_value:  # adapters in place: the value model stays a sequence classifier that token_scores reads
-            value_model = inject_adapter_in_model(lora_config, value_model)
+            value_model = inject_adapter_in_model(LoraConfig(**lora, exclude_modules=["score"]), value_model)
             for name, param in value_model.named_parameters():
                 param.requires_grad = "lora_" in name
         policy.print_trainable_parameters()

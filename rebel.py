@@ -580,11 +580,10 @@ def left_pad(sequences, pad_id: int, width: int = 0):
 def load_models(args, tokenizer, device):
     """(policy, reference, reward model); no value model. The policy is sharded (FSDP) before it leaves the CPU; the
     frozen models need no fp32 copy on a GPU. With LoRA the reference is the policy with its adapter off."""
-    if args.frozen_dtype == "auto":  # bf16 is slow on a CPU
-        args.frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    on = "on" if device.type == "cuda" else "off"
-    print(f"dtypes: trained weights {args.dtype}, frozen models {args.frozen_dtype}, bf16 autocast {on} ({device})")
-    lm, frozen = AutoModelForCausalLM, getattr(torch, args.frozen_dtype)
+    auto, on = ("bfloat16", "on") if device.type == "cuda" else ("float32", "off")  # bf16 is slow on a CPU
+    frozen = auto if args.frozen_dtype == "auto" else args.frozen_dtype  # resolved here: the run's flags keep `auto`
+    print(f"dtypes: trained weights {args.dtype}, frozen models {frozen}, bf16 autocast {on} ({device})")
+    lm, frozen = AutoModelForCausalLM, getattr(torch, frozen)
     policy = from_pretrained(lm, args.sft_model_path, tokenizer, dtype=getattr(torch, args.dtype))
     policy.generation_config = GenerationConfig()  # the EOS trick (no EOS stops a sample), none of the checkpoint's settings
     reward_model = ref_policy = None

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import kill_and_resume, newest_run, run_script, untimed
+from conftest import ROOT, SMALL, kill_and_resume, newest_run, run_script, untimed
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 UPDATES = 10  # of 32 examples (or pairs), a checkpoint every 2
@@ -140,6 +140,24 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(world, tmp_path, monkeyp
     assert f"resumed from {path} at update 5" in proc.stdout and "WARNING" not in proc.stdout
     straight, resumed = (final_weights("sft.py", tmp_path / d) for d in ("straight", "resumed"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize("script", ["dpo_baseline.py", "drpo_tldr.py"])
+def test_frozen_dtype_auto_stays_auto_and_the_same_command_resumes(script, world, sft_model, tmp_path):
+    """`--frozen-dtype auto` is resolved for the machine a run starts on (bf16 on CUDA, fp32 on CPU), not written over
+    the run's flags: the checkpoint holds `auto`, so the same command, `--frozen-dtype auto` spelled out, resumes with
+    `--resume-from auto` (it was refused as a changed flag), and a GPU run resumed on a CPU takes the CPU's precision."""
+    if script == "dpo_baseline.py":
+        flags = ["--dataset-name", world / "tldr_comparisons", "--beta", 0.1, "--lr", 1e-3, "--batch-size", 32]
+        flags += ["--local-micro-batch-size", 16, "--max-train-samples", 64, "--max-eval-samples", 16]
+    else:
+        flags = ["--value-model-path", sft_model, "--reward-fn", f"{ROOT}/tiny_world.py:gold_reward", *SMALL]
+        flags += ["--dataset-name", world / "tldr_sft", "--total-episodes", 64]
+    flags = ["--sft-model-path", sft_model, *flags, "--frozen-dtype", "auto", "--save-every", 1, "--output-dir", "out"]
+    assert "frozen models float32" in run_script(script, *flags, cwd=tmp_path).stdout
+    checkpoint = torch.load(f"{newest_run(tmp_path)}/checkpoints/update_0000001.pt", weights_only=True)
+    assert checkpoint["config"]["frozen_dtype"] == "auto"
+    assert "at update 2" in run_script(script, *flags, "--resume-from", "auto", cwd=tmp_path).stdout
 
 
 def test_restore_keeps_no_reference_to_the_checkpoints_tensors():

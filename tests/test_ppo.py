@@ -429,6 +429,27 @@ def test_lora_on_the_value_model_as_the_authors_checkpoints_and_resumes(world, s
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_lora_value_all_linear_covers_a_deeper_value_model_and_not_its_head(world, sft_model, reward_run, tmp_path):
+    """--use-lora --lora-value at the default `all-linear`, with a value model one layer deeper than the policy: peft's
+    get_peft_model writes the policy's own module names into the config it is given, so the value model must get a
+    config of its own, or its extra layer gets no adapter. Every linear layer of the value model's decoder gets one, its
+    head none (frozen, as the flag says); the checkpoint holds the adapters alone."""
+    pytest.importorskip("peft")
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(sft_model, num_labels=1)
+    config.num_hidden_layers += 1
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "deeper_value")
+    flags = ["--use-lora", "--lora-r", 4, "--lora-value", "--value-model-path", tmp_path / "deeper_value"]
+    proc, _ = ppo_run(world, sft_model, tmp_path / "ppo", *flags, "--total-episodes", 2 * 32, "--save-every", 1)
+    run = os.path.join(tmp_path, "runs", re.search(r"^run (\S+): ", proc.stdout, re.M).group(1))
+    weights = torch.load(f"{run}/checkpoints/update_0000001.pt", weights_only=True)["model"]
+    value = [k for k in weights if k.startswith("value.")]
+    assert all(".lora_" in k for k in weights) and not any("score" in k for k in value)
+    layers = {int(re.search(r"\.layers\.(\d+)\.", k).group(1)) for k in value}
+    assert layers == set(range(config.num_hidden_layers)) and len(value) == 2 * 4 * config.num_hidden_layers  # A, B
+
+
 def test_bad_reward_fn_and_copy_alone(tmp_path):
     proc = run_script("ppo_baseline.py", "--reward-fn", "nowhere.py:f", "--sft-model-path", "x", check=False, cwd=tmp_path)
     assert proc.returncode != 0 and "--reward-fn nowhere.py:f: no file 'nowhere.py'" in proc.stdout
