@@ -165,7 +165,7 @@ def judge_pairs(name: str, system: System, judge_call, cache, args: Args, templa
         for order in ORDERS if args.order == "both" else [rng.choice(ORDERS)]:
             a, b = (response, reference) if order == "policy_first" else (reference, response)
             text = template.format(prompt=prompt, response_a=a, response_b=b)
-            jobs[(i, order)] = (Cache.key(args.judge_model, template, prompt, a, b), text)
+            jobs[(i, order)] = (Cache.key(judge_id(args), template, prompt, a, b), text)
     todo = [job for job in jobs.values() if job[0] not in cache.entries]
     print(f"{name}: {len(jobs)} judgements, {len(jobs) - len(todo)} from the cache, {len(todo)} to make")
     try:
@@ -456,6 +456,13 @@ def check_endpoint(args: Args):
 
 
 # ---- the judgement cache and the outputs ----
+def judge_id(args: Args):
+    """The judge a cached judgement came from: the model, and the endpoint or local judge that ran it (the OpenAI API's
+    judgements keep the model name alone, the key older caches hold)."""
+    where = args.base_url.rstrip("/") if args.judge == "openai" else f"--judge {args.judge}"
+    return args.judge_model if where == Args.base_url.rstrip("/") else f"{where} {args.judge_model}"
+
+
 class Cache:
     """Append-only jsonl of judgements, keyed by a hash of the judge, the template, the prompt and both responses in
     order. Each line is flushed as soon as it is judged, so a crash loses nothing."""
@@ -470,8 +477,8 @@ class Cache:
         self.file = open(path, "a")
 
     @staticmethod
-    def key(judge_model: str, template: str, prompt: str, a: str, b: str):
-        return hashlib.sha256(json.dumps([judge_model, template, prompt, a, b]).encode()).hexdigest()
+    def key(judge: str, template: str, prompt: str, a: str, b: str):
+        return hashlib.sha256(json.dumps([judge, template, prompt, a, b]).encode()).hexdigest()
 
     def judge(self, judge_call, key: str, text: str, answer: str):
         """One judgement (called from a thread pool), written and flushed as soon as it is made."""

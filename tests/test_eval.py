@@ -381,3 +381,15 @@ def test_mostly_unparseable_judgements_stop_with_an_error_not_a_table(server, tm
     judge_run(server, tmp_path, "--judge-answer-key", "Verdict")  # read with the right key: from the cache, no call
     s = json.load(open(tmp_path / "out" / "summary.json"))["models"]["policy"]
     assert len(server.calls) == calls and (s["wins"], s["losses"]) == (6, 4)
+
+
+def test_the_cache_keys_a_judgement_by_the_endpoint_and_the_judge_kind(server, tmp_path):
+    """One model name at two endpoints (or a local hf judge of the Hub id an endpoint serves) is two judges: a cache made
+    by one must not answer for the other. The OpenAI API's keys are those older caches hold."""
+    judge_run(server, tmp_path)
+    calls = len(server.calls)
+    judge_run(server, tmp_path, "--base-url", f"http://localhost:{server.server_port}/v1")  # the later flag wins
+    assert len(server.calls) - calls == 20  # another endpoint: judged again, not read from the first one's replies
+    args = ev.Args(judge_model="m")
+    ids = {ev.judge_id(ev.Args(judge_model="m", **kw)) for kw in ({}, {"judge": "hf"}, {"base_url": "http://x/v1"})}
+    assert len(ids) == 3 and ev.judge_id(args) == "m"  # the OpenAI API: the model name alone, as before
