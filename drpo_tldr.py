@@ -28,15 +28,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint.state_dict as dist_state  # full state dicts on rank 0, under FSDP or not
+import transformers
 import tyro
 from datasets import load_dataset
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
-from transformers.utils import logging as transformers_logging
 
-transformers_logging.set_verbosity_error()  # its load reports flag a new value or reward head, which is expected
-transformers_logging.disable_progress_bar()
+transformers.logging.set_verbosity_error()  # its load reports flag a new value or reward head, which is expected
+transformers.logging.disable_progress_bar()
 
 
 @dataclass
@@ -207,8 +207,8 @@ def score_responses(reward_model, reward_fn, tokenizer, prompts_ids, query_batch
         )
         raw += 0.0 if getattr(reward_model.config, "reward_bias_in_weights", True) else reward_model.config.reward_bias
     else:
-        texts = tokenizer.batch_decode(postprocessed, skip_special_tokens=True)
-        raw = torch.tensor(reward_fn(tokenizer.batch_decode(prompts_ids), texts), dtype=torch.float, device=responses.device)
+        prompts, texts = (tokenizer.batch_decode(x, skip_special_tokens=True) for x in (prompts_ids, postprocessed))  # no BOS
+        raw = torch.tensor(reward_fn(prompts, texts), dtype=torch.float, device=responses.device)
         if len(raw) != len(texts):
             raise SystemExit(f"--reward-fn returned {len(raw)} scores for {len(texts)} responses")
     return postprocessed, raw, penalize_missing_eos(raw, postprocessed, eos_id, penalty)
@@ -603,8 +603,9 @@ def load_models(args, tokenizer, device):
         policy = get_peft_model(policy, LoraConfig(**lora))  # it writes the policy's module names into the config
         if args.lora_value:  # adapters in place: the value model stays a sequence classifier that token_scores reads
             value_model = inject_adapter_in_model(LoraConfig(**lora, exclude_modules=["score"]), value_model)
-            for name, param in value_model.named_parameters():
+            for name, param in value_model.named_parameters():  # the adapters alone train, in fp32 as peft makes the policy's
                 param.requires_grad = "lora_" in name
+                param.data = param.data.float() if param.requires_grad else param.data  # in bf16 small steps are lost
         policy.print_trainable_parameters()
     for model, adapters in ((policy, args.use_lora), (value_model, args.use_lora and args.lora_value)):
         if args.gradient_checkpointing:
@@ -620,7 +621,10 @@ def load_models(args, tokenizer, device):
 def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
     """cls.from_pretrained with a clear offline error; a model also gets room for the pad token, and no dropout (N+)."""
     try:
-        loaded = cls.from_pretrained(path, **kwargs, **({} if tokenizer is None else {"output_loading_info": True}))
+        if tokenizer is not None:  # a model: no dropout (N+), every rate in its config 0, nn.Dropout's and those some
+            rates = transformers.AutoConfig.from_pretrained(path).to_dict().items()  # layers apply as floats (OPT: 0.1)
+            kwargs |= {k: 0.0 for k, v in rates if "drop" in k and isinstance(v, float)} | {"output_loading_info": True}
+        loaded = cls.from_pretrained(path, **kwargs)
     except OSError as e:
         if os.path.exists(path):
             raise
@@ -634,8 +638,6 @@ def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    for dropout in (m for m in model.modules() if isinstance(m, torch.nn.Dropout)):
-        dropout.p = 0.0
     return model
 
 

@@ -32,15 +32,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint.state_dict as dist_state  # full state dicts on rank 0, under FSDP or not
 import torch.nn.functional as F
+import transformers
 import tyro
 from datasets import load_dataset
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
-from transformers.utils import logging as transformers_logging
 
-transformers_logging.set_verbosity_error()  # its load reports flag a new value or reward head, which is expected
-transformers_logging.disable_progress_bar()
+transformers.logging.set_verbosity_error()  # its load reports flag a new value or reward head, which is expected
+transformers.logging.disable_progress_bar()
 
 
 @dataclass
@@ -257,8 +257,8 @@ def score_responses(reward_model, reward_fn, tokenizer, prompts_ids, query_batch
         )
         raw += 0.0 if getattr(reward_model.config, "reward_bias_in_weights", True) else reward_model.config.reward_bias
     else:
-        texts = tokenizer.batch_decode(postprocessed, skip_special_tokens=True)
-        raw = torch.tensor(reward_fn(tokenizer.batch_decode(prompts_ids), texts), dtype=torch.float, device=responses.device)
+        prompts, texts = (tokenizer.batch_decode(x, skip_special_tokens=True) for x in (prompts_ids, postprocessed))  # no BOS
+        raw = torch.tensor(reward_fn(prompts, texts), dtype=torch.float, device=responses.device)
         if len(raw) != len(texts):
             raise SystemExit(f"--reward-fn returned {len(raw)} scores for {len(texts)} responses")
     return postprocessed, raw, penalize_missing_eos(raw, postprocessed, eos_id, penalty)
@@ -412,6 +412,7 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
 def all_logprobs(model, pairs, args: Args, pad_id: int, device, autocast, rank: int = 0, world: int = 1):
     """Summed log-probs of every pair's chosen and rejected response: (chosen (n,), rejected (n,)). Under torchrun each
     process computes a contiguous share and every process gets the whole."""
+    training = model.training  # restored at the end: a frozen reference stays in eval mode
     model.eval()
     mb = args.local_micro_batch_size  # a share of whole micro-batches, each holding the rows it holds in one process:
     share = -(-len(pairs) // (world * mb)) * mb  # every result is the one-process one, to the last bit
@@ -422,7 +423,7 @@ def all_logprobs(model, pairs, args: Args, pad_id: int, device, autocast, rank: 
         with autocast:
             c, r = sequence_logprobs(model, chunk or pairs[:1], pad_id, device)  # a stand-in when the share ran out
         logps[start : start + len(chunk)] = torch.stack([c, r], 1).float()[: len(chunk)]
-    model.train()
+    model.train(training)
     logps = gather(logps)[: len(pairs)].cpu()
     return logps[:, 0], logps[:, 1]
 
@@ -655,7 +656,10 @@ def load_models(args, tokenizer, device):
 def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
     """cls.from_pretrained with a clear offline error; a model also gets room for the pad token, and no dropout (N+)."""
     try:
-        loaded = cls.from_pretrained(path, **kwargs, **({} if tokenizer is None else {"output_loading_info": True}))
+        if tokenizer is not None:  # a model: no dropout (N+), every rate in its config 0, nn.Dropout's and those some
+            rates = transformers.AutoConfig.from_pretrained(path).to_dict().items()  # layers apply as floats (OPT: 0.1)
+            kwargs |= {k: 0.0 for k, v in rates if "drop" in k and isinstance(v, float)} | {"output_loading_info": True}
+        loaded = cls.from_pretrained(path, **kwargs)
     except OSError as e:
         if os.path.exists(path):
             raise
@@ -669,8 +673,6 @@ def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    for dropout in (m for m in model.modules() if isinstance(m, torch.nn.Dropout)):
-        dropout.p = 0.0
     return model
 
 

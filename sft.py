@@ -23,15 +23,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint.state_dict as dist_state  # full state dicts on rank 0, under FSDP or not
 import torch.nn.functional as F
+import transformers
 import tyro
 from datasets import load_dataset
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import logging as transformers_logging
 
-transformers_logging.set_verbosity_error()  # its load reports flag a new value or reward head, which is expected
-transformers_logging.disable_progress_bar()
+transformers.logging.set_verbosity_error()  # its load reports flag a new value or reward head, which is expected
+transformers.logging.disable_progress_bar()
 
 
 @dataclass
@@ -320,7 +320,10 @@ def response_ids(tokenizer, text: str):
 def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
     """cls.from_pretrained with a clear offline error; a model also gets room for the pad token, and no dropout (N+)."""
     try:
-        loaded = cls.from_pretrained(path, **kwargs, **({} if tokenizer is None else {"output_loading_info": True}))
+        if tokenizer is not None:  # a model: no dropout (N+), every rate in its config 0, nn.Dropout's and those some
+            rates = transformers.AutoConfig.from_pretrained(path).to_dict().items()  # layers apply as floats (OPT: 0.1)
+            kwargs |= {k: 0.0 for k, v in rates if "drop" in k and isinstance(v, float)} | {"output_loading_info": True}
+        loaded = cls.from_pretrained(path, **kwargs)
     except OSError as e:
         if os.path.exists(path):
             raise
@@ -334,8 +337,6 @@ def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    for dropout in (m for m in model.modules() if isinstance(m, torch.nn.Dropout)):
-        dropout.p = 0.0
     return model
 
 

@@ -152,6 +152,42 @@ def test_tokenizer_conventions(arch):
     assert drpo_hh.hh_prompt(tokenizer, prompt, 4096) == (tokenizer.encode(prompt), False)
 
 
+def test_no_dropout_even_where_a_layer_reads_its_rate_from_the_config(arch, tmp_path):
+    """N+ trains without dropout. nn.Dropout's p = 0 is not enough where a layer applies dropout at a rate it keeps from
+    the config (OPT's dropout is 0.1; Llama's and GPT-NeoX's attention_dropout): the sampled and the trained log-probs
+    would differ. Every rate of the config is 0 at load, so two passes in train mode agree to the last bit."""
+    from transformers import AutoConfig, OPTConfig, OPTForCausalLM
+
+    name, out = arch
+    tokenizer = ppo_baseline.load_tokenizer(str(out / "base"))
+    config = AutoConfig.from_pretrained(out / "base").to_dict()
+    rates = {k: 0.1 for k, v in config.items() if "drop" in k and isinstance(v, float)}
+    AutoModelForCausalLM.from_pretrained(out / "base", **rates).save_pretrained(tmp_path / "dropout")  # the family's rates
+    opt = OPTConfig(vocab_size=len(tokenizer), hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=2, ffn_dim=64,
+                    num_attention_heads=4, max_position_embeddings=64, dropout=0.1, attention_dropout=0.1)  # fmt: skip
+    OPTForCausalLM(opt).save_pretrained(tmp_path / "opt")
+    ids = torch.tensor([tokenizer.encode("my cat is old .")] * 2)
+    for folder in ("dropout", "opt"):
+        for cls in (AutoModelForCausalLM, AutoModelForSequenceClassification):  # the policy, and a value or reward model
+            model = ppo_baseline.from_pretrained(cls, str(tmp_path / folder), tokenizer, num_labels=1).train()
+            assert torch.equal(*(model(input_ids=ids).logits for _ in range(2))), (folder, cls.__name__)
+
+
+def test_reward_fn_gets_the_prompt_and_response_as_text_without_special_tokens(arch):
+    """--reward-fn scores text: the prompt as the data wrote it, not with the tokenizer's BOS (`<s>` for Llama) in front."""
+    name, out = arch
+    tokenizer = ppo_baseline.load_tokenizer(str(out / "base"))
+    row = {"subreddit": "pets", "title": "my cat", "post": "a\nb"}
+    query, _ = ppo_baseline.tldr_query(tokenizer, row, 512)
+    response = torch.tensor([sft.response_ids(tokenizer, "my cat .") + [tokenizer.pad_token_id]])
+    seen = []
+    record = lambda prompts, responses: seen.append((prompts, responses)) or [0.0]  # noqa: E731
+    batch = ppo_baseline.left_pad([query], tokenizer.pad_token_id)
+    ppo_baseline.score_responses(None, record, tokenizer, [query], batch, response, None, 8)
+    body = tokenizer.decode(query[1:] if name == "llama" else query)  # the prompt's text after its BOS
+    assert seen == [([body], [tokenizer.decode(response[0, :-2])])] and not body.startswith(tokenizer.bos_token)
+
+
 def test_value_and_reward_heads_read_like_transformers(arch):
     """token_scores (the value model at every token, the reward model at the EOS) equals the family's own sequence
     classification, left-padded or right-padded: position ids follow the real tokens."""

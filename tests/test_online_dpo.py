@@ -75,6 +75,17 @@ def test_a_pair_keeps_the_reset_prefix_in_its_state():
     assert c.item() == pytest.approx((logits[3, 35] + logits[4, 9]).item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("script", [online_dpo, dpo_baseline])
+def test_all_logprobs_leaves_the_model_in_the_mode_it_found(script):
+    """all_logprobs evaluates in eval mode; online DPO calls it on the frozen reference too, which must stay in eval
+    mode after (it had been switched to train mode for the rest of the run: dropout, where a layer has it, came on)."""
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    args, pairs = online_dpo.Args(local_micro_batch_size=2), [([5, 7], [35, 9], [33, 34, 9])] * 3
+    for training in (False, True):
+        c, _ = script.all_logprobs(model.train(training), pairs, args, 0, "cpu", torch.autocast("cpu", enabled=False))
+        assert model.training == training and c.shape == (3,)
+
+
 def online_flags(world, sft_model, *extra):
     return ["--sft-model-path", sft_model, "--reward-fn", GOLD, "--dataset-name", world / "tldr_sft", *SMALL_ONLINE, *extra]
 

@@ -433,14 +433,24 @@ def test_lora_value_all_linear_covers_a_deeper_value_model_and_not_its_head(worl
     """--use-lora --lora-value at the default `all-linear`, with a value model one layer deeper than the policy: peft's
     get_peft_model writes the policy's own module names into the config it is given, so the value model must get a
     config of its own, or its extra layer gets no adapter. Every linear layer of the value model's decoder gets one, its
-    head none (frozen, as the flag says); the checkpoint holds the adapters alone."""
+    head none (frozen, as the flag says); the checkpoint holds the adapters alone. Under --dtype bfloat16 the value
+    model's adapters are fp32, as peft makes the policy's (in bf16, AdamW's small steps were rounded away)."""
     pytest.importorskip("peft")
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(sft_model, num_labels=1)
     config.num_hidden_layers += 1
     AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "deeper_value")
-    flags = ["--use-lora", "--lora-r", 4, "--lora-value", "--value-model-path", tmp_path / "deeper_value"]
+    flags = [
+        "--use-lora",
+        "--lora-r",
+        4,
+        "--lora-value",
+        "--value-model-path",
+        tmp_path / "deeper_value",
+        "--dtype",
+        "bfloat16",
+    ]
     proc, _ = ppo_run(world, sft_model, tmp_path / "ppo", *flags, "--total-episodes", 2 * 32, "--save-every", 1)
     run = os.path.join(tmp_path, "runs", re.search(r"^run (\S+): ", proc.stdout, re.M).group(1))
     weights = torch.load(f"{run}/checkpoints/update_0000001.pt", weights_only=True)["model"]
@@ -448,6 +458,7 @@ def test_lora_value_all_linear_covers_a_deeper_value_model_and_not_its_head(worl
     assert all(".lora_" in k for k in weights) and not any("score" in k for k in value)
     layers = {int(re.search(r"\.layers\.(\d+)\.", k).group(1)) for k in value}
     assert layers == set(range(config.num_hidden_layers)) and len(value) == 2 * 4 * config.num_hidden_layers  # A, B
+    assert {str(w.dtype) for w in weights.values()} == {"torch.float32"}  # the backbones are bf16, the adapters not
 
 
 def test_bad_reward_fn_and_copy_alone(tmp_path):
