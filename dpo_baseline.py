@@ -623,6 +623,8 @@ def save_checkpoint(args, update: int, model, optimizer, **counters):
         return
     folder = f"runs/{args.run_name}/checkpoints"
     os.makedirs(folder, exist_ok=True)
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}  # a tied one too
+    weights = {name: tensor for name, tensor in weights.items() if name not in frozen}  # torch lists it once, keeps it
     state = {"model": weights, "optimizer": optimizer_state, "update": update, "config": asdict(args), **counters}
     torch.save(state, f"{folder}/incomplete.pt")
     os.replace(f"{folder}/incomplete.pt", f"{folder}/update_{update:07d}.pt")  # a kill at any instant leaves a whole one
