@@ -317,15 +317,19 @@ def load_examples(args: Args, tokenizer):
             f"Could not load '{name}' ({type(e).__name__}: {e}). If this machine is offline, point "
             "--dataset-name at a local folder or json/jsonl file, or judge existing outputs with --responses-file."
         ) from None
-    examples = []
-    for row in ds.select(range(min(args.num_examples, len(ds)))):
+    examples, n = [], min(args.num_examples, len(ds))
+    for row in ds.select([i * len(ds) // n for i in range(n)]):  # evenly spaced: HH's split is its subsets one by one
         if args.task == "tldr":
             post = row["post"]  # cut as in training (N+): at the last newline, nothing stripped, then character by character
             while post and len(encode(tokenizer, TLDR_FORMAT.format_map(row | {"post": post}))) > args.query_length:
                 post = post[: post.rfind("\n")]
             examples.append((TLDR_FORMAT.format_map(row | {"post": post}), " " + row["summary"].strip()))
-        elif (end := os.path.commonprefix([row["chosen"], row["rejected"]]).rfind(HH_TAG)) >= 0:
-            examples.append((row["chosen"][: end + len(HH_TAG)], row["chosen"][end + len(HH_TAG) :]))
+        else:  # the prompt ends with the last Assistant tag the two responses share
+            end = os.path.commonprefix([row["chosen"], row["rejected"]]).rfind(HH_TAG) + len(HH_TAG)
+            if end >= len(HH_TAG) and row["chosen"][end:].strip():
+                examples.append((row["chosen"][:end], row["chosen"][end:]))
+    print(f"{name}: {n} of {len(ds)} rows taken, evenly spaced; {n - len(examples)} skipped (no shared Assistant turn, "
+          "or an empty chosen response)")  # fmt: skip
     return examples
 
 

@@ -531,10 +531,10 @@ def build_episodes(args: Args, tokenizer):
 
 
 def comparison_texts(row: dict, i: int, source: str):
-    """TL;DR comparison -> (post fields, chosen text, rejected text); None for the CNN/DailyMail rows (an article, no
-    post) of openai/summarize_from_feedback's validation split (the N+ code drops them too)."""
+    """TL;DR comparison -> (post fields, chosen text, rejected text); None for the CNN/DailyMail rows (an article and its
+    title, no post) of openai/summarize_from_feedback's validation split (the N+ code drops them too)."""
     info = row["info"]
-    if info.get("article") is not None and all(info.get(k) is None for k in ("post", "title", "subreddit")):
+    if info.get("article") is not None and info.get("post") is None:
         return None
     for key in ("post", "title", "subreddit"):
         if not isinstance(info.get(key), str):

@@ -320,8 +320,9 @@ def build_pairs(args: Args, tokenizer, split: str, limit: Optional[int]):
 
 def normalisation_sequences(args: Args, tokenizer, train_pairs):
     """The responses whose mean reward becomes 0: SFT reference summaries (tldr) or chosen responses (hh)."""
-    if args.task == "hh":
-        return [q + c for q, c, _ in train_pairs[: args.max_norm_samples]]
+    if args.task == "hh":  # evenly spaced over the pairs: the split is its subsets one after another (harmless-base first)
+        n = min(args.max_norm_samples, len(train_pairs))
+        return [q + c for q, c, _ in (train_pairs[i * len(train_pairs) // n] for i in range(n))]
     schema = {"subreddit": str, "title": str, "post": str, "summary": str}
     ds = load_rows(args.norm_dataset_name, "train", schema)
     sequences = []
@@ -333,10 +334,10 @@ def normalisation_sequences(args: Args, tokenizer, train_pairs):
 
 
 def comparison_texts(row: dict, i: int, source: str):
-    """TL;DR comparison -> (post fields, chosen text, rejected text); None for the CNN/DailyMail rows (an article, no
-    post) of openai/summarize_from_feedback's validation split (the N+ code drops them too)."""
+    """TL;DR comparison -> (post fields, chosen text, rejected text); None for the CNN/DailyMail rows (an article and its
+    title, no post) of openai/summarize_from_feedback's validation split (the N+ code drops them too)."""
     info = row["info"]
-    if info.get("article") is not None and all(info.get(k) is None for k in ("post", "title", "subreddit")):
+    if info.get("article") is not None and info.get("post") is None:
         return None
     for key in ("post", "title", "subreddit"):
         if not isinstance(info.get(key), str):

@@ -205,10 +205,11 @@ FMT_NPLUS = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR
 
 def hub_comparison(chosen, rejected, choice=0, post="my cat is old .\nhelp", article=None, batch="batch3"):
     """A row of openai/summarize_from_feedback (config comparisons) with every column of the Hub schema. A CNN/DailyMail
-    row (batches batch0_cnndm, cnndm0, cnndm2 of the validation split) has an article and no post, title or subreddit."""
+    row (batches batch0_cnndm, cnndm0, cnndm2 of the validation split) has an article and its title, no post or subreddit
+    (as OpenAI's dataset README shows one: `"post": null, "title": "Newcastle United midfielder ...", "subreddit": null`)."""
     info = {"id": "t3_abc", "post": post, "title": "my cat", "subreddit": "pets", "site": None, "article": None}
     if article is not None:
-        info |= {"id": "dm-1", "post": None, "title": None, "subreddit": None, "site": "dailymail", "article": article}
+        info |= {"id": "dm-1", "post": None, "title": "A headline", "subreddit": None, "site": "dailymail", "article": article}
     texts = [chosen, rejected] if choice == 0 else [rejected, chosen]
     return {
         "info": info,
@@ -335,3 +336,41 @@ def test_real_data_loads_unchanged(capsys, tmp_path):
     args = sft.Args(task="hh", dataset_name=f"{SHARED}/data/hh/harmless_base_test_dev.jsonl", response_length=128)
     examples = sft.build_examples(args, tokenizer, "train", None)
     assert len(examples) > 1200 and all(tokenizer.decode(q).endswith("\n\nAssistant:") or len(q) == 512 for q, _ in examples)
+
+
+def hh_subsets(tmp_path, n=6):
+    """An HH split as Anthropic/hh-rlhf joins it: one subset's rows after another's (harmless-base first)."""
+    rows = [
+        {"chosen": f"\n\nHuman: {kind} {i}\n\nAssistant: answer {i}", "rejected": f"\n\nHuman: {kind} {i}\n\nAssistant: no"}
+        for kind in ("harmless", "helpful")
+        for i in range(n)
+    ]
+    rows[6]["chosen"] = "\n\nHuman: helpful 0\n\nAssistant: "  # an empty chosen response (4 of the 1,600 real rows)
+    return write(tmp_path / "hh.jsonl", rows)
+
+
+def test_eval_examples_are_spread_over_the_split_and_empty_references_skipped(tmp_path, capsys):
+    """The first 512 rows of Anthropic/hh-rlhf's test split are harmless-base's red-team prompts alone (2,312 come
+    before the first helpful one): the eval examples are evenly spaced over the split instead. A row whose chosen
+    response is empty would be a free win for any policy: it is skipped, and counted with the rows of no shared turn."""
+    args = eval_winrate.Args(task="hh", dataset_name=str(hh_subsets(tmp_path)), split="train", num_examples=4)
+    examples = eval_winrate.load_examples(args, None)  # rows 0, 3, 6 (empty: skipped) and 9 of the 12
+    assert [p.split("Human: ")[1].split("\n")[0] for p, _ in examples] == ["harmless 0", "harmless 3", "helpful 3"]
+    assert [r for _, r in examples] == [" answer 0", " answer 3", " answer 3"]
+    assert "4 of 12 rows taken, evenly spaced; 1 skipped (no shared Assistant turn, or an empty chosen response)" in (
+        capsys.readouterr().out
+    )
+    args.num_examples = 100  # more than the split holds: every row, in order
+    assert len(eval_winrate.load_examples(args, None)) == 11
+
+
+def test_the_hh_reward_normalisation_samples_every_subset(tokenizer, tmp_path):
+    """The HH reward is centred on the chosen responses of --max-norm-samples training pairs, evenly spaced over the
+    split (its first pairs are harmless-base's alone)."""
+    path = hh_subsets(tmp_path)
+    pairs = reward_model.build_pairs(
+        reward_model.Args(task="hh", dataset_name=path, response_length=16), tokenizer, "train", None
+    )
+    args = reward_model.Args(task="hh", dataset_name=path, max_norm_samples=3)
+    sequences = [tokenizer.decode(s) for s in reward_model.normalisation_sequences(args, tokenizer, pairs)]
+    assert [s.split("Human: ")[1].split("\n")[0] for s in sequences] == ["harmless 0", "harmless 3", "helpful 2"]
