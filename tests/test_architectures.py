@@ -454,7 +454,7 @@ def pipeline(name, out, world, tmp_path):
         assert len(log) == 2 and all(
             abs(m["policy/first_ratio"] - 1) < 1e-5 and math.isfinite(m["objective/entropy"]) for m in log
         )
-        assert all(m.get("reset/fraction", 0.5) > 0 for m in log)
+        assert all(m["reset/fraction"] > 0 for m in log)
         assert stored_dtypes(tmp_path / script[:-3]) == {"F32"}
 
     # the rest of the family, each from its first step where the policy is its own reference: REBEL with the reset

@@ -166,7 +166,8 @@ def test_a_forked_run_is_a_fresh_run(world, tmp_path, monkeypatch):
         )
         log = [json.loads(x) for x in open(tmp_path / how / "runs" / "same" / "metrics.jsonl")]
         bad_flag = run_script("drpo_tldr.py", "--reset-prob", "1.5", cwd=tmp_path / how, check=False)
-        crash = run_script("sft.py", "--base-model", tmp_path / "missing", "--dataset-name", world / "tldr_sft", check=False)
+        (tmp_path / how / "boom.py").write_text("raise RuntimeError('boom at import')\n")  # an uncaught exception
+        crash = run_script("drpo_tldr.py", "--reward-fn", tmp_path / how / "boom.py:f", cwd=tmp_path / how, check=False)
         runs[how] = proc, log, bad_flag, crash
     (fresh, fresh_log, fresh_bad, fresh_crash), (fork, fork_log, fork_bad, fork_crash) = runs["fresh"], runs["fork"]
     assert len(fresh_log) == 2 and untimed(fresh_log) == untimed(fork_log)
@@ -180,8 +181,10 @@ def test_a_forked_run_is_a_fresh_run(world, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert fresh_bad.returncode == fork_bad.returncode == 1 and fresh_bad.stdout == fork_bad.stdout
     assert "--reset-prob 1.5: must be in [0, 1]" in fork_bad.stdout
-    assert fresh_crash.returncode == fork_crash.returncode != 0
-    assert fresh_crash.stdout.splitlines()[-1] == fork_crash.stdout.splitlines()[-1]
+    assert fresh_crash.returncode == fork_crash.returncode == 1  # the interpreter's status for an uncaught exception
+    for crashed in (fresh_crash, fork_crash):
+        assert "Traceback (most recent call last)" in crashed.stdout, crashed.stdout
+        assert crashed.stdout.splitlines()[-1] == "RuntimeError: boom at import"
 
 
 @pytest.mark.parametrize(

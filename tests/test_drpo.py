@@ -76,25 +76,40 @@ def test_prefix_is_masked_from_losses_kl_and_values():
     assert torch.all(new_logprobs.grad[0, :2] == 0) and torch.all(vpred.grad[0, :2] == 0)  # the prefix: no gradient
     assert torch.all(new_logprobs.grad[0, 2:5] != 0) and torch.all(vpred.grad[0, 2:5] != 0)
     assert torch.all(new_logprobs.grad[:, 5] == 0) and torch.all(new_logprobs.grad[1, 3:] == 0)  # nor does the padding
-    logprobs, ref = torch.full((2, 6), -1.0) * mask, torch.full((2, 6), -2.0) * mask
+    logprobs, ref = torch.full((2, 6), -1.0), torch.full((2, 6), -2.0)  # unmasked: the prefix and padding differ too
     rewards, kl, _ = drpo_tldr.per_token_rewards(torch.tensor([3.0, 1.0]), logprobs, ref, mask, sequence_lengths, 0.1)
     assert kl.tolist() == [[0, 0, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]]  # KL on the policy's tokens only
     torch.testing.assert_close(rewards[0], torch.tensor([0, 0, -0.1, -0.1, 2.9, 0]))  # score at the EOS
 
 
-def test_prefill_equals_forcing(sft_model):
-    """Log-probs of the continuation given the reset state as a prompt (how the episode was generated) equal the
-    log-probs of the same tokens in the training layout, where the prefix sits in the response and is forced."""
+def test_the_rollout_samples_from_a_reset_state_what_training_scores(sft_model):
+    """An episode is generated from its reset state (prompt + prefix, left-padded to at least the prompts' width, in
+    one generate() call with rows of other h) and trained in another layout (the prompt, then the whole response with
+    the prefix forced). At every token the policy wrote, generate()'s own sampling distribution (its processed scores:
+    temperature, the pad token suppressed) equals response_logprobs in the training layout; the prefix is the data's."""
+    from transformers import GenerationConfig
+
     model = AutoModelForCausalLM.from_pretrained(sft_model).eval()
-    query, prefix, continuation = [30, 31, 32, 33], [40, 41, 42], [50, 51]
+    model.generation_config = GenerationConfig()  # as load_models: no EOS stops a sample, nothing else set
+    queries, prefixes, length, temperature = [[30, 31, 32, 33], [30, 31], [34, 35, 36]], [[40, 41, 42], [], [43]], 6, 0.7
+    h = torch.tensor([len(p) for p in prefixes])
+    query_batch = drpo_tldr.left_pad(queries, PAD)
+    state = drpo_tldr.left_pad([q + p for q, p in zip(queries, prefixes)], PAD, width=query_batch.shape[1])
+    sampling = dict(do_sample=True, temperature=temperature + 1e-7, top_k=0, top_p=1.0, suppress_tokens=[PAD])
     with torch.no_grad():
-        prefilled = drpo_tldr.left_pad([query + prefix, [30, 31] + prefix], PAD)  # a batch of two reset states
-        cont = torch.tensor([continuation, continuation])
-        from_state = drpo_tldr.response_logprobs(model, torch.cat((prefilled, cont), 1), cont, PAD, 0.7, [PAD])
-        forced_batch = drpo_tldr.left_pad([query, [30, 31]], PAD)
-        responses = torch.tensor([prefix + continuation] * 2)
-        forced = drpo_tldr.response_logprobs(model, torch.cat((forced_batch, responses), 1), responses, PAD, 0.7, [PAD])
-    torch.testing.assert_close(forced[:, len(prefix) :], from_state, atol=1e-5, rtol=0)
+        torch.manual_seed(0)
+        response = drpo_tldr.generate_responses(model, state, h, length, PAD, **sampling)
+        torch.manual_seed(0)  # the same call, with generate()'s scores kept
+        new = length - int(h.min())
+        out = model.generate(state, attention_mask=(state != PAD).long(), max_new_tokens=new, min_new_tokens=new,
+                             pad_token_id=PAD, output_scores=True, return_dict_in_generate=True, **sampling)  # fmt: skip
+        trained = drpo_tldr.response_logprobs(model, torch.cat((query_batch, response), 1), response, PAD, temperature, [PAD])
+    assert [response[r, : h[r]].tolist() for r in range(3)] == prefixes
+    for r in range(3):
+        for j in range(int(h[r]), length):  # written at generation step j - h[r]
+            sampled = out.scores[j - h[r]][r].log_softmax(-1)
+            assert out.sequences[r, state.shape[1] + j - h[r]] == response[r, j]
+            torch.testing.assert_close(trained[r, j], sampled[response[r, j]], atol=1e-4, rtol=0)
 
 
 def resolved_defaults(module, **fields):

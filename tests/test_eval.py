@@ -3,6 +3,7 @@ cache, resume after a kill), and the hf and rm judges on the tiny world."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -85,6 +86,7 @@ class Judge(BaseHTTPRequestHandler):
         a = text.split(f"{label} A:\n")[1].split(f"\n\n{label} B:")[0]
         b = text.split(f"{label} B:\n")[1]
         choice = "A" if "good" in a or ("good" not in b and "plain" in a) else "B"  # good > plain > bad
+        choice = getattr(server, "always", None) or choice  # a judge with a position bias, when the test sets one
         key = server.answer_key or text.strip().splitlines()[-1].split(":")[0]  # the format the prompt asks for
         reply = {"choices": [{"message": {"content": f"Comparison: {choice} names the point.\n{key}: {choice}"}}]}
         data = json.dumps(reply).encode()
@@ -211,12 +213,18 @@ def test_resume_after_kill_judges_the_rest_and_none_twice(server, tmp_path):
     assert json.load(open(tmp_path / "out" / "summary.json"))["models"]["policy"]["n"] == 20
 
 
+def test_a_judge_that_always_answers_a_gives_ties_not_wins(server, tmp_path):
+    """Position bias: a judge that always answers A is inconsistent on every pair judged in both orders, so every pair
+    is a tie and the win rate 0.5, whatever the responses."""
+    server.always = "A"
+    judge_run(server, tmp_path)
+    s = json.load(open(tmp_path / "out" / "summary.json"))["models"]["policy"]
+    assert (s["wins"], s["ties"], s["losses"], s["win_rate"], s["position_consistency"]) == (0, 10, 0, 0.5, 0.0)
+
+
 def test_hf_judge_position_bias_becomes_ties(world, sft_model, tmp_path):
-    """A judge that always answers A: with both orders every pair is inconsistent, hence a tie (0.5), not a win."""
-    calls = []
-    biased = lambda text: calls.append(text) or "Comparison: -\nPreferred: A"  # noqa: E731
-    assert ev.outcome(ev.parse_choice(biased("x")), ev.parse_choice(biased("y"))) == "tie"
-    # the real hf judge on a tiny model: it runs, parses, and reports position consistency
+    """The real hf judge on a tiny model: each verdict is the likelier of ' A' and ' B' (the log-probs its reply
+    records), and each pair's outcome follows from its two verdicts, an inconsistent pair a tie."""
     proc = run_script(
         "eval_winrate.py",
         "--responses-file",
@@ -232,8 +240,14 @@ def test_hf_judge_position_bias_becomes_ties(world, sft_model, tmp_path):
         cwd=tmp_path,
     )
     s = json.load(open(tmp_path / "out" / "summary.json"))["models"]["policy"]
-    assert s["n"] == 10 and s["unparseable"] == 0 and s["wins"] + s["ties"] + s["losses"] == 10
-    assert s["ties"] == 10 - round(s["position_consistency"] * 10)  # every inconsistent pair is a tie
+    rows = [json.loads(x) for x in open(tmp_path / "out" / "policy.jsonl")]
+    for row in rows:
+        for order in ("policy_first", "reference_first"):
+            a, b = map(float, re.match(r"logp\(A\)=(\S+) logp\(B\)=(\S+)\n", row[f"raw_{order}"]).groups())
+            assert row[f"judge_{order}"] == ("A" if a >= b else "B"), row
+        assert row["outcome"] == ev.outcome(row["judge_policy_first"], row["judge_reference_first"])
+    outcomes = [row["outcome"] for row in rows]
+    assert (s["n"], s["wins"], s["ties"], s["losses"]) == (10, *map(outcomes.count, ("win", "tie", "loss")))
     assert "win rate" in proc.stdout
 
 

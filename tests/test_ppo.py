@@ -43,13 +43,13 @@ def test_compute_gae_three_steps_by_hand():
 
 
 def test_whiten_masked():
-    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    values = torch.tensor([[1.0, 3.0, 5.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the 100 is padding and must not count
-    out = ppo.whiten(values, mask)
-    std = 1.0  # unbiased std of (1, 2, 3)
-    torch.testing.assert_close(out[0, :3], torch.tensor([-1.0, 0.0, 1.0]) / std, atol=1e-6, rtol=0)
+    # over the mask: mean 3, unbiased variance (4 + 0 + 4) / 2 = 4, std 2
+    torch.testing.assert_close(ppo.whiten(values, mask)[0, :3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6, rtol=0)
+    # the rewards' whitening (the default --whiten-rewards): scaled to unit variance, the mean kept
     torch.testing.assert_close(
-        ppo.whiten(values, mask, shift_mean=False)[0, :3], torch.tensor([1.0, 2.0, 3.0]), atol=1e-6, rtol=0
+        ppo.whiten(values, mask, shift_mean=False)[0, :3], torch.tensor([2.0, 3.0, 4.0]), atol=1e-6, rtol=0
     )
 
 
@@ -76,8 +76,8 @@ def test_missing_eos_penalty_checks_the_response_only():
 
 
 def test_kl_penalty_and_score_placement():
-    logprobs = torch.tensor([[-1.0, -2.0, -0.5, 0.0]])
-    ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5, 0.0]])
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5, -1.0]])  # the padding's log-probs differ: its KL must not count
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # EOS at index 2, then padding
     rewards, kl, non_score = ppo.per_token_rewards(torch.tensor([4.0]), logprobs, ref_logprobs, mask, torch.tensor([2]), 0.1)
     assert kl.tolist() == [[0.5, -1.0, 0.0, 0.0]]
