@@ -245,6 +245,7 @@ def test_reset_prob_zero_is_ppo(task, world, sft_model, reward_run, tmp_path):
         "--eval-prompts",
         8,
         *SMALL,
+        "--whiten-rewards",  # the default, which SMALL turns off: both scripts' whitening path runs here
     ]  # the same evaluation flags in both
     dataset = world / ("tldr_sft" if task == "tldr" else "hh")
     # on HH, ppo_baseline.py (TL;DR alone) as it is, its prompts read by drpo_hh.py's data code (tests/ppo_on_hh.py)
