@@ -182,16 +182,17 @@ def test_the_reference_initial_or_previous_across_an_iteration_boundary(world, s
 
 
 def test_the_k_responses_of_a_reset_prompt_share_its_state(world, sft_model, tmp_path):
-    """--reset-prob 1, K 3, max_min, on the comparisons: the 3 responses of every prompt start with the same prefix of
-    that prompt's chosen summary (as text, as the labeller received them). The recorder scores every response 0: every
+    """--reset-prob 1, K 3, max_min, on the comparisons: the 3 responses of every prompt are generated from one state,
+    the prompt and the first h tokens of its chosen summary (recorded at each generate call, from outside the script),
+    and start with that prefix (as text, as the labeller received them). The recorder scores every response 0: every
     pair is a tie and dropped (counted), and the iteration runs no step."""
     (tmp_path / "recorder.py").write_text(RECORDER)
     flags = [*SMALL_ONLINE, "--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", "--reset-prob", 1.0]
     flags += ["--reset-source", "chosen", "--num-generations", 3, "--pair-selection", "max_min", "--total-episodes", 48]
     flags += ["--reward-fn", f"{tmp_path}/recorder.py:record"]
-    proc = run_script(
-        "online_dpo.py", *flags, "--output-dir", tmp_path / "out", cwd=tmp_path, env={"RECORD_FILE": str(tmp_path / "r.jsonl")}
-    )
+    env = {"RECORD_FILE": str(tmp_path / "r.jsonl"), "RECORD_FN": "generate_responses", "RECORD_TO": str(tmp_path / "g.jsonl")}
+    script = ("tests/record_calls.py", f"{ROOT}/online_dpo.py")
+    proc = run_script(*script, *flags, "--output-dir", tmp_path / "out", cwd=tmp_path, env=env)
     log = [json.loads(line) for line in open(metrics_file(proc.stdout, tmp_path))]
     assert len(log) == 1 and log[0]["reset/fraction"] == 1.0 and log[0]["reset/mean_h"] >= 1
     assert log[0]["online/pairs"] == 0 and log[0]["online/ties_dropped"] == 16 and "loss" not in log[0]
@@ -207,6 +208,14 @@ def test_the_k_responses_of_a_reset_prompt_share_its_state(world, sft_model, tmp
         group = records[3 * p : 3 * p + 3]
         first = tokenizer.decode(chosen[group[0][0]][:1])  # h >= 1: the chosen summary's first token starts all three
         assert len({prompt for prompt, _ in group}) == 1 and all(r.startswith(first) for _, r in group), group
+    states = [row for call in map(json.loads, open(tmp_path / "g.jsonl")) for row in call[0]]
+    h = [n for call in map(json.loads, open(tmp_path / "g.jsonl")) for n in call[1]]
+    real = [[t for t in row if t != tokenizer.pad_token_id] for row in states]
+    assert len(real) == 3 * 16 and len(set(h)) > 2  # many prefix lengths: not one h for all
+    for p in range(16):  # rows 3p to 3p + 2: one prompt's K, one state and one h
+        assert real[3 * p] == real[3 * p + 1] == real[3 * p + 2] and h[3 * p] == h[3 * p + 1] == h[3 * p + 2] >= 1
+        row, n = real[3 * p], h[3 * p]
+        assert row[len(row) - n :] == chosen[tokenizer.decode(row[: len(row) - n])][:n]  # the prompt + its chosen[:h]
 
 
 @pytest.mark.slow

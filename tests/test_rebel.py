@@ -133,9 +133,10 @@ def test_the_adaptive_kl_controller_counts_prompts(world, sft_model, tmp_path):
 
 
 def test_a_reset_pair_shares_its_state_and_the_first_step_is_exact(world, sft_model, tmp_path):
-    """--reset-prob 1 on the comparisons: both responses of every pair start with the same prefix of that prompt's chosen
-    summary (compared as text, as the reward function received them); the rollout's and the first training pass's
-    log-probs agree, so d is 0 at the first micro-batch, and the KL is measured on the written tokens alone."""
+    """--reset-prob 1 on the comparisons: both responses of every pair are generated from one state, the prompt and
+    the first h tokens of its chosen summary (recorded at each generate call, from outside the script), and start with
+    that prefix (compared as text, as the reward function received them); the rollout's and the first training pass's
+    log-probs agree, so d is 0 at the first micro-batch."""
     (tmp_path / "recorder.py").write_text(RECORDER)
     flags = [*SMALL_REBEL, "--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons"]
     flags += [
@@ -148,8 +149,9 @@ def test_a_reset_pair_shares_its_state_and_the_first_step_is_exact(world, sft_mo
         "--reward-fn",
         f"{tmp_path}/recorder.py:record",
     ]
+    env = {"RECORD_FILE": str(tmp_path / "r.jsonl"), "RECORD_FN": "generate_responses", "RECORD_TO": str(tmp_path / "g.jsonl")}
     proc = run_script(
-        "rebel.py", *flags, "--output-dir", tmp_path / "out", cwd=tmp_path, env={"RECORD_FILE": str(tmp_path / "r.jsonl")}
+        "tests/record_calls.py", f"{ROOT}/rebel.py", *flags, "--output-dir", tmp_path / "out", cwd=tmp_path, env=env
     )
     log = [json.loads(line) for line in open(metrics_file(proc.stdout, tmp_path))]
     assert len(log) == 2 and all(m["reset/fraction"] == 1.0 and m["reset/mean_h"] >= 1 for m in log)
@@ -165,6 +167,15 @@ def test_a_reset_pair_shares_its_state_and_the_first_step_is_exact(world, sft_mo
     for (p1, r1), (p2, r2) in zip(records[0::2], records[1::2]):  # rows 2i and 2i+1: one pair, one prompt
         first = tokenizer.decode(chosen[p1][:1])  # h >= 1: the chosen summary's first token starts both responses
         assert p1 == p2 and r1.startswith(first) and r2.startswith(first), (first, r1, r2)
+    calls = [json.loads(line) for line in open(tmp_path / "g.jsonl")]
+    assert sum(len(states) for states, *_ in calls) == 2 * 32  # every generation of the two updates
+    for states, h, *_ in calls:
+        real = [[t for t in row if t != tokenizer.pad_token_id] for row in states]
+        assert all(a == b for a, b in zip(real[0::2], real[1::2])) and h[0::2] == h[1::2]  # a pair: one state, one h
+        for row, n in zip(real, h):
+            prompt = tokenizer.decode(row[: len(row) - n])
+            assert n >= 1 and row[len(row) - n :] == chosen[prompt][:n], (prompt, n)  # the prompt + its chosen[:h]
+    assert len({n for _, h, *_ in calls for n in h}) > 2  # many prefix lengths: not one h for all
 
 
 @pytest.mark.slow
