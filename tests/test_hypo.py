@@ -1,6 +1,6 @@
 """hypo.py: the online KL's RLOO estimate by hand and its gradient against the estimator computed sample by sample,
-the samples' log-probs, --kl-weight 0 against dpo_baseline.py, the KL against DPO's, kill and resume (torchrun:
-tests/test_distributed.py)."""
+the samples' log-probs, --kl-weight 0 against dpo_baseline.py, the online KL logged from 0, kill and resume (torchrun:
+tests/test_distributed.py). HyPO's KL against DPO's is measured by benchmarks/paper_table.py, not here."""
 
 import json
 import math
