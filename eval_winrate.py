@@ -328,8 +328,8 @@ def load_examples(args: Args, tokenizer):
             end = os.path.commonprefix([row["chosen"], row["rejected"]]).rfind(HH_TAG) + len(HH_TAG)
             if end >= len(HH_TAG) and row["chosen"][end:].strip():
                 examples.append((row["chosen"][:end], row["chosen"][end:]))
-    print(f"{name}: {n} of {len(ds)} rows taken, evenly spaced; {n - len(examples)} skipped (no shared Assistant turn, "
-          "or an empty chosen response)")  # fmt: skip
+    print(f"{name}: {n} of {len(ds)} rows taken, evenly spaced; {n - len(examples)} skipped (HH: no shared Assistant "
+          "turn, or an empty chosen response)")  # fmt: skip
     return examples
 
 

@@ -320,8 +320,8 @@ def response_ids(tokenizer, text: str):
 def from_pretrained(cls, path: str, tokenizer=None, **kwargs):
     """cls.from_pretrained with a clear offline error; a model also gets room for the pad token, and no dropout (N+)."""
     try:
-        if tokenizer is not None:  # a model: no dropout (N+), every rate in its config 0, nn.Dropout's and those some
-            rates = transformers.AutoConfig.from_pretrained(path).to_dict().items()  # layers apply as floats (OPT: 0.1)
+        if tokenizer is not None:  # a model, built with no dropout (N+): every dropout rate of its config at 0, since
+            rates = transformers.AutoConfig.from_pretrained(path).to_dict().items()  # some layers read it as a float (OPT)
             kwargs |= {k: 0.0 for k, v in rates if "drop" in k and isinstance(v, float)} | {"output_loading_info": True}
         loaded = cls.from_pretrained(path, **kwargs)
     except OSError as e:

@@ -357,7 +357,7 @@ def test_eval_examples_are_spread_over_the_split_and_empty_references_skipped(tm
     examples = eval_winrate.load_examples(args, None)  # rows 0, 3, 6 (empty: skipped) and 9 of the 12
     assert [p.split("Human: ")[1].split("\n")[0] for p, _ in examples] == ["harmless 0", "harmless 3", "helpful 3"]
     assert [r for _, r in examples] == [" answer 0", " answer 3", " answer 3"]
-    assert "4 of 12 rows taken, evenly spaced; 1 skipped (no shared Assistant turn, or an empty chosen response)" in (
+    assert "4 of 12 rows taken, evenly spaced; 1 skipped (HH: no shared Assistant turn, or an empty chosen response)" in (
         capsys.readouterr().out
     )
     args.num_examples = 100  # more than the split holds: every row, in order
