@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import kill_and_resume, metrics_file, newest_run, run_script, untimed
+from conftest import ROOT, kill_and_resume, metrics_file, newest_run, run_script, untimed
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import hypo
@@ -96,15 +96,23 @@ def test_kl_weight_0_is_dpo_baseline(world, sft_model, tmp_path):
 
 def test_hypo_logs_the_online_kl_and_it_starts_at_zero(world, sft_model, tmp_path):
     """The first step's samples come from the policy before any update, which is the reference: every sample's kl is 0
-    (to float precision), and so are its variance and the online loss; the sample length is within the response
-    length; later steps move the policy and the KL away from 0."""
-    proc = run_script("hypo.py", "--sft-model-path", sft_model, "--dataset-name", world / "tldr_comparisons", *FLAGS,
-                      "--kl-weight", 0.5, "--num-generations", 3, "--output-dir", tmp_path / "out", cwd=tmp_path)  # fmt: skip
+    (to float precision), and so are its variance and the online loss; online/response_length is the mean length of
+    the update's samples, each cut after its first EOS (the samples recorded from outside the script as they are
+    generated); later steps move the policy and the KL away from 0."""
+    env = {"RECORD_FN": "truncate_response", "RECORD_TO": str(tmp_path / "calls.jsonl")}
+    proc = run_script("tests/record_calls.py", f"{ROOT}/hypo.py", "--sft-model-path", sft_model, "--dataset-name",
+                      world / "tldr_comparisons", *FLAGS, "--kl-weight", 0.5, "--num-generations", 3, "--output-dir",
+                      tmp_path / "out", cwd=tmp_path, env=env)  # fmt: skip
     log = [json.loads(x) for x in open(metrics_file(proc.stdout, tmp_path))]
     first = log[0]
     assert abs(first["online/kl"]) < 1e-5 and first["online/kl_var"] < 1e-9 and abs(first["online/kl_loss"]) < 1e-5
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert all(1 <= m["online/response_length"] <= 8 for m in log) and abs(log[-1]["online/kl"]) > 1e-3
+    calls = [json.loads(line) for line in open(tmp_path / "calls.jsonl")]  # [responses, eos_id, pad_id] per micro-batch
+    assert len(calls) == 2 * len(log) == 20 and all(len(responses) == 16 * 3 for responses, _, _ in calls)
+    lengths = [[r.index(eos) + 1 if eos in r else len(r) for r in responses] for responses, eos, _ in calls]
+    for m, (a, b) in zip(log, zip(lengths[0::2], lengths[1::2])):
+        assert m["online/response_length"] == pytest.approx(sum(a + b) / len(a + b), abs=1e-6)
+    assert len({n for rows in lengths for n in rows}) > 1 and abs(log[-1]["online/kl"]) > 1e-3  # lengths vary
 
 
 @pytest.mark.slow

@@ -342,6 +342,25 @@ def test_a_damaged_or_foreign_checkpoint_is_refused(world, sft_model, reward_run
     assert not os.path.exists(tmp_path / "pwned")
 
 
+def test_the_rollouts_mask_ends_at_the_eos_and_masks_the_log_probs(world, sft_model, reward_run, tmp_path):
+    """ppo_baseline.py's mask, built inline in its loop, as per_token_rewards receives it (recorded from outside the
+    script): 1 up to and including each response's last real token, 0 after; the log-probs and the reference's are 0
+    wherever the mask is, and are not 0 where it is 1. Some responses end early at an EOS, so the test can fail."""
+    env = {"RECORD_FN": "per_token_rewards", "RECORD_TO": str(tmp_path / "calls.jsonl")}
+    flags = ("--total-episodes", 2 * 32)
+    ppo_run(world, sft_model, tmp_path / "out", *flags, launch=lambda *a, **k: run_script("tests/record_calls.py",
+            f"{ROOT}/ppo_baseline.py", *a[1:], **k, env=env))  # fmt: skip
+    calls = [json.loads(line) for line in open(tmp_path / "calls.jsonl")]
+    assert len(calls) == 2
+    for scores, logprobs, ref_logprobs, mask, sequence_lengths, kl_coef in calls:
+        mask, lengths = torch.tensor(mask), torch.tensor(sequence_lengths)
+        assert mask.shape == (32, 8) and kl_coef == 0.01  # SMALL's --kl-coef
+        assert torch.equal(mask, (torch.arange(8) <= lengths.unsqueeze(1)).float())
+        for values in (torch.tensor(logprobs), torch.tensor(ref_logprobs)):
+            assert torch.equal(values == 0, mask == 0)
+    assert any(n < 7 for _, _, _, _, lengths, _ in calls for n in lengths)  # an EOS before the last token
+
+
 # PPO on HH is drpo_hh.py --reset-prob 0 (equal to ppo_baseline.py's loop on HH prompts: test_drpo.py)
 def test_hh_runs_on_the_tiny_world(world, sft_model, reward_run, tmp_path):
     flags = ("--reset-prob", 0, "--total-episodes", 2 * 32)
