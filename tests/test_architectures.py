@@ -60,6 +60,34 @@ def build_tokenizer(arch, texts):
     return PreTrainedTokenizerFast(tokenizer_object=bpe, **kwargs)
 
 
+def test_a_sentencepiece_response_continues_its_prompt(tmp_path):
+    """Llama-2's tokenizer is SentencePiece-style (a Metaspace '▁' for each space, one prepended to the text), and its
+    Hub tokenizer.json holds the legacy normalizer (prepend '▁', then every space to '▁'), under which " my cat" alone
+    would start with a doubled '▁'. transformers 5 loads it as LlamaTokenizer, which rebuilds its own Metaspace: a
+    response encoded on its own with its leading space (response_ids) is exactly the tokens that follow the prompt
+    when both are encoded as one text, so a reset prefix is a state the policy could write itself."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    texts = ["TL;DR: my cat is sick", "my dog is old", "the cat sat on my mat"] * 20
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sp.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    model = json.loads(sp.to_str())["model"]
+    LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]]).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    saved["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                           {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}  # fmt: skip
+    saved["pre_tokenizer"] = None  # as the Llama-2 file on the Hub
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved))
+    tokenizer = ppo_baseline.load_tokenizer(str(tmp_path))
+    prompt = ppo_baseline.encode(tokenizer, "TL;DR:", special=False)
+    whole = ppo_baseline.encode(tokenizer, "TL;DR: my cat is sick", special=False)
+    response = sft.response_ids(tokenizer, "my cat is sick")
+    assert whole[: len(prompt)] == prompt and response == whole[len(prompt) :] + [tokenizer.eos_token_id]
+    assert tokenizer.convert_ids_to_tokens(response[:1]) == ["\u2581my"]  # one '▁', not two
+
+
 def build_model(arch, tokenizer):
     torch.manual_seed(0)
     rows = (
