@@ -60,8 +60,8 @@ class Args:
     eval_split: Optional[str] = None  # held-out split of the implicit-reward accuracy (default: DEFAULTS)
     query_length: int = 512  # max prompt tokens: a TL;DR post is cut back at its last newline, an HH prompt keeps its end
     response_length: Optional[int] = None  # max response tokens, EOS included; longer pairs are skipped (default: DEFAULTS)
-    max_train_samples: Optional[int] = None  # use only the first N training pairs (debugging)
-    max_eval_samples: Optional[int] = 1000  # use only the first N eval pairs
+    max_train_samples: Optional[int] = None  # use N training pairs, evenly spaced over the split (debugging)
+    max_eval_samples: Optional[int] = 1000  # use N eval pairs, evenly spaced over the split
     ref_cache_dir: str = "cache/ref_logprobs"  # where rank 0 caches the reference log-probs (keyed by model, data, tokens)
     # ---- optimisation ----
     lr: float = 3e-6  # learning rate (cosine schedule to 0)
@@ -440,12 +440,13 @@ def build_pairs(args: Args, tokenizer, split: str, limit: Optional[int]):
     """(prompt ids, chosen ids, rejected ids) triples; unusable rows are skipped and counted."""
     name, schema = args.dataset_name, SCHEMAS[args.task]
     ds = load_rows(name, split, schema, args.dataset_config)
-    ds = ds.select(range(min(limit, len(ds)))) if limit else ds
+    keep = range(len(ds)) if not limit or limit >= len(ds) else [i * len(ds) // limit for i in range(limit)]
+    ds = ds.select(keep)  # evenly spaced: HH's splits are their subsets one after another (harmless-base first)
     keys = (
         "rows query_truncated dropped_query_too_long dropped_empty_response dropped_identical_pair dropped_response_too_long "
     )
     pairs, counts = [], dict.fromkeys((keys + "dropped_no_shared_prompt dropped_cnndm").split(), 0) | {"rows": len(ds)}
-    for i, row in enumerate(ds):
+    for i, row in zip(keep, ds):  # i: the row's index in the split, as errors name it
         check_row(row, i, schema, f"{name} ({split})")
         if args.task == "tldr":
             texts, missing = comparison_texts(row, i, f"{name} ({split})"), "dropped_cnndm"

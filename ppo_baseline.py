@@ -70,7 +70,7 @@ class Args:
     cliprange_value: float = 0.2  # value clip range
     vf_coef: float = 0.1  # value loss coefficient
     missing_eos_penalty: Optional[float] = -1.0  # score of a response with no EOS, replacing its reward (None: keep it)
-    eval_every: int = 0  # every N updates, score greedy responses on the first --eval-prompts prompts (0: never)
+    eval_every: int = 0  # every N updates, score greedy responses to --eval-prompts spread prompts (0: never)
     eval_prompts: int = 64  # how many prompts the periodic evaluation uses
     early_stop_score: Optional[float] = None  # stop (and save) once the evaluation's mean score reaches this value
     # ---- the run ----
@@ -371,9 +371,10 @@ def train(args, run, log, tokenizer, queries, models, reward_fn, checkpoint):
 
 @torch.no_grad()
 def evaluate(args, device, models, reward_fn, tokenizer, queries, suppress, autocast):
-    """Mean score of greedy responses from the prompt alone to the first --eval-prompts training prompts. Every process
-    computes it (under FSDP all take part in gathering the policy); rank 0's score decides the early stop for all."""
-    prompts, pad_id, (policy, _, _, reward_model) = queries[: args.eval_prompts], tokenizer.pad_token_id, models
+    """Mean score of greedy responses from the prompt alone to --eval-prompts training prompts spread over the data (HH's
+    are its subsets in turn). Every process computes it (under FSDP all gather the policy); rank 0's decides the early stop."""
+    prompts = queries[:: max(1, len(queries) // args.eval_prompts)][: args.eval_prompts]  # evenly spaced
+    pad_id, (policy, _, _, reward_model) = tokenizer.pad_token_id, models
     with autocast, gathered(policy):
         batch = left_pad(prompts, pad_id).to(device)
         greedy = dict(do_sample=False, suppress_tokens=suppress)

@@ -383,9 +383,10 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
 
 
 def evaluate(args, device, models, reward_fn, tokenizer, queries, suppress, autocast):
-    """Mean score of greedy responses, from the prompt alone, to the first --eval-prompts prompts. Every process computes
-    it (under FSDP all take part in gathering the policy); rank 0's score decides the early stop for all."""
-    prompts, pad_id, (policy, _, reward_model) = queries[: args.eval_prompts], tokenizer.pad_token_id, models
+    """Mean score of greedy responses, from the prompt alone, to --eval-prompts prompts spread over the data (HH's are its
+    subsets in turn). Every process computes it (under FSDP all gather the policy); rank 0's decides the early stop."""
+    prompts = queries[:: max(1, len(queries) // args.eval_prompts)][: args.eval_prompts]  # evenly spaced
+    pad_id, (policy, _, reward_model) = tokenizer.pad_token_id, models
     with autocast, gathered(policy):
         batch, no_reset = left_pad(prompts, pad_id).to(device), torch.zeros(len(prompts), dtype=torch.long, device=device)
         responses = generate_responses(

@@ -45,8 +45,8 @@ class Args:
     eval_split: Optional[str] = None  # split of the eval loss (default: DEFAULTS)
     query_length: int = 512  # max prompt tokens: a TL;DR post is cut back at its last newline, an HH prompt keeps its end
     response_length: Optional[int] = None  # max response tokens, EOS included; longer ones are skipped (default: DEFAULTS)
-    max_train_samples: Optional[int] = None  # use only the first N training rows (debugging)
-    max_eval_samples: Optional[int] = 1000  # use only the first N eval rows
+    max_train_samples: Optional[int] = None  # use N training rows, evenly spaced over the split (debugging)
+    max_eval_samples: Optional[int] = 1000  # use N eval rows, evenly spaced over the split
     prompt_loss: bool = False  # also learn the prompt's tokens, as the N+ and DR-PO authors' SFT (default: the response's)
     # ---- optimisation ----
     lr: float = 3e-6  # learning rate (cosine schedule to 0)
@@ -226,12 +226,13 @@ def build_examples(args: Args, tokenizer, split: str, limit: Optional[int]):
     """(prompt ids, response ids) pairs; rows that cannot be used are skipped and counted."""
     name, schema = args.dataset_name, SCHEMAS[args.task]
     ds = load_rows(name, split, schema, args.dataset_config)
-    ds = ds.select(range(min(limit, len(ds)))) if limit else ds
+    keep = range(len(ds)) if not limit or limit >= len(ds) else [i * len(ds) // limit for i in range(limit)]
+    ds = ds.select(keep)  # evenly spaced: HH's splits are their subsets one after another (harmless-base first)
     keys = (
         "rows query_truncated dropped_query_too_long dropped_empty_response dropped_response_too_long dropped_no_shared_prompt"
     )
     examples, counts = [], dict.fromkeys(keys.split(), 0)
-    for i, row in enumerate(ds):
+    for i, row in zip(keep, ds):  # i: the row's index in the split, as errors name it
         check_row(row, i, schema, f"{name} ({split})")
         counts["rows"] += 1
         if args.task == "tldr":

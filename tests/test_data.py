@@ -10,6 +10,7 @@ import dpo_baseline
 import drpo_hh
 import drpo_tldr
 import eval_winrate
+import hypo
 import ppo_baseline
 import reward_model
 import sft
@@ -374,3 +375,26 @@ def test_the_hh_reward_normalisation_samples_every_subset(tokenizer, tmp_path):
     args = reward_model.Args(task="hh", dataset_name=path, max_norm_samples=3)
     sequences = [tokenizer.decode(s) for s in reward_model.normalisation_sequences(args, tokenizer, pairs)]
     assert [s.split("Human: ")[1].split("\n")[0] for s in sequences] == ["harmless 0", "harmless 3", "helpful 2"]
+
+
+@pytest.mark.parametrize("script", [sft, reward_model, dpo_baseline, hypo], ids=lambda m: m.__name__)
+def test_max_samples_are_spread_over_the_split_and_errors_name_the_split_row(script, tokenizer, tmp_path, capsys):
+    """--max-train-samples and --max-eval-samples take rows evenly spaced over the split, not its first ones (on HH, the
+    first 2,312 test rows are harmless-base's alone). A bad row is named by its index in the whole split."""
+    path = hh_subsets(tmp_path)  # 12 rows; row 6's chosen response is empty
+    build = script.build_examples if script is sft else script.build_pairs
+    args = script.Args(task="hh", dataset_name=path, response_length=16)
+    kept = build(args, tokenizer, "train", 4)  # rows 0, 3, 6 (empty: skipped) and 9
+    assert [tokenizer.decode(x[0]).split("Human: ")[1].split("\n")[0] for x in kept] == [
+        "harmless 0",
+        "harmless 3",
+        "helpful 3",
+    ]
+    assert "'rows': 4" in capsys.readouterr().out
+    assert len(build(args, tokenizer, "train", 100)) == len(build(args, tokenizer, "train", None)) == 11
+    rows = [json.loads(line) for line in open(path)]
+    rows[9]["rejected"] = 7
+    args.dataset_name = write(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(SystemExit, match=r"row 9, column 'rejected': expected str, got int"):
+        build(args, tokenizer, "train", 4)
+    assert len(build(args, tokenizer, "train", 3)) == 3  # rows 0, 4, 8: row 9 never read

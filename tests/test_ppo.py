@@ -361,6 +361,28 @@ def test_the_rollouts_mask_ends_at_the_eos_and_masks_the_log_probs(world, sft_mo
     assert any(n < 7 for _, _, _, _, lengths, _ in calls for n in lengths)  # an EOS before the last token
 
 
+@pytest.mark.parametrize("script", ["ppo_baseline.py", "drpo_hh.py"])
+def test_the_periodic_evaluation_spreads_its_prompts_over_the_data(script, world, sft_model, reward_run, tmp_path):
+    """--eval-prompts 4 of the tiny world's 2,000 prompts: every 500th (0, 500, 1000, 1500), not the first 4 (on HH the
+    first thousands are harmless-base's alone). The prompts the evaluation scores are recorded by --reward-fn."""
+    (tmp_path / "record.py").write_text(RECORDER)
+    dataset = world / ("hh" if script == "drpo_hh.py" else "tldr_sft")
+    flags = ("--reward-fn", f"{tmp_path}/record.py:record", "--total-episodes", 32, "--eval-every", 1, "--eval-prompts", 4)
+    extra = ("--reset-prob", 0) if script == "drpo_hh.py" else ()
+    ppo_run(world, sft_model, tmp_path / "out", *flags, *extra, script=script, dataset=dataset,
+            launch=lambda *a, **k: run_script(*a, **k, env={"RECORD_FILE": str(tmp_path / "scored.jsonl")}))  # fmt: skip
+    scored = [json.loads(line)[0] for line in open(tmp_path / "scored.jsonl")]
+    assert len(scored) == 32 + 4
+    module = __import__(script[:-3])
+    args = module.Args(dataset_name=str(dataset), sft_model_path=str(sft_model), response_length=8)
+    tokenizer = module.load_tokenizer(str(sft_model))
+    queries = (
+        module.build_queries(args, tokenizer) if script == "ppo_baseline.py" else module.build_episodes(args, tokenizer)[0]
+    )
+    assert len(queries) == 2000
+    assert scored[32:] == [tokenizer.decode(queries[i], skip_special_tokens=True) for i in (0, 500, 1000, 1500)]
+
+
 # PPO on HH is drpo_hh.py --reset-prob 0 (equal to ppo_baseline.py's loop on HH prompts: test_drpo.py)
 def test_hh_runs_on_the_tiny_world(world, sft_model, reward_run, tmp_path):
     flags = ("--reset-prob", 0, "--total-episodes", 2 * 32)
