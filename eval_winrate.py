@@ -43,6 +43,7 @@ class Args:
     judge_prompt_file: Optional[str] = None  # a template with {prompt}, {response_a}, {response_b}, answer key last
     judge_answer_key: Optional[str] = None  # `Preferred` in `Preferred: A` (default: read from the template's last line)
     max_unparseable: float = 0.5  # stop with an error, not a table, past this share of unparseable judgements
+    missing_eos_penalty: Optional[float] = -1.0  # rm: the score of a generated response with no EOS, as training's
     # ---- the responses: policies, prompts and references ----
     task: Literal["tldr", "hh"] = "tldr"  # tldr: against the human reference summary; hh: against the chosen response
     model_paths: list[str] = field(default_factory=list)  # policies to generate responses from (folders or Hub ids)
@@ -98,6 +99,7 @@ class System(NamedTuple):
     references: list
     lengths: Optional[list] = None
     reference_lengths: Optional[list] = None
+    ended: Optional[list] = None  # whether each generated response wrote its EOS (not known for a responses file)
 
 
 class Judgement(NamedTuple):
@@ -163,9 +165,10 @@ def judge_pairs(name: str, system: System, judge_call, cache, args: Args, templa
     rng, jobs = random.Random(args.seed), {}
     for i, (prompt, response, reference) in enumerate(zip(system.prompts, system.responses, system.references)):
         for order in ORDERS if args.order == "both" else [rng.choice(ORDERS)]:
-            a, b = (response, reference) if order == "policy_first" else (reference, response)
+            a, b = response.strip(), reference.strip()  # as N+: no leading or trailing whitespace for the judge to see
+            a, b = (a, b) if order == "policy_first" else (b, a)
             text = template.format(prompt=prompt, response_a=a, response_b=b)
-            jobs[(i, order)] = (Cache.key(judge_id(args), template, prompt, a, b), text)
+            jobs[(i, order)] = (Cache.key(judge_id(args, answer), template, prompt, a, b), text)
     todo = [job for job in jobs.values() if job[0] not in cache.entries]
     print(f"{name}: {len(jobs)} judgements, {len(jobs) - len(todo)} from the cache, {len(todo)} to make")
     try:
@@ -190,10 +193,14 @@ def judge_pairs(name: str, system: System, judge_call, cache, args: Args, templa
     return judged
 
 
-def judge_by_reward(reward_model, tokenizer, system: System, device, batch_size: int, query_length: int):
+def judge_by_reward(reward_model, tokenizer, system: System, device, args: Args):
     """A reward model is symmetric: one score each, no order to debias. The policy wins where it scores higher, loses
-    where lower; equal scores are a tie (the two orders' verdicts disagree)."""
+    where lower; equal scores are a tie (the two orders' verdicts disagree). A generated response cut off before its
+    EOS scores --missing-eos-penalty, as in training, not as though it had ended."""
+    batch_size, query_length, penalty = args.batch_size, args.query_length, args.missing_eos_penalty
     policy = reward_scores(reward_model, tokenizer, system.prompts, system.responses, device, batch_size, query_length)
+    if system.ended is not None and penalty is not None:
+        policy = [p if ended else penalty for p, ended in zip(policy, system.ended)]
     reference = reward_scores(reward_model, tokenizer, system.prompts, system.references, device, batch_size, query_length)
     verdicts = {1: ("A", "B"), -1: ("B", "A"), 0: ("A", "A")}  # by the sign of policy - reference
     return [
@@ -210,7 +217,7 @@ def report(name: str, system: System, judged: list, args: Args, answer: str):
     unparseable = sum((j.judge_policy_first is None) + (both and j.judge_reference_first is None) for j in judged)
     made = len(judged) * (2 if both else 1)
     if unparseable > args.max_unparseable * made:
-        example = next(raw for j in judged for raw, choice in zip(j[2:], j[:2]) if choice is None and raw)  # raw, verdict
+        example = next((raw for j in judged for raw, choice in zip(j[2:], j[:2]) if choice is None and raw), "")
         raise SystemExit(f"{name}: {unparseable} of {made} judgements could not be parsed: the last line of a reply must be "
             f"`{answer}: A` or `{answer}: B` (the answer key comes from the judge prompt's last line, or "
             f"--judge-answer-key). A reply ends: {example.strip()[-200:]!r}. The replies are kept in "
@@ -219,6 +226,7 @@ def report(name: str, system: System, judged: list, args: Args, answer: str):
     if not both:
         stats["position_consistency"] = None  # one order (or a symmetric judge): nothing to compare
     if system.lengths:
+        stats["responses_without_eos"] = system.ended.count(False)
         stats["mean_response_tokens"] = sum(system.lengths) / len(system.lengths)
         stats["mean_reference_tokens"] = sum(system.reference_lengths) / len(system.reference_lengths)
     columns = zip(system.prompts, system.responses, system.references, outcomes, judged)
@@ -233,7 +241,6 @@ def main():
     args.split = args.split or "test"
     args.response_length = args.response_length or {"tldr": 53, "hh": 128}[args.task]
     random.seed(args.seed)
-    torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.dtype == "auto":  # nothing is trained here: bf16 on a GPU, fp32 on a CPU (where bf16 is slow)
         args.dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -249,14 +256,15 @@ def main():
         systems[name] = System(*([r[c] for r in rows] for c in ("prompt", "response", "reference")))
     for path in args.model_paths:
         examples = load_examples(args, AutoTokenizer.from_pretrained(path))
-        responses, lengths, tokenizer = generate(path, examples, args, device)
+        responses, lengths, ended, tokenizer = generate(path, examples, args, device)
         references = [ref for _, ref in examples]
         reference_lengths = [len(encode(tokenizer, r, special=False)) for r in references]
-        systems[path] = System([p for p, _ in examples], responses, references, lengths, reference_lengths)
+        systems[path] = System([p for p, _ in examples], responses, references, lengths, reference_lengths, ended)
     # 2. The judge
     cache = Cache(args.cache_file)
     if args.judge == "rm":
-        reward_model = load_model(AutoModelForSequenceClassification, args.judge_model, args.dtype, device)
+        # fp32 whatever --dtype: in bf16 close scores round to ties or flip (steps of 1/16 at scores of 8 to 16)
+        reward_model = load_model(AutoModelForSequenceClassification, args.judge_model, "float32", device)
         rm_tokenizer = AutoTokenizer.from_pretrained(args.judge_model)
     elif args.judge == "hf":
         judge_model = load_model(AutoModelForCausalLM, args.judge_model, args.dtype, device)
@@ -268,7 +276,7 @@ def main():
                "task": args.task, "models": {}}  # fmt: skip
     for name, system in systems.items():
         if args.judge == "rm":
-            judged = judge_by_reward(reward_model, rm_tokenizer, system, device, args.batch_size, args.query_length)
+            judged = judge_by_reward(reward_model, rm_tokenizer, system, device, args)
         else:
             judged = judge_pairs(name, system, judge_call, cache, args, template, answer)
         summary["models"][name], rows = report(name, system, judged, args, answer)
@@ -351,7 +359,9 @@ def load_model(cls, path: str, dtype: str, device):
 @torch.no_grad()
 def generate(path: str, examples, args: Args, device):
     """Responses of one policy: --temperature sampling (0.01), response_length tokens, cut after the first EOS, never the pad
-    token nor an embedding row past the tokenizer (as in training). (responses, their token lengths, the tokenizer)"""
+    token nor an embedding row past the tokenizer (as in training). Seeded per policy: its responses do not depend on
+    the policies before it. (responses, their token lengths, whether each wrote its EOS, the tokenizer)"""
+    torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     model = load_model(AutoModelForCausalLM, path, args.dtype, device)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:  # a policy from elsewhere
@@ -361,7 +371,7 @@ def generate(path: str, examples, args: Args, device):
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     non_tokens = [pad_id] + list(range(len(tokenizer), model.get_input_embeddings().num_embeddings))
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, suppress_tokens=non_tokens)
-    responses = []
+    responses, ended = [], []
     for i in range(0, len(examples), args.batch_size):
         ids = left_pad([prompt_ids(tokenizer, p, args.query_length) for p, _ in examples[i : i + args.batch_size]], pad_id)
         ids, n = ids.to(device), args.response_length
@@ -369,9 +379,10 @@ def generate(path: str, examples, args: Args, device):
                              pad_token_id=pad_id, **sampling)[:, ids.shape[1] :]  # fmt: skip
         for row in out.tolist():
             responses.append(tokenizer.decode(row[: row.index(eos_id)] if eos_id in row else row, skip_special_tokens=True))
+            ended.append(eos_id in row)
         print(f"  {path}: {len(responses)}/{len(examples)} responses", end="\r")
     print()
-    return responses, [len(encode(tokenizer, r, special=False)) for r in responses], tokenizer
+    return responses, [len(encode(tokenizer, r, special=False)) for r in responses], ended, tokenizer
 
 
 def left_pad(sequences, pad_id: int, width: int = 0):
@@ -428,7 +439,7 @@ def openai_judge(args: Args, api_key: str):
             request = urllib.request.Request(f"{args.base_url.rstrip('/')}/chat/completions", body.encode(), headers)
             try:
                 with urllib.request.urlopen(request, timeout=120) as response:
-                    return json.loads(response.read())["choices"][0]["message"]["content"]
+                    return json.loads(response.read())["choices"][0]["message"]["content"] or ""  # a refusal: None
             except urllib.error.HTTPError as e:
                 if e.code in (401, 403):
                     raise JudgeAuthError(f"the judge endpoint answered {e.code}: check ${args.api_key_env} and --base-url")
@@ -460,10 +471,11 @@ def check_endpoint(args: Args):
 
 
 # ---- the judgement cache and the outputs ----
-def judge_id(args: Args):
+def judge_id(args: Args, answer: str):
     """The judge a cached judgement came from: the model, and the endpoint or local judge that ran it (the OpenAI API's
-    judgements keep the model name alone, the key older caches hold)."""
-    where = args.base_url.rstrip("/") if args.judge == "openai" else f"--judge {args.judge}"
+    judgements keep the model name alone, the key older caches hold); a local judge's reply also depends on its dtype
+    and on the answer key it is prompted with."""
+    where = args.base_url.rstrip("/") if args.judge == "openai" else f"--judge {args.judge} {args.dtype} {answer}"
     return args.judge_model if where == Args.base_url.rstrip("/") else f"{where} {args.judge_model}"
 
 

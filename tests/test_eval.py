@@ -88,7 +88,10 @@ class Judge(BaseHTTPRequestHandler):
         choice = "A" if "good" in a or ("good" not in b and "plain" in a) else "B"  # good > plain > bad
         choice = getattr(server, "always", None) or choice  # a judge with a position bias, when the test sets one
         key = server.answer_key or text.strip().splitlines()[-1].split(":")[0]  # the format the prompt asks for
-        reply = {"choices": [{"message": {"content": f"Comparison: {choice} names the point.\n{key}: {choice}"}}]}
+        content = f"Comparison: {choice} names the point.\n{key}: {choice}"
+        with server.lock:  # a refusal or a content filter: `content` is null, when the test asks for some
+            content, server.nulls = (None, server.nulls - 1) if server.nulls > 0 else (content, server.nulls)
+        reply = {"choices": [{"message": {"content": content}}]}
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -104,6 +107,7 @@ class Judge(BaseHTTPRequestHandler):
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
     httpd.calls, httpd.script, httpd.delay, httpd.lock, httpd.answer_key = [], [], 0.0, threading.Lock(), None
+    httpd.nulls = 0
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -405,5 +409,68 @@ def test_the_cache_keys_a_judgement_by_the_endpoint_and_the_judge_kind(server, t
     judge_run(server, tmp_path, "--base-url", f"http://localhost:{server.server_port}/v1")  # the later flag wins
     assert len(server.calls) - calls == 20  # another endpoint: judged again, not read from the first one's replies
     args = ev.Args(judge_model="m")
-    ids = {ev.judge_id(ev.Args(judge_model="m", **kw)) for kw in ({}, {"judge": "hf"}, {"base_url": "http://x/v1"})}
-    assert len(ids) == 3 and ev.judge_id(args) == "m"  # the OpenAI API: the model name alone, as before
+    kinds = ({}, {"judge": "hf"}, {"base_url": "http://x/v1"}, {"judge": "hf", "dtype": "bfloat16"})
+    ids = {ev.judge_id(ev.Args(judge_model="m", **kw), "Preferred") for kw in kinds}
+    ids.add(ev.judge_id(ev.Args(judge_model="m", judge="hf"), "More helpful"))  # a local judge is prompted with the key
+    assert len(ids) == 5 and ev.judge_id(args, "Preferred") == "m"  # the OpenAI API: the model name alone, as before
+    assert ev.judge_id(args, "More helpful") == "m"  # its replies are re-parsed with today's key
+
+
+def test_a_null_reply_is_unparseable_not_a_crash(server, tmp_path):
+    """An endpoint may answer a refusal with `content: null`: that judgement is counted as unparseable (its pair a
+    tie), and the run goes on."""
+    server.nulls = 3
+    judge_run(server, tmp_path)
+    s = json.load(open(tmp_path / "out" / "summary.json"))["models"]["policy"]
+    assert s["unparseable"] == 3 and s["n"] == 10 and s["ties"] >= 1
+
+
+def test_the_judge_sees_each_response_stripped_as_in_n_plus(server, tmp_path):
+    """N+ strips both summaries before judging: a policy's trailing newline or a reference's leading space must not be a
+    cue to the judge. What the judge is sent holds each response stripped, and the cache is keyed by what was sent."""
+    path = tmp_path / "spaced.jsonl"
+    path.write_text(json.dumps({"prompt": "post", "response": " good summary \n\n", "reference": " plain reference"}) + "\n")
+    flags = ["--base-url", f"http://127.0.0.1:{server.server_port}/v1", "--output-dir", tmp_path / "out"]
+    run_script("eval_winrate.py", "--responses-file", path, *flags, "--cache-file", tmp_path / "c.jsonl", cwd=tmp_path,
+               env={"OPENAI_API_KEY": "test"})  # fmt: skip
+    assert len(server.calls) == 2
+    first, second = sorted(server.calls, key=lambda text: text.index("good"))  # the policy's response shown as A, then B
+    assert "Summary A:\ngood summary\n\nSummary B:\nplain reference\n\nFIRST" in first
+    assert "Summary A:\nplain reference\n\nSummary B:\ngood summary\n\nFIRST" in second
+
+
+def test_rm_judge_scores_a_response_with_no_eos_as_training_does(world, reward_run):
+    """A generated response cut off before its EOS scores --missing-eos-penalty (-1, as in training), not the reward of a
+    response that ended: against itself as the reference it loses where the reference scores above -1, and wins where
+    below; the same response that did end ties. A responses file (nothing known of the EOS) is scored as it is."""
+    import torch
+
+    tokenizer = ev.AutoTokenizer.from_pretrained(world / "rm")
+    model = ev.load_model(ev.AutoModelForSequenceClassification, str(world / "rm"), "float32", torch.device("cpu"))
+    rows = [json.loads(x) for x in open(world / "tldr_sft" / "validation.jsonl")][:8]
+    prompts, texts = [ev.TLDR_FORMAT.format(**r) for r in rows], [" " + r["summary"] for r in rows]
+    ended = [True, False] * 4
+    system = ev.System(prompts, texts, texts, [1] * 8, [1] * 8, ended)
+    scores = ev.reward_scores(model, tokenizer, prompts, texts, torch.device("cpu"), 8, 512)
+    judged = ev.judge_by_reward(model, tokenizer, system, torch.device("cpu"), ev.Args())
+    outcomes = [ev.outcome(j.judge_policy_first, j.judge_reference_first) for j in judged]
+    assert outcomes == ["tie" if e else ("loss" if s > -1 else "win") for e, s in zip(ended, scores)]
+    assert "loss" in outcomes
+    kept = ev.judge_by_reward(model, tokenizer, system._replace(ended=None), torch.device("cpu"), ev.Args())
+    assert [ev.outcome(*j[:2]) for j in kept] == ["tie"] * 8
+
+
+def test_each_policy_samples_from_the_seed_whatever_came_before(world, sft_model, reward_run, tmp_path):
+    """Sampling is seeded per policy: a policy's responses (at temperature 1, where seeds matter) are the same judged
+    after another policy as alone; the base model, random and cut off, mostly writes no EOS and is counted."""
+    flags = ["--dataset-name", world / "tldr_sft", "--split", "validation", "--num-examples", 16, "--response-length", 8,
+             "--temperature", 1.0, "--judge", "rm", "--judge-model", world / "rm"]  # fmt: skip
+    flags += ["--cache-file", tmp_path / "c.jsonl"]
+    run_script("eval_winrate.py", "--model-paths", world / "base", sft_model, *flags, "--output-dir", tmp_path / "both",
+               cwd=tmp_path)  # fmt: skip
+    run_script("eval_winrate.py", "--model-paths", sft_model, *flags, "--output-dir", tmp_path / "alone", cwd=tmp_path)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(sft_model)).strip("_")
+    both, alone = ([json.loads(x)["response"] for x in open(tmp_path / d / f"{stem}.jsonl")] for d in ("both", "alone"))
+    assert both == alone and len(set(both)) > 4
+    models = json.load(open(tmp_path / "both" / "summary.json"))["models"]
+    assert models[str(world / "base")]["responses_without_eos"] > 8 > models[str(sft_model)]["responses_without_eos"]
