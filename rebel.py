@@ -305,7 +305,8 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
             mask = action_mask(h, sequence_lengths, args.response_length)  # (2 * batch, response_length)
             logprobs, ref_logprobs = (logprobs * mask).sum(1), (ref_logprobs * mask).sum(1)  # (2 * batch,)
             kl = logprobs - ref_logprobs
-            rewards = scores - kl_coef * kl
+            non_score_reward = -kl_coef * kl  # this update's coefficient (the adaptive controller steps after it)
+            rewards = scores + non_score_reward
             if args.whiten_rewards:  # as the authors': over the batch, the population variance, the mean kept
                 rewards = (rewards - rewards.mean()) * torch.rsqrt(rewards.var(unbiased=False) + 1e-8) + rewards.mean()
         # 5. REBEL: num_ppo_epochs passes over the pairs; a minibatch of pairs is one optimizer step, accumulated from
@@ -355,7 +356,7 @@ def train(args, run, log, tokenizer, queries, reset_responses, models, reward_fn
         metrics = {
             "update": update, "episodes": episodes, "objective/kl": mean_kl, "objective/entropy": -logprobs.mean(),
             "objective/scores": scores.mean(), "objective/raw_scores": raw_scores.mean(),
-            "objective/non_score_reward": -kl_coef * kl.mean(), "objective/rlhf_reward": rewards.mean(),
+            "objective/non_score_reward": non_score_reward.mean(), "objective/rlhf_reward": rewards.mean(),
             "objective/kl_coef": kl_coef, "rebel/loss": stats[..., 0].mean(), "rebel/first_loss": first[0, 0],
             "rebel/first_abs_d": first[0, 1], "rebel/reward_diff": (rewards[0::2] - rewards[1::2]).abs().mean(),
             "rebel/abs_d_first_epoch": first[:, 1].mean(), "rebel/abs_d_last_epoch": last[:, 1].mean(),

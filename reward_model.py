@@ -320,14 +320,16 @@ def build_pairs(args: Args, tokenizer, split: str, limit: Optional[int]):
 
 
 def normalisation_sequences(args: Args, tokenizer, train_pairs):
-    """The responses whose mean reward becomes 0: SFT reference summaries (tldr) or chosen responses (hh)."""
-    if args.task == "hh":  # evenly spaced over the pairs: the split is its subsets one after another (harmless-base first)
+    """The responses whose mean reward becomes 0: SFT reference summaries (tldr) or chosen responses (hh), evenly spaced
+    over the split (HH's is its subsets one after another, harmless-base first; a split's order is never a sample)."""
+    if args.task == "hh":
         n = min(args.max_norm_samples, len(train_pairs))
         return [q + c for q, c, _ in (train_pairs[i * len(train_pairs) // n] for i in range(n))]
     schema = {"subreddit": str, "title": str, "post": str, "summary": str}
     ds = load_rows(args.norm_dataset_name, "train", schema)
-    sequences = []
-    for i, row in enumerate(ds.select(range(min(args.max_norm_samples, len(ds))))):
+    sequences, n = [], min(args.max_norm_samples, len(ds))
+    keep = [i * len(ds) // n for i in range(n)]
+    for i, row in zip(keep, ds.select(keep)):  # i: the row's index in the split, as errors name it
         check_row(row, i, schema, f"{args.norm_dataset_name} (train)")
         if (query := tldr_query(tokenizer, row, args.query_length)) is not None and row["summary"].strip():
             sequences.append(query[0] + response_ids(tokenizer, row["summary"]))

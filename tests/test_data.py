@@ -398,3 +398,16 @@ def test_max_samples_are_spread_over_the_split_and_errors_name_the_split_row(scr
     with pytest.raises(SystemExit, match=r"row 9, column 'rejected': expected str, got int"):
         build(args, tokenizer, "train", 4)
     assert len(build(args, tokenizer, "train", 3)) == 3  # rows 0, 4, 8: row 9 never read
+
+
+def test_the_tldr_reward_normalisation_samples_evenly_and_names_the_split_row(tokenizer, tmp_path):
+    """The TL;DR reward is centred on the reference summaries of --max-norm-samples rows evenly spaced over the SFT
+    split, as HH's, not its first rows (a split's order is not a sample); a bad row is named by its index in the split."""
+    rows = [{"subreddit": "pets", "title": f"t {i}", "post": f"post {i}", "summary": f"cat {i}"} for i in range(12)]
+    args = reward_model.Args(task="tldr", norm_dataset_name=write(tmp_path / "sft.jsonl", rows), max_norm_samples=4)
+    sequences = [tokenizer.decode(s) for s in reward_model.normalisation_sequences(args, tokenizer, [])]
+    assert [s.split("TL;DR:")[1].split("<")[0].strip() for s in sequences] == ["cat 0", "cat 3", "cat 6", "cat 9"]
+    rows[9]["summary"] = 5
+    args.norm_dataset_name = write(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(SystemExit, match=r"row 9, column 'summary': expected str, got int"):
+        reward_model.normalisation_sequences(args, tokenizer, [])

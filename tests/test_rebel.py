@@ -124,12 +124,19 @@ def test_one_update_equals_rebel_written_out_here(world, sft_model, tmp_path):
 
 def test_the_adaptive_kl_controller_counts_prompts(world, sft_model, tmp_path):
     """--adaptive-kl steps the controller by the update's prompts (pairs), as the authors' code (kl_ctl.update(mean_kl,
-    batch_size)), not by its generations: at the first update the KL is 0, so kl_coef * (1 - 0.2 * 16 / horizon)."""
-    flags = rebel_flags(world, sft_model, "--total-episodes", 32, "--adaptive-kl", "--kl-horizon", 100, "--target-kl", 3)
+    batch_size)), not by its generations: at the first update the KL is 0, so kl_coef * (1 - 0.2 * 16 / horizon). The
+    second update's KL penalty is logged with the coefficient its rewards were built with, the one the first update
+    logged (the controller steps after the rewards), so that scores + non_score_reward = rlhf_reward."""
+    flags = rebel_flags(world, sft_model, "--total-episodes", 64, "--adaptive-kl", "--kl-horizon", 100, "--target-kl", 3)
     run_script("rebel.py", *flags, "--output-dir", tmp_path / "out", cwd=tmp_path)
-    (logged,) = [json.loads(line) for line in open(os.path.join(newest_run(tmp_path), "metrics.jsonl"))]
+    logged, second = [json.loads(line) for line in open(os.path.join(newest_run(tmp_path), "metrics.jsonl"))]
     assert logged["objective/kl"] == 0.0
     assert logged["objective/kl_coef"] == pytest.approx(0.01 * (1 - 0.2 * 16 / 100), rel=1e-12)
+    assert abs(second["objective/kl"]) > 1e-3 and second["objective/kl_coef"] != logged["objective/kl_coef"]
+    penalty = -logged["objective/kl_coef"] * second["objective/kl"]
+    assert second["objective/non_score_reward"] == pytest.approx(penalty, rel=1e-5)
+    total = second["objective/scores"] + second["objective/non_score_reward"]
+    assert total == pytest.approx(second["objective/rlhf_reward"], abs=1e-6)
 
 
 def test_a_reset_pair_shares_its_state_and_the_first_step_is_exact(world, sft_model, tmp_path):
