@@ -363,6 +363,8 @@ def generate(path: str, examples, args: Args, device):
     the policies before it. (responses, their token lengths, whether each wrote its EOS, the tokenizer)"""
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.encode("a")[-1] == tokenizer.eos_token_id:  # Llama's add_eos_token: every prompt would end in an EOS
+        raise SystemExit(f"the tokenizer of {path} appends an EOS to every text; save it without (responses end by it)")
     model = load_model(AutoModelForCausalLM, path, args.dtype, device)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:  # a policy from elsewhere
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # a dedicated pad, so that the EOS is never masked

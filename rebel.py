@@ -640,6 +640,8 @@ def load_tokenizer(path: str, padding_side: str = "left"):
     tokenizer = from_pretrained(AutoTokenizer, path, padding_side=padding_side)
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"the tokenizer of {path} has no EOS token; set `eos_token` in its tokenizer_config.json")
+    if tokenizer.encode("a")[-1] == tokenizer.eos_token_id:  # Llama's add_eos_token: every prompt would end in an EOS
+        raise SystemExit(f"the tokenizer of {path} appends an EOS to every text; save it without (the scripts end responses)")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # with pad = EOS, masking the padding would mask the EOS
     return tokenizer

@@ -88,6 +88,24 @@ def test_a_sentencepiece_response_continues_its_prompt(tmp_path):
     assert tokenizer.convert_ids_to_tokens(response[:1]) == ["\u2581my"]  # one '▁', not two
 
 
+def test_a_tokenizer_that_appends_an_eos_to_every_text_is_refused(world, tmp_path):
+    """A tokenizer saved with add_eos_token (some Llama fine-tunes) ends every text it encodes with an EOS: every prompt
+    would end in one, before the response. Every script refuses it with a clear error; the same tokenizer without the
+    setting loads."""
+    from transformers import LlamaTokenizer
+
+    vocab, merges = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581": 3, "a": 4, "\u2581a": 5}, [("\u2581", "a")]
+    LlamaTokenizer(vocab=vocab, merges=merges, add_eos_token=True).save_pretrained(tmp_path / "eos")
+    LlamaTokenizer(vocab=vocab, merges=merges).save_pretrained(tmp_path / "plain")
+    for script in (ppo_baseline, sft, drpo_hh, reward_model):  # one copy of load_tokenizer (tests/test_copies.py)
+        with pytest.raises(SystemExit, match="appends an EOS to every text"):
+            script.load_tokenizer(str(tmp_path / "eos"))
+        assert script.load_tokenizer(str(tmp_path / "plain")).encode("a")[-1] != 2
+    flags = ["--dataset-name", world / "tldr_sft", "--split", "validation", "--judge", "rm", "--judge-model", world / "rm"]
+    proc = run_one("eval_winrate.py", "--model-paths", tmp_path / "eos", *flags, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "appends an EOS to every text" in proc.stdout
+
+
 def build_model(arch, tokenizer):
     torch.manual_seed(0)
     rows = (

@@ -61,7 +61,7 @@ def test_eval_winrate_answers_ignore_the_checkpoints_generation_settings(opinion
     examples = [("SUBREDDIT: r/pets\n\nTITLE: my cat\n\nPOST: my cat is sick\n\nTL;DR:", "ref")] * 4
     args = eval_winrate.Args(response_length=16, batch_size=4, dtype="float32")
     torch.manual_seed(0)
-    ours, _, _ = eval_winrate.generate(str(opinionated), examples, args, torch.device("cpu"))
+    ours, _, _, _ = eval_winrate.generate(str(opinionated), examples, args, torch.device("cpu"))
     torch.manual_seed(0)
-    plain, _, _ = eval_winrate.generate(str(sft_model), examples, args, torch.device("cpu"))
+    plain, _, _, _ = eval_winrate.generate(str(sft_model), examples, args, torch.device("cpu"))
     assert ours == plain
