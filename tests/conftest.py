@@ -307,7 +307,10 @@ def tokenizer(world):
     return sft.load_tokenizer(str(world / "base"))
 
 
-requires_shared = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "data")), reason="../shared/data is absent")
+requires_shared = pytest.mark.skipif(  # the real data, and the Pythia tokenizer some of these tests read it with
+    not all(os.path.isdir(os.path.join(SHARED, d)) for d in ("data", "tokenizers/pythia")),
+    reason="../shared/data or ../shared/tokenizers/pythia is absent",
+)
 
 
 TIMING = ("episodes_per_s", "tokens_per_s", "pairs_per_s", "peak_memory_gb", "time/")
@@ -461,3 +464,22 @@ SMALL = [
 def metrics_file(stdout, cwd):
     run_name = re.search(r"^run (\S+): ", stdout, re.M).group(1)
     return os.path.join(cwd, "runs", run_name, "metrics.jsonl")
+
+
+def assert_same_checkpoint(a_run, b_run, name: str):
+    """Two runs' checkpoint folders hold the same files, and checkpoint `name` the same weights, AdamW state, counters
+    (the reset generator's state included) and flags, bit for bit."""
+    import torch
+
+    assert sorted(os.listdir(f"{a_run}/checkpoints")) == sorted(os.listdir(f"{b_run}/checkpoints")) == [name]
+    a, b = (torch.load(f"{r}/checkpoints/{name}", weights_only=True) for r in (a_run, b_run))
+    assert sorted(a) == sorted(b) and a["update"] == b["update"] and len(a["optimizer"]["state"]) > 0
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    a_opt, b_opt = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert a_opt.keys() == b_opt.keys() and all(torch.equal(a_opt[i][k], b_opt[i][k]) for i in a_opt for k in a_opt[i])
+    for key in sorted(set(a) - {"model", "optimizer", "config"}):
+        same = torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key]
+        assert same, key
+    assert {k: v for k, v in a["config"].items() if k not in ("run_name", "resume_from")} == {
+        k: v for k, v in b["config"].items() if k not in ("run_name", "resume_from")
+    }

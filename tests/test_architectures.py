@@ -310,7 +310,8 @@ def test_pair_rewards_share_the_prompt_and_equal_two_whole_passes(arch):
 
 def test_sampling_and_training_use_the_same_distribution_and_never_write_a_non_token(arch):
     """The rollout's log-probs (our forward pass, left padding, temperature, non-tokens at probability 0) equal those
-    of the distribution generate() sampled from; no pad token and no id past the tokenizer is ever written."""
+    of the distribution generate() sampled from; no pad token and no id past the tokenizer is ever written (generate's
+    settings as train() sets them; the scripts' own rollout: test_a_policy_whose_pad_logit_is_largest_never_writes_it)."""
     name, out = arch
     tokenizer = ppo_baseline.load_tokenizer(str(out / "base"))
     pad = tokenizer.pad_token_id
@@ -362,7 +363,6 @@ def test_fold_bias_is_exact_where_the_final_norm_has_a_bias(arch):
 
 
 def test_lora_targets_the_architectures_linear_layers(arch):
-    pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
     name, out = arch

@@ -5,8 +5,9 @@ purpose (a script-specific message, dataset or run-name pattern)."""
 
 import ast
 import os
+import shutil
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 SCRIPTS = [
     "sft.py",
@@ -99,3 +100,40 @@ def test_an_edited_copy_is_caught(tmp_path):
         (tmp_path / script).write_text(text)
     versions = copies(tmp_path)["whiten"]
     assert len(set(versions.values())) == 2 and sorted(versions) == ["drpo_hh.py", "drpo_tldr.py", "ppo_baseline.py"]
+
+
+def sibling_imports(source: str):
+    """The top-level scripts a script imports, at any depth (a function's import too), by module name."""
+    stems = {script[:-3] for script in SCRIPTS} | {"plot_runs"}
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return sorted(names & stems)
+
+
+def test_every_script_runs_copied_alone_into_an_empty_folder(tmp_path):
+    """STYLE.md: each file stands alone. The copy, alone in a folder of its own, answers --help (the copy runs, by its
+    absolute path: its folder is the first entry of sys.path, as for `python script.py`), writes nothing there, and no
+    script imports another top-level script anywhere, a function's import included (which --help would not reach)."""
+    for script in SCRIPTS:
+        folder = tmp_path / script[:-3]
+        folder.mkdir()
+        shutil.copy(os.path.join(ROOT, script), folder)
+        proc = run_script(folder / script, "--help", cwd=folder)
+        assert proc.stdout.startswith("usage:") and "--seed" in proc.stdout, (script, proc.stdout[:300])
+        assert os.listdir(folder) == [script] and sibling_imports(open(folder / script).read()) == [], script
+
+
+def test_a_script_that_imports_a_sibling_is_caught(tmp_path):
+    """The test above can fail: a copy that imports sft.py (at the top, or inside a function) is refused both ways."""
+    text = open(os.path.join(ROOT, "drpo_tldr.py")).read()
+    (tmp_path / "drpo_tldr.py").write_text(text.replace("import contextlib\n", "import contextlib\nimport sft\n", 1))
+    proc = run_script(tmp_path / "drpo_tldr.py", "--help", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "No module named 'sft'" in proc.stdout
+    inside = text.replace(
+        "    args = tyro.cli(Args)\n", "    from sft import encode  # noqa: F401\n    args = tyro.cli(Args)\n", 1
+    )
+    assert inside != text and sibling_imports(inside) == ["sft"] and sibling_imports(text) == []

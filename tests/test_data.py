@@ -1,5 +1,6 @@
 """Data loading shared by sft.py and reward_model.py (each script carries its own copy; both copies are checked)."""
 
+import ast
 import json
 
 import pytest
@@ -332,11 +333,23 @@ def test_real_data_loads_unchanged(capsys, tmp_path):
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     args = reward_model.Args(task="tldr", dataset_name=f"{SHARED}/data/tldr/comparisons_gpt4_dev.jsonl", response_length=53)
     pairs = reward_model.build_pairs(args, tokenizer, "train", None)
-    assert "extra column(s) ['labeler', 'gpt4_explanation']" in capsys.readouterr().out
-    assert 500 < len(pairs) <= 600 and all(len(q) <= 512 and c[-1] == 0 for q, c, _ in pairs)
+    out = capsys.readouterr().out
+    assert "extra column(s) ['labeler', 'gpt4_explanation']" in out
+    # every row is a Reddit comparison of two short summaries: all 600 are kept, none dropped
+    assert kept_and_dropped(out) == (len(pairs), 600, 0) and all(len(q) <= 512 and c[-1] == 0 for q, c, _ in pairs)
     args = sft.Args(task="hh", dataset_name=f"{SHARED}/data/hh/harmless_base_test_dev.jsonl", response_length=128)
     examples = sft.build_examples(args, tokenizer, "train", None)
-    assert len(examples) > 1200 and all(tokenizer.decode(q).endswith("\n\nAssistant:") or len(q) == 512 for q, _ in examples)
+    kept, rows, dropped = kept_and_dropped(capsys.readouterr().out)  # every row kept or counted: no data is lost
+    assert (kept, rows) == (len(examples), 1600) and kept + dropped == rows and 0 < dropped < 100
+    assert all(tokenizer.decode(q).endswith("\n\nAssistant:") or len(q) == 512 for q, _ in examples)
+
+
+def kept_and_dropped(out: str):
+    """(kept, rows, dropped) from a build function's count line: `... N pairs kept; {'rows': R, 'dropped_x': D, ...}`."""
+    line = next(x for x in out.splitlines() if " kept; {" in x)
+    counts = ast.literal_eval(line.split(" kept; ", 1)[1])
+    kept = int(line.split(" kept; ", 1)[0].split(": ")[-1].split()[0])
+    return kept, counts["rows"], sum(v for k, v in counts.items() if k.startswith("dropped_"))
 
 
 def hh_subsets(tmp_path, n=6):

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, policy_gold, run_script
+from conftest import policy_gold, run_script
 from transformers import AutoModelForCausalLM
 
 import dpo_baseline as dpo
@@ -170,7 +170,7 @@ def test_reference_cache_misses_when_the_hub_model_or_its_dtype_changes(world, s
     assert len(os.listdir(tmp_path / "cache" / "ref_logprobs")) == 3
 
 
-def test_bad_input_and_copy_alone(tmp_path, world):
+def test_a_missing_column_is_named(tmp_path, world):
     path = tmp_path / "hh.jsonl"
     path.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b"}) + "\n")
     proc = run_script(
@@ -185,14 +185,11 @@ def test_bad_input_and_copy_alone(tmp_path, world):
         cwd=tmp_path,
     )
     assert proc.returncode != 0 and "lacks column(s) ['rejected']" in proc.stdout and str(path) in proc.stdout
-    shutil.copy(f"{ROOT}/dpo_baseline.py", tmp_path)
-    assert "--beta" in run_script("dpo_baseline.py", "--help", cwd=tmp_path).stdout
 
 
 def test_dpo_lora_saves_a_merged_plain_model_and_resumes_from_its_adapter(world, sft_model, tmp_path):
     """With --use-lora a checkpoint holds the adapter alone; a run resumed from it equals the straight run.
     (The fault injection of dpo_baseline.py without LoRA is in test_checkpoints.py.)"""
-    pytest.importorskip("peft")
     proc = run_script(
         "dpo_baseline.py",
         "--sft-model-path",

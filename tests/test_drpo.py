@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -319,12 +318,6 @@ def test_reset_prob_one_warns_and_logs(world, sft_model, reward_run, tmp_path):
     assert "WARNING: --reset-prob 1 with --reset-min-prefix >= 1" in proc.stdout
     m = json.loads(open(metrics_file(proc.stdout, tmp_path)).readline())
     assert m["reset/fraction"] == 1.0 and 1 <= m["reset/mean_h"] <= 4 and "no_reset/scores" not in m
-
-
-@pytest.mark.parametrize("script", ["drpo_tldr.py", "drpo_hh.py"])
-def test_script_runs_alone(script, tmp_path):
-    shutil.copy(f"{ROOT}/{script}", tmp_path)
-    assert "--reset-prob" in run_script(script, "--help", cwd=tmp_path).stdout
 
 
 @pytest.mark.slow

@@ -10,7 +10,17 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import RECORDER, ROOT, kill_and_resume, metrics_file, newest_run, policy_gold, run_script, untimed
+from conftest import (
+    RECORDER,
+    ROOT,
+    assert_same_checkpoint,
+    kill_and_resume,
+    metrics_file,
+    newest_run,
+    policy_gold,
+    run_script,
+    untimed,
+)
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import dpo_baseline
@@ -259,3 +269,4 @@ def test_killed_anywhere_the_run_resumes_to_the_straight_run(world, sft_model, t
     assert [m["update"] for m in b_log] == list(range(1, 8)) and untimed(a_log) == untimed(b_log)
     a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d / "out").state_dict() for d in ("straight", "killed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_checkpoint(a_run, b_run, "update_0000006.pt")  # --keep-checkpoints 1

@@ -121,13 +121,6 @@ def test_reward_model_end_to_end(world, reward_run):
     assert len(rewards) == 2000 and abs(rewards.mean().item()) < 1e-3 and rewards.std().item() > 1.0
 
 
-@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "tiny_world.py"])
-def test_script_runs_alone(script, tmp_path):
-    shutil.copy(f"{ROOT}/{script}", tmp_path)
-    proc = run_script(script, "--help", cwd=tmp_path)
-    assert "--seed" in proc.stdout and "usage" in proc.stdout
-
-
 def test_the_tiny_world_is_the_same_everywhere(world, tmp_path):
     """tiny_world.py's default tokenizer is the BPE trained on the world's text, whatever lies beside the checkout (the
     old default took ../shared/tokenizers/pythia when it was there); --tokenizer FOLDER takes a real one."""
