@@ -10,7 +10,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared}
 rm -rf "$ROOT/.gpu" && mkdir -p "$ROOT/.gpu/whl" "$ROOT/.gpu/shared/tokenizers" "$ROOT/.gpu/shared/data/tldr"
-# the versions of this machine's tested install; pip matches one manylinux tag exactly, so several are named
+# the versions of this machine's tested install, but transformers 5.24.0: 5.25 needs huggingface_hub >= 2.4 and the
+# device image holds 1.33 (5.24 needs >= 1.31); pip matches one manylinux tag exactly, so several are named
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$ROOT/.gpu/whl" \
   transformers==5.24.0 datasets==5.2.0 tyro==1.0.17 dill==0.4.1 multiprocess==0.70.19 docstring_parser==0.18.0 \

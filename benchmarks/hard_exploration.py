@@ -7,6 +7,7 @@ More seeds or fewer arms: SEEDS=1,2,3,4,5,6 ARMS="DR-PO" python benchmarks/hard_
 the arm names; the plot is written only when every arm runs). UPDATES=500 sets the number of updates. PLOT_ONLY=1 reads
 the runs already in $OUT (default /tmp/hard_exploration) and redraws the table and the plot without running."""
 
+import glob
 import json
 import os
 import subprocess
@@ -23,6 +24,12 @@ ARMS = {
 ARMS = {k: v for k, v in ARMS.items() if os.environ.get("ARMS", "") in k}
 SEEDS = [int(s) for s in os.environ.get("SEEDS", "1,2,3").split(",")]
 UPDATES = int(os.environ.get("UPDATES", 300))
+
+
+def newest(pattern):
+    """The newest run's file of a glob over runs/{task}__{exp}__{seed}__{time}/: by its time, a number (a rerun into the
+    same folder leaves the older runs there)."""
+    return max(glob.glob(pattern), key=lambda f: int(f.rsplit("__", 1)[1].split("/")[0]))
 
 
 def sh(*cmd, **kw):
@@ -131,8 +138,7 @@ curves = {}
 for arm in ARMS:
     for seed in SEEDS:
         name = f"{arm.split()[0]}_{ARMS[arm][1]}_{ARMS[arm][-1]}_{seed}".replace(" ", "")
-        run = next(d for d in os.listdir(f"{OUT}/runs") if f"__{name}__" in d)
-        rows = [json.loads(x) for x in open(f"{OUT}/runs/{run}/metrics.jsonl")]
+        rows = [json.loads(x) for x in open(newest(f"{OUT}/runs/*__{name}__*/metrics.jsonl"))]
         curves[arm, seed] = [(r["episodes"], r["eval/score"]) for r in rows if "eval/score" in r]
 print("| setting | seeds solved (greedy success from the prompt >= 0.9 at the end) | first update at >= 0.9, per seed |")
 print("|---|---|---|")

@@ -12,6 +12,7 @@ CELLS=3x16,6x16 instead of LENGTHS and VOCABS)
 REPORT_ONLY=1 redraws the table from $OUT; a run into the same $OUT skips the cells and runs it already holds."""
 
 import concurrent.futures
+import glob
 import json
 import math
 import os
@@ -26,6 +27,14 @@ SEEDS = [int(s) for s in os.environ.get("SEEDS", "1,2,3,4").split(",")]
 LENGTHS = [int(s) for s in os.environ.get("LENGTHS", "3,6,9").split(",")]
 VOCABS = [int(s) for s in os.environ.get("VOCABS", "16,64").split(",")]
 UPDATES = int(os.environ.get("UPDATES", 300))
+
+
+def newest(pattern):
+    """The newest run's file of a glob over runs/{task}__{exp}__{seed}__{time}/: by its time, a number (a rerun into the
+    same folder leaves the older runs there)."""
+    return max(glob.glob(pattern), key=lambda f: int(f.rsplit("__", 1)[1].split("/")[0]))
+
+
 ALL_ARMS = {"PPO": ("drpo_tldr.py", "0"), "DR-PO 0.5": ("drpo_tldr.py", "0.5"), "REBEL": ("rebel.py", "0")}
 ALL_ARMS["REBEL 0.5"] = ("rebel.py", "0.5")  # REBEL with DR-PO's reset; REBEL at PPO's generations: 32 pairs an update
 # online DPO at PPO's generations, labelled by the password rule (a pair only where one of the two solves): OAIF, 2
@@ -37,7 +46,8 @@ ARMS = {arm: ALL_ARMS[arm] for arm in os.environ.get("ARMS", "PPO,DR-PO 0.5").sp
 CELLS = [(length, vocab) for length in LENGTHS for vocab in VOCABS]
 if os.environ.get("CELLS"):  # e.g. CELLS=3x16,3x64,6x16: these cells only
     CELLS = [tuple(int(n) for n in cell.split("x")) for cell in os.environ["CELLS"].split(",")]
-# one thread, the CPU kernels pinned to AVX2 as demo.sh: the same trajectories on any x86 machine with AVX2
+# one thread, the CPU kernels pinned to AVX2 (ATen and oneDNN as demo.sh; MKL to its AVX2 branch, not demo.sh's
+# COMPATIBLE: BENCHMARKS.md's figures were measured so): the same trajectories on any Intel x86 machine with AVX2
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
@@ -134,8 +144,7 @@ def train(length, vocab, arm, seed):
 
 
 def read_evals(name):
-    run = next(d for d in os.listdir(f"{OUT}/runs") if f"__{name}__" in d)
-    rows = [json.loads(line) for line in open(f"{OUT}/runs/{run}/metrics.jsonl")]
+    rows = [json.loads(line) for line in open(newest(f"{OUT}/runs/*__{name}__*/metrics.jsonl"))]
     return [(r["episodes"] // 64, r["eval/score"]) for r in rows if "eval/score" in r]
 
 

@@ -20,6 +20,14 @@ import tiny_world  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp/hard_exploration")
 SEEDS = [int(s) for s in os.environ.get("SEEDS", "2,6").split(",")]
+
+
+def newest(pattern):
+    """The newest run's file of a glob over runs/{task}__{exp}__{seed}__{time}/: by its time, a number (a rerun into the
+    same folder leaves the older runs there)."""
+    return max(glob.glob(pattern), key=lambda f: int(f.rsplit("__", 1)[1].split("/")[0]))
+
+
 pw = f"{OUT}/world/password"
 assert os.path.exists(f"{pw}/sft"), "run benchmarks/hard_exploration.py first"
 
@@ -78,7 +86,7 @@ subprocess.run(
     check=True,
     **quiet,
 )
-rm_log = [json.loads(x) for x in open(glob.glob(f"{OUT}/runs/*__rm_password__*/metrics.jsonl")[-1])]
+rm_log = [json.loads(x) for x in open(newest(f"{OUT}/runs/*__rm_password__*/metrics.jsonl"))]
 print(
     f"reward model: held-out accuracy {[m for m in rm_log if 'eval_accuracy' in m][-1]['eval_accuracy']:.3f} on near-miss "
     "pairs"
@@ -162,7 +170,7 @@ for p, seed in jobs:
         skip_special_tokens=True,
     )
     gold = tiny_world.password_reward([prompt], [answer])[0]
-    log = [json.loads(x) for x in open(glob.glob(f"{OUT}/runs/*__rm_{p}_{seed}__*/metrics.jsonl")[-1])]
+    log = [json.loads(x) for x in open(newest(f"{OUT}/runs/*__rm_{p}_{seed}__*/metrics.jsonl"))]
     print(
         f"| {'PPO' if p == '0' else 'DR-PO ' + p} | {seed} | `{answer.strip()}` | {gold:.0f} | "
         f"{log[-1]['objective/raw_scores']:.2f} |"

@@ -1,12 +1,13 @@
 """Kill anywhere, lose at most one checkpoint interval: the long variant of the test suite's fault injection.
 
-For each of the six training scripts, on the tiny world: a straight run, then the same run SIGKILLed KILLS times and
+For each of the nine training scripts, on the tiny world: a straight run, then the same run SIGKILLed KILLS times and
 resumed with `--resume-from auto` after each kill (tests/conftest.py, kill_and_resume: every other kill lands while a
 checkpoint is being written, held open between the written file and its rename by tests/slow_save.py; the others at a
 random moment 1-3 updates past the checkpoint the process resumed from). The harness asserts after each kill that the newest
 complete checkpoint is still there. A run has recovered when it then finishes and its final model and log equal the
 straight run's bit for bit (times aside). Prints the Markdown table of BENCHMARKS.md and keeps it in $OUT/report.json.
 Run: python benchmarks/kill_anywhere.py        (KILLS=6, SEED=0, OUT=/tmp/kill_anywhere; about 20 minutes on 2 cores)
+     SCRIPTS=rebel.py,online_dpo.py python benchmarks/kill_anywhere.py   those alone, added to $OUT/report.json
      REPORT_ONLY=1 python benchmarks/kill_anywhere.py   prints the table from $OUT/report.json."""
 
 import json
@@ -21,6 +22,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 OUT = os.environ.get("OUT", "/tmp/kill_anywhere")
 KILLS, SEED = int(os.environ.get("KILLS", 6)), int(os.environ.get("SEED", 0))
 UPDATES, SAVE_EVERY = 12, 2
+SCRIPTS = ["sft.py", "reward_model.py", "dpo_baseline.py", "ppo_baseline.py", "drpo_tldr.py", "drpo_hh.py"]
+SCRIPTS += ["rebel.py", "online_dpo.py", "hypo.py"]  # SCRIPTS=rebel.py,hypo.py runs those alone
 RL = [
     "--response-length",
     8,
@@ -82,7 +85,16 @@ def flags(script, w):
         return [*rl, "--dataset-name", f"{w}/tldr_sft"]
     if script == "drpo_tldr.py":
         return [*rl, "--dataset-name", f"{w}/tldr_comparisons", "--reset-source", "chosen"]
-    return [*rl, "--dataset-name", f"{w}/hh"]  # drpo_hh.py is HH only
+    if script == "drpo_hh.py":  # HH only
+        return [*rl, "--dataset-name", f"{w}/hh"]
+    reset = ["--dataset-name", f"{w}/tldr_comparisons", "--reset-source", "chosen", "--reset-prob", 0.5]
+    if script == "rebel.py":  # 16 pairs an update: 32 generations, as the others' 32 episodes
+        return [*rl, *reset, "--batch-size", 16, "--local-rollout-forward-batch-size", 16, "--local-micro-batch-size", 8]
+    if script == "online_dpo.py":  # 16 prompts, 2 responses each: 32 generations an update, in 2 steps of 8 pairs
+        online = ["--prompts-per-iteration", 16, "--batch-size", 8, "--local-rollout-forward-batch-size", 8]
+        online += ["--local-micro-batch-size", 4, "--lr", 3e-4, "--print-sample-every", 0, "--total-episodes", 32 * UPDATES]
+        return [*rl[:4], *reset, "--response-length", 8, *online]
+    return [*flags("dpo_baseline.py", w), "--kl-weight", 0.5, "--response-length", 8]  # hypo.py: DPO's, plus the online KL
 
 
 def same_run(script, a, b):
@@ -147,10 +159,8 @@ def main():
         ):
             subprocess.run([py, f"{ROOT}/{cmd[0]}", *map(str, cmd[1:])], check=True, cwd=OUT, stdout=subprocess.DEVNULL)
     report = json.load(open(f"{OUT}/report.json")) if os.path.exists(f"{OUT}/report.json") else []  # a run cut short goes on
-    for i, script in enumerate(
-        ["sft.py", "reward_model.py", "dpo_baseline.py", "ppo_baseline.py", "drpo_tldr.py", "drpo_hh.py"]
-    ):
-        if any(r["script"] == script for r in report):
+    for i, script in enumerate(SCRIPTS):
+        if any(r["script"] == script for r in report) or script not in os.environ.get("SCRIPTS", script).split(","):
             continue
         d, f = (
             f"{OUT}/{script[:-3]}",

@@ -28,7 +28,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.environ.get("OUT", "/tmp/paper_table")
-# the CPU kernels pinned to AVX2, as demo.sh: the same numbers on any x86 machine with AVX2 (unpinned, AVX-512 differs)
+# the CPU kernels pinned to AVX2 (ATen and oneDNN as demo.sh; MKL to its AVX2 branch, not demo.sh's COMPATIBLE, as the
+# README says): the same numbers on any Intel x86 machine with AVX2 (unpinned, AVX-512 differs)
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 SEEDS = [int(s) for s in os.environ.get("SEEDS", "1,2,3,4,5").split(",")]
 ARMS = ["sft", "ppo", "drpo_0.5", "drpo_1.0", "rebel", "rebel_0.5", "odpo", "odpo_0.5", "idpo", "idpo_0.5", "dpo"]

@@ -28,6 +28,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("SHARED", f"{ROOT}/../shared")
+
+
+def newest(pattern):
+    """The newest run's file of a glob over runs/{task}__{exp}__{seed}__{time}/: by its time, a number (a rerun into the
+    same folder leaves the older runs there)."""
+    return max(glob.glob(pattern), key=lambda f: int(f.rsplit("__", 1)[1].split("/")[0]))
+
+
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -212,7 +220,7 @@ def main():
         proc = subprocess.run(command, cwd=work, capture_output=True, text=True)
         assert proc.returncode == 0, " ".join(command) + "\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
         if side == "ours":
-            logs = [json.loads(x) for x in open(sorted(glob.glob(f"{work}/runs/*/metrics.jsonl"))[-1])]
+            logs = [json.loads(x) for x in open(newest(f"{work}/runs/*/metrics.jsonl"))]
             pairs = sum(m["online/pairs"] for m in logs)
             seconds = sum(m["time/rollout"] + m["time/scoring"] + m["time/update"] for m in logs)
             result = {
